@@ -1,0 +1,1 @@
+"""corebank services: the ledger domain, its PostgreSQL storage and the gRPC API."""

@@ -1,0 +1,1 @@
+"""gRPC entrypoints: servicers translate messages; the interceptor maps errors and records metrics."""

@@ -1,0 +1,75 @@
+"""The one place where domain errors become gRPC statuses, and where every call is measured."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.api import metrics
+from services.ledger import errors
+
+log = logging.getLogger(__name__)
+
+
+def status_for(error: errors.LedgerError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=errors.ERROR_DOMAIN, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail]))
+
+
+class LedgerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # Wrapped handlers are built once per method, not once per call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # health Watch and reflection streams pass through untouched
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(full_method: str, behaviour):
+        service, method = metrics.split_method(full_method)
+        latency = metrics.GRPC_LATENCY.labels(service, method)
+        ok_requests = metrics.GRPC_REQUESTS.labels(service, method, "OK")
+
+        async def measured(request, context):
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await behaviour(request, context)
+            except errors.LedgerError as error:
+                code = error.code
+                status = status_for(error)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", full_method)
+                raise
+            finally:
+                latency.observe(time.perf_counter() - started)
+                if code == grpc.StatusCode.OK:
+                    ok_requests.inc()
+                else:
+                    metrics.GRPC_REQUESTS.labels(service, method, code.name).inc()
+
+        return measured

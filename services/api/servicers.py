@@ -1,0 +1,71 @@
+"""corebank.v1 Accounts, Payments and Clearing. Each method: message in, use case, message out."""
+
+import grpc
+
+from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2_grpc, payments_pb2, payments_pb2_grpc
+from corebank.v1 import transfers_pb2
+from services.api import metrics
+from services.api.convert import account_message, transfer_message
+from services.ledger.accounts import OpenAccountRequest
+from services.ledger.transfers import TransferRequest
+from services.ledger_service import LedgerService, bounded_timeout
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float:
+    return bounded_timeout(context.time_remaining())
+
+
+class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
+    def __init__(self, ledger: LedgerService) -> None:
+        self.ledger = ledger
+
+    async def OpenAccount(self, request, context) -> accounts_pb2.Account:
+        account, _ = await self.ledger.open_account(
+            OpenAccountRequest(request.request_id, request.owner_id, request.currency, request.kind, request.tier),
+            _timeout(context),
+        )
+        return account_message(account)
+
+    async def GetAccount(self, request, context) -> accounts_pb2.Account:
+        return account_message(await self.ledger.get_account(request.account_id, _timeout(context)))
+
+    async def UpdateAccountStatus(self, request, context) -> accounts_pb2.Account:
+        account = await self.ledger.update_account_status(request.account_id, request.status, _timeout(context))
+        return account_message(account)
+
+    async def CloseAccount(self, request, context) -> accounts_pb2.Account:
+        return account_message(await self.ledger.close_account(request.account_id, _timeout(context)))
+
+    async def ListAccountTransfers(self, request, context) -> accounts_pb2.ListAccountTransfersResponse:
+        transfers, next_page_token = await self.ledger.list_account_transfers(
+            request.account_id, request.page_size, request.page_token, _timeout(context)
+        )
+        return accounts_pb2.ListAccountTransfersResponse(
+            transfers=[transfer_message(t) for t in transfers], next_page_token=next_page_token
+        )
+
+
+class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
+    def __init__(self, ledger: LedgerService) -> None:
+        self.ledger = ledger
+
+    async def Transfer(self, request, context) -> transfers_pb2.Transfer:
+        transfer_request = TransferRequest(
+            request.transfer_id, request.debit_account_id, request.credit_account_id,
+            request.amount_minor, request.currency, request.reference,
+        )
+        try:
+            transfer, created = await self.ledger.transfer(transfer_request, _timeout(context))
+        except Exception as error:
+            metrics.record_transfer_failure(error)
+            raise
+        if created:
+            metrics.TRANSFERS_POSTED.inc()
+        return transfer_message(transfer)
+
+    async def GetTransfer(self, request, context) -> transfers_pb2.Transfer:
+        return transfer_message(await self.ledger.get_transfer(request.transfer_id, _timeout(context)))
+
+
+class ClearingServicer(clearing_pb2_grpc.ClearingServicer):
+    """No methods yet: the service is declared so stubs and reflection carry it."""

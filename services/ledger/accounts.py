@@ -1,0 +1,107 @@
+"""Accounts: kinds, statuses, balances and the rules on their lifecycle."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+
+from services.ledger import errors, ids, money
+from services.ledger.limits import TierLimits
+
+
+class AccountKind(enum.IntEnum):
+    """Numbers match corebank.v1.AccountKind (a unit test holds them together)."""
+
+    CUSTOMER = 1
+    MERCHANT = 2
+    SYSTEM = 3
+
+
+class AccountStatus(enum.IntEnum):
+    """Numbers match corebank.v1.AccountStatus."""
+
+    ACTIVE = 1
+    BLOCK_DEBIT = 2
+    BLOCK_CREDIT = 3
+    FROZEN = 4
+    CLOSED = 5
+
+
+# UpdateAccountStatus may set these; CLOSED only comes from CloseAccount.
+SETTABLE_STATUSES = frozenset({AccountStatus.ACTIVE, AccountStatus.BLOCK_DEBIT, AccountStatus.BLOCK_CREDIT, AccountStatus.FROZEN})
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenAccountRequest:
+    request_id: str
+    owner_id: str
+    currency: str
+    kind: int
+    tier: int
+
+    def validated(self, limits: TierLimits) -> OpenAccountRequest:
+        ids.validate_id(self.request_id, "request_id")
+        ids.validate_id(self.owner_id, "owner_id")
+        money.validate_currency(self.currency)
+        if self.kind == 0:
+            raise errors.MissingField("kind is required", field="kind")
+        if self.kind not in AccountKind._value2member_map_:
+            raise errors.InvalidField(f"unknown kind {self.kind}", field="kind")
+        limits.validate_tier(self.tier, self.currency)
+        return self
+
+    @property
+    def account_id(self) -> str:
+        return ids.account_id_for_request(self.request_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    account_id: str
+    request_id: str
+    owner_id: str
+    currency: str
+    kind: AccountKind
+    tier: int
+    status: AccountStatus
+    debits_posted_minor: int = 0
+    credits_posted_minor: int = 0
+    debits_pending_minor: int = 0
+    credits_pending_minor: int = 0
+    created_at: datetime.datetime | None = None
+    updated_at: datetime.datetime | None = None
+
+    @property
+    def balance_minor(self) -> int:
+        return self.credits_posted_minor - self.debits_posted_minor
+
+    @property
+    def available_minor(self) -> int:
+        return self.balance_minor - self.debits_pending_minor
+
+    def conflicting_fields(self, request: OpenAccountRequest) -> list[str]:
+        """Fields where a retried OpenAccount differs from the one that opened this account."""
+        mine = (self.owner_id, self.currency, int(self.kind), self.tier)
+        theirs = (request.owner_id, request.currency, request.kind, request.tier)
+        return [name for name, a, b in zip(("owner_id", "currency", "kind", "tier"), mine, theirs) if a != b]
+
+
+def check_status_change(account: Account, status: int) -> AccountStatus:
+    """The status to store, or an error; setting the current status again is allowed."""
+    if status == 0:
+        raise errors.MissingField("status is required", field="status")
+    if status not in SETTABLE_STATUSES:
+        raise errors.InvalidStatus(f"status {status} cannot be set; use CloseAccount to close", status=status)
+    if account.status == AccountStatus.CLOSED:
+        raise errors.AccountClosed(f"account {account.account_id} is closed", account_id=account.account_id)
+    return AccountStatus(status)
+
+
+def check_closable(account: Account) -> None:
+    if account.debits_pending_minor or account.credits_pending_minor:
+        raise errors.AccountHasPending(f"account {account.account_id} has pending transfers", account_id=account.account_id)
+    if account.balance_minor != 0:
+        raise errors.AccountBalanceNotZero(
+            f"account {account.account_id} has balance {account.balance_minor}", account_id=account.account_id
+        )

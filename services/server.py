@@ -1,0 +1,135 @@
+"""The composition root of a corebank service process.
+
+    python -m services.server --listen 127.0.0.1:7100 --metrics-listen 127.0.0.1:7110 --etcd 127.0.0.1:7101
+
+Loads the shard map from etcd (and keeps watching it), opens a connection pool
+per shard, and serves corebank.v1 Accounts, Payments and Clearing with gRPC
+health checking and reflection. Several processes may share one --listen port
+(SO_REUSEPORT); each has its own --metrics-listen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import signal
+
+import grpc
+import prometheus_client
+import psycopg_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc
+from corebank.v1 import payments_pb2, payments_pb2_grpc
+from services.api import metrics
+from services.api.interceptor import LedgerInterceptor
+from services.api.servicers import AccountsServicer, ClearingServicer, PaymentsServicer
+from services.ledger.limits import TierLimits
+from services.ledger_service import LedgerService
+from services.storage.shard_store import ShardStore
+from sharding import etcd_shard_map
+from sharding.router import ShardRouter
+from sharding.shard_map import Shard, ShardMap
+
+# Connections per shard per process: enough to keep a shard's cores busy at
+# peak, few enough that several processes stay under max_connections (200).
+POOL_SIZE_MIN = 2
+POOL_SIZE_MAX = 16
+SHUTDOWN_GRACE_SECONDS = 5.0
+SHARD_MAP_WAIT_SECONDS_MAX = 60.0
+
+SERVICE_NAMES = (
+    accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
+    payments_pb2.DESCRIPTOR.services_by_name["Payments"].full_name,
+    clearing_pb2.DESCRIPTOR.services_by_name["Clearing"].full_name,
+)
+
+log = logging.getLogger("corebank.server")
+
+
+async def open_shard_store(shard: Shard) -> ShardStore:
+    # open(wait=False): a shard that is down must not stop the others from serving.
+    pool = psycopg_pool.AsyncConnectionPool(
+        shard.dsn, min_size=POOL_SIZE_MIN, max_size=POOL_SIZE_MAX, open=False, name=shard.name,
+        kwargs={"autocommit": False},
+    )
+    await pool.open(wait=False)
+    return ShardStore(shard.name, pool)
+
+
+async def close_shard_store(store: ShardStore) -> None:
+    await store.pool.close()
+
+
+async def first_shard_map(etcd) -> ShardMap:
+    async with asyncio.timeout(SHARD_MAP_WAIT_SECONDS_MAX):
+        while True:
+            try:
+                shard_map = await etcd_shard_map.load(etcd)
+                if shard_map is not None:
+                    return shard_map
+                log.info("no shard map in etcd yet; waiting")
+            except Exception as error:
+                log.info("etcd not reachable yet (%s); waiting", error)
+            await asyncio.sleep(0.5)
+
+
+async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits) -> None:
+    metrics_host, metrics_port = metrics_listen.rsplit(":", 1)
+    prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
+
+    etcd = etcd_shard_map.etcd_client(etcd_endpoint)
+    router: ShardRouter[ShardStore] = ShardRouter(open_shard_store, close_shard_store)
+
+    async def adopt(shard_map: ShardMap) -> None:
+        await router.apply(shard_map)
+        metrics.SHARD_MAP_VERSION.set(router.shard_map.version)
+
+    await adopt(await first_shard_map(etcd))
+    watch_task = asyncio.create_task(etcd_shard_map.watch(etcd, adopt))
+
+    ledger = LedgerService(router, limits)
+    server = grpc.aio.server(interceptors=[LedgerInterceptor()], options=[("grpc.so_reuseport", 1)])
+    accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(ledger), server)
+    payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(ledger), server)
+    clearing_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    server.add_insecure_port(listen)
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s (metrics on %s)", listen, metrics_listen)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stopping.set)
+    await stopping.wait()
+
+    log.info("stopping")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(SHUTDOWN_GRACE_SECONDS)
+    watch_task.cancel()
+    await router.close()
+    await etcd.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--listen", required=True, help="gRPC address, HOST:PORT")
+    parser.add_argument("--metrics-listen", required=True, help="Prometheus /metrics address, HOST:PORT")
+    parser.add_argument("--etcd", required=True, help="etcd client endpoint, HOST:PORT")
+    parser.add_argument("--process-name", default="grpc", help="name in logs")
+    parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arguments.process_name} %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits)))
+
+
+if __name__ == "__main__":
+    main()

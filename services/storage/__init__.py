@@ -1,0 +1,1 @@
+"""PostgreSQL adapter: one database per shard, same schema on every shard."""

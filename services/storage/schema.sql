@@ -1,0 +1,74 @@
+-- The schema of every shard. Idempotent: `make up` applies it on every start.
+-- Enum columns hold the proto enum numbers (corebank.v1.AccountKind, AccountStatus, TransferStatus).
+
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id            text PRIMARY KEY,
+    -- The OpenAccount idempotency key; account_id is derived from it, so the
+    -- primary key already makes it unique.
+    request_id            text NOT NULL,
+    owner_id              text NOT NULL,
+    currency              text NOT NULL,
+    kind                  smallint NOT NULL,
+    tier                  integer NOT NULL,
+    status                smallint NOT NULL,
+    debits_posted_minor   bigint NOT NULL DEFAULT 0 CHECK (debits_posted_minor >= 0),
+    credits_posted_minor  bigint NOT NULL DEFAULT 0 CHECK (credits_posted_minor >= 0),
+    debits_pending_minor  bigint NOT NULL DEFAULT 0 CHECK (debits_pending_minor >= 0),
+    credits_pending_minor bigint NOT NULL DEFAULT 0 CHECK (credits_pending_minor >= 0),
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    -- A safety net under the service's own checks: only SYSTEM accounts (kind 3)
+    -- may go negative. numeric, because the difference may leave the bigint range.
+    CONSTRAINT only_system_accounts_go_negative CHECK (
+        kind = 3
+        OR credits_posted_minor::numeric - debits_posted_minor::numeric - debits_pending_minor::numeric >= 0
+    )
+);
+
+CREATE TABLE IF NOT EXISTS transfers (
+    transfer_id       text PRIMARY KEY,
+    -- Arrival order on this shard, for newest-first listings and page tokens.
+    seq               bigserial NOT NULL UNIQUE,
+    debit_account_id  text NOT NULL,
+    credit_account_id text NOT NULL,
+    amount_minor      bigint NOT NULL CHECK (amount_minor > 0),
+    currency          text NOT NULL,
+    reference         text NOT NULL DEFAULT '',
+    status            smallint NOT NULL,
+    reason            text NOT NULL DEFAULT '',
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    finalized_at      timestamptz,
+    CHECK (debit_account_id <> credit_account_id)
+);
+
+CREATE INDEX IF NOT EXISTS transfers_by_debit_account ON transfers (debit_account_id, seq DESC);
+CREATE INDEX IF NOT EXISTS transfers_by_credit_account ON transfers (credit_account_id, seq DESC);
+
+-- Transfers are never deleted, and never changed once final (POSTED 2, VOIDED 3,
+-- REJECTED 4). A PENDING transfer may only change status and finalized_at.
+CREATE OR REPLACE FUNCTION transfers_are_immutable() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR TG_OP = 'TRUNCATE' THEN
+        RAISE EXCEPTION 'transfers are never deleted' USING ERRCODE = 'restrict_violation';
+    END IF;
+    IF OLD.status IN (2, 3, 4) THEN
+        RAISE EXCEPTION 'transfer % is final', OLD.transfer_id USING ERRCODE = 'restrict_violation';
+    END IF;
+    IF (NEW.transfer_id, NEW.seq, NEW.debit_account_id, NEW.credit_account_id, NEW.amount_minor,
+        NEW.currency, NEW.reference, NEW.created_at)
+       IS DISTINCT FROM
+       (OLD.transfer_id, OLD.seq, OLD.debit_account_id, OLD.credit_account_id, OLD.amount_minor,
+        OLD.currency, OLD.reference, OLD.created_at) THEN
+        RAISE EXCEPTION 'transfer % may only change status', OLD.transfer_id USING ERRCODE = 'restrict_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS transfers_are_immutable ON transfers;
+CREATE TRIGGER transfers_are_immutable BEFORE UPDATE OR DELETE ON transfers
+    FOR EACH ROW EXECUTE FUNCTION transfers_are_immutable();
+DROP TRIGGER IF EXISTS transfers_are_never_truncated ON transfers;
+CREATE TRIGGER transfers_are_never_truncated BEFORE TRUNCATE ON transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION transfers_are_immutable();
