@@ -18,6 +18,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_PAGE_SIZE: _ClassVar[ErrorReason]
     INVALID_STATUS: _ClassVar[ErrorReason]
     FIELD_TOO_LONG: _ClassVar[ErrorReason]
+    INVALID_FIELD: _ClassVar[ErrorReason]
     ACCOUNT_NOT_FOUND: _ClassVar[ErrorReason]
     TRANSFER_NOT_FOUND: _ClassVar[ErrorReason]
     IDEMPOTENCY_CONFLICT: _ClassVar[ErrorReason]
@@ -45,6 +46,7 @@ INVALID_PAGE_TOKEN: ErrorReason
 INVALID_PAGE_SIZE: ErrorReason
 INVALID_STATUS: ErrorReason
 FIELD_TOO_LONG: ErrorReason
+INVALID_FIELD: ErrorReason
 ACCOUNT_NOT_FOUND: ErrorReason
 TRANSFER_NOT_FOUND: ErrorReason
 IDEMPOTENCY_CONFLICT: ErrorReason

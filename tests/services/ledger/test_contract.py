@@ -1,0 +1,27 @@
+"""The domain's names and numbers are the proto contract's: hold them together."""
+
+from corebank.v1 import accounts_pb2, errors_pb2, transfers_pb2
+from services.ledger import errors
+from services.ledger.accounts import AccountKind, AccountStatus
+from services.ledger.transfers import TransferStatus
+
+
+def members(proto_enum) -> dict[str, int]:
+    return {name: number for name, number in proto_enum.items() if number != 0}
+
+
+def test_every_error_reason_is_declared_in_the_proto_and_every_declared_one_is_used():
+    assert errors.registered_reasons() == set(members(errors_pb2.ErrorReason))
+
+
+def test_domain_enums_match_proto_enums():
+    assert {m.name: m.value for m in AccountKind} == members(accounts_pb2.AccountKind)
+    assert {m.name: m.value for m in AccountStatus} == members(accounts_pb2.AccountStatus)
+    assert {m.name: m.value for m in TransferStatus} == members(transfers_pb2.TransferStatus)
+
+
+def test_each_reason_maps_back_to_its_class():
+    assert errors.error_class_for_reason("INSUFFICIENT_FUNDS") is errors.InsufficientFunds
+    assert errors.InsufficientFunds.code.name == "FAILED_PRECONDITION"
+    assert errors.AccountNotFound.code.name == "NOT_FOUND"
+    assert errors.IdempotencyConflict.code.name == "ALREADY_EXISTS"
