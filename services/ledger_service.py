@@ -72,8 +72,8 @@ class LedgerService:
         page = transfers[:limit]
         return page, paging.encode_page_token(account_id, page[-1].seq)
 
-    async def transfer(self, request: TransferRequest, timeout_seconds: float) -> tuple[Transfer, bool]:
-        """The final transfer and whether this call created it; a refusal is raised after it is recorded."""
+    async def transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
+        """The final transfer; a refusal is raised after it is recorded."""
         request.validated()
         debit_shard = self.router.shard_name_for(request.debit_account_id)
         if debit_shard != self.router.shard_name_for(request.credit_account_id):
@@ -81,8 +81,11 @@ class LedgerService:
                 "debit and credit accounts live on different shards; cross-shard transfers arrive with the coordinator",
                 debit_shard=debit_shard, credit_shard=self.router.shard_name_for(request.credit_account_id),
             )
-        transfer, created = await self.router.handle(debit_shard).post_transfer(request, self.limits, timeout_seconds)
-        conflicts = [] if created else transfer.conflicting_fields(request)
+        transfer, fresh_refusal = await self.router.handle(debit_shard).post_transfer(request, self.limits, timeout_seconds)
+        if fresh_refusal is not None:
+            fresh_refusal.metadata["transfer_id"] = transfer.transfer_id
+            raise fresh_refusal
+        conflicts = transfer.conflicting_fields(request)
         if conflicts:
             raise errors.IdempotencyConflict(
                 f"transfer_id {request.transfer_id} was used with other {', '.join(conflicts)}",
@@ -91,7 +94,7 @@ class LedgerService:
         refusal = transfer.refusal()
         if refusal is not None:
             raise refusal
-        return transfer, created
+        return transfer
 
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer:
         """A transfer lives on its debit account's shard; ask every shard at once."""

@@ -13,7 +13,6 @@ GRPC_REQUESTS = Counter(
 GRPC_LATENCY = Histogram(
     "corebank_grpc_request_duration_seconds", "gRPC request latency", ["service", "method"], buckets=LATENCY_BUCKETS_SECONDS
 )
-TRANSFERS_POSTED = Counter("corebank_transfers_posted", "Transfers posted by this process (retries not counted)")
 TRANSFERS_FAILED = Counter(
     "corebank_transfers_failed", "Transfer calls that did not post, by reason", ["reason"]
 )

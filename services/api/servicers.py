@@ -55,12 +55,10 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
             request.amount_minor, request.currency, request.reference,
         )
         try:
-            transfer, created = await self.ledger.transfer(transfer_request, _timeout(context))
+            transfer = await self.ledger.transfer(transfer_request, _timeout(context))
         except Exception as error:
             metrics.record_transfer_failure(error)
             raise
-        if created:
-            metrics.TRANSFERS_POSTED.inc()
         return transfer_message(transfer)
 
     async def GetTransfer(self, request, context) -> transfers_pb2.Transfer:

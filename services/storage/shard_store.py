@@ -103,8 +103,12 @@ class ShardStore:
 
     async def post_transfer(
         self, request: TransferRequest, limits: TierLimits, timeout_seconds: float
-    ) -> tuple[Transfer, bool]:
-        """The transfer as stored, and whether this call created it."""
+    ) -> tuple[Transfer, errors.LedgerError | None]:
+        """The transfer as stored, and the refusal when this call just rejected it.
+
+        The fresh refusal carries the details of the decision (which limit, which
+        account); a stored rejection only keeps its reason.
+        """
         try:
             async with self._transaction(timeout_seconds) as connection:
                 locked = await connection.execute(LOCK_TWO_ACCOUNTS, [request.debit_account_id, request.credit_account_id])
@@ -112,7 +116,7 @@ class ShardStore:
                 accounts = {row[0]: account_from_row(row) for row in await locked.fetchall()}
                 earlier_row = await earlier.fetchone()
                 if earlier_row is not None:
-                    return transfer_from_row(earlier_row), False
+                    return transfer_from_row(earlier_row), None
                 refusal = decide(
                     request, accounts.get(request.debit_account_id), accounts.get(request.credit_account_id), limits
                 )
@@ -131,13 +135,13 @@ class ShardStore:
                         {"debit": request.debit_account_id, "credit": request.credit_account_id, "amount": request.amount_minor},
                     )
             # Read the RETURNING row only after COMMIT went out in the same round trip.
-            return transfer_from_row(await inserted.fetchone()), True
+            return transfer_from_row(await inserted.fetchone()), refusal
         except psycopg.errors.UniqueViolation:
             # The same transfer_id committed meanwhile (with other accounts, or we would have
             # waited on their locks): answer from the stored row.
             stored = await self.get_transfer(request.transfer_id, timeout_seconds)
             assert stored is not None, "unique violation on a transfer_id that is not there"
-            return stored, False
+            return stored, None
 
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer | None:
         async with self._transaction(timeout_seconds) as connection:
