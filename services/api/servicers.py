@@ -2,7 +2,7 @@
 
 import grpc
 
-from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2_grpc, payments_pb2, payments_pb2_grpc
+from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2_grpc, payments_pb2_grpc
 from corebank.v1 import transfers_pb2
 from services.api import metrics
 from services.api.convert import account_message, transfer_message

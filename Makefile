@@ -1,0 +1,72 @@
+# corebank: local cluster, tests and benchmark.
+#
+#   make up        start (or repair) the local cluster; endpoints in the state folder's cluster.json
+#   make status    one line per process; exits non-zero when something is down
+#   make down      stop everything, keep the data
+#   make clean     down, then delete the state folder
+#   make test      check the generated code, then run the tests (they start their own cluster)
+#   make bench     up, then the load test
+#   make protos    regenerate protos/python after editing protos/
+#
+# SHARDS, COREBANK_STATE_DIR, COREBANK_PORT_BASE and GRPC_WORKERS pass through the
+# environment to `python -m deploy.cluster` (see deploy/cluster.py).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT := $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+# Touched after a successful install, so the venv is rebuilt only when pyproject.toml changes.
+VENV_STAMP := $(VENV)/.installed
+PG_BIN_DIR := /usr/lib/postgresql/15/bin
+
+.PHONY: help venv deps up down status clean test protos bench
+
+help:
+	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	@test -n "$(PYTHON_BOOT)" || { echo "python3 not found: install python3.11 (apt-get install python3 python3-venv)" >&2; exit 1; }
+	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+deps:
+	@if ! command -v etcd >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "etcd not found: installing etcd-server"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; \
+	  else \
+	    echo "etcd not found: install it with 'sudo apt-get install etcd-server' (or put an etcd 3.4+ binary on PATH)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+	@if [ ! -x $(PG_BIN_DIR)/pg_ctl ] && ! { command -v pg_config >/dev/null && [ -x "$$(pg_config --bindir)/pg_ctl" ]; }; then \
+	  echo "PostgreSQL 15 not found in $(PG_BIN_DIR) nor via pg_config: install it with 'sudo apt-get install postgresql-15'" >&2; \
+	  exit 1; \
+	fi
+
+up: deps venv
+	$(PYTHON) -m deploy.cluster up
+
+down: venv
+	$(PYTHON) -m deploy.cluster down
+
+status: venv
+	@$(PYTHON) -m deploy.cluster status
+
+clean: venv
+	$(PYTHON) -m deploy.cluster clean
+
+test: deps venv
+	$(PYTHON) protos/generate.py --check
+	$(PYTHON) -m pytest
+
+protos: venv
+	$(PYTHON) protos/generate.py
+
+bench: up
+	$(PYTHON) -m loadtest.bench

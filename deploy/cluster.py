@@ -1,0 +1,542 @@
+"""The local cluster's lifecycle: up, down, status, clean.
+
+    python -m deploy.cluster up|down|status|clean [--state-dir DIR] [--shards N]
+                                                   [--port-base PORT] [--grpc-workers N]
+
+Everything lives under one state folder (default .corebank):
+
+    cluster-settings.json   shard count, port base, gRPC workers: fixed at first `up`
+    cluster.json            endpoints and pids, rewritten by every `up`
+    shards/shard-N/         PostgreSQL data dir, log and unix socket of shard N
+    etcd/                   etcd's data dir
+    logs/, run/             logs and pid files of etcd and the gRPC workers
+
+Port plan from the port base B: gRPC B; etcd client B+1, peer B+2; metrics of
+gRPC worker i B+10+i; PostgreSQL shard i B+100+i.
+
+`up` is idempotent: it starts only what is not running, so after a crash
+(kill -9) it restarts exactly the dead processes. `down` keeps all data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from deploy import processes
+from deploy.etcd import Etcd
+from deploy.grpc_worker import GrpcWorker
+from deploy.postgres import PostgresShard
+
+DEFAULT_STATE_DIR = ".corebank"
+DEFAULT_SHARD_COUNT = 3
+DEFAULT_PORT_BASE = 7100
+DEFAULT_GRPC_WORKERS = 1
+
+GRPC_PORT_OFFSET = 0
+ETCD_CLIENT_PORT_OFFSET = 1
+ETCD_PEER_PORT_OFFSET = 2
+METRICS_PORT_OFFSET = 10
+POSTGRES_PORT_OFFSET = 100
+# Each range of the port plan must stay below the next one.
+GRPC_WORKERS_MAX = POSTGRES_PORT_OFFSET - METRICS_PORT_OFFSET
+SHARD_COUNT_MAX = 64
+PORT_MAX = 65535
+
+# An `up` may wait on initdb, etcd and worker start; a second `up` waits for it.
+LOCK_TIMEOUT_SECONDS = 300
+SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS = 30
+
+SETTINGS_FILE = "cluster-settings.json"
+CLUSTER_FILE = "cluster.json"
+LOCK_FILE = ".lock"
+
+ROLE_GRPC = "grpc"
+ROLE_ETCD = "etcd"
+ROLE_POSTGRES = "postgres"
+
+HEALTHY = "healthy"
+ALIVE = "alive"  # running, but not (yet) answering its health check
+DOWN = "down"
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class Component(Protocol):
+    """What cluster.py needs from a PostgreSQL shard, etcd or a gRPC worker."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    def pid(self) -> int | None: ...
+    def is_running(self) -> bool: ...
+    def is_healthy(self) -> bool: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def kill(self, signal_number: int = signal.SIGKILL) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    shard_count: int
+    port_base: int
+    grpc_workers: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard_count <= SHARD_COUNT_MAX:
+            raise ValueError(f"shard count must be 1..{SHARD_COUNT_MAX}, not {self.shard_count}")
+        if not 1 <= self.grpc_workers <= GRPC_WORKERS_MAX:
+            raise ValueError(f"gRPC workers must be 1..{GRPC_WORKERS_MAX}, not {self.grpc_workers}")
+        if not 1024 <= self.port_base <= PORT_MAX - POSTGRES_PORT_OFFSET - self.shard_count:
+            raise ValueError(f"port base {self.port_base} leaves the port plan outside 1024..{PORT_MAX}")
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> Settings | None:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        return cls(shard_count=int(data["shard_count"]), port_base=int(data["port_base"]), grpc_workers=int(data["grpc_workers"]))
+
+    def save(self, path: pathlib.Path) -> None:
+        write_json_atomically(path, dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessStatus:
+    name: str
+    role: str
+    pid: int | None
+    state: str  # HEALTHY, ALIVE or DOWN
+    endpoint: str
+
+
+def write_json_atomically(path: pathlib.Path, data: object) -> None:
+    # A reader (a test, the bench) never sees a half-written file.
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(json.dumps(data, indent=2) + "\n")
+    scratch.replace(path)
+
+
+def choose_settings(
+    stored: Settings | None, shard_count: int | None, port_base: int | None, grpc_workers: int | None
+) -> Settings:
+    """Stored settings win for shards and ports: they are baked into the data
+    (PostgreSQL configs, the shard map in etcd). gRPC workers are stateless, so
+    an explicit count replaces the stored one.
+    """
+    if stored is None:
+        return Settings(
+            shard_count=shard_count or DEFAULT_SHARD_COUNT,
+            port_base=port_base or DEFAULT_PORT_BASE,
+            grpc_workers=grpc_workers or DEFAULT_GRPC_WORKERS,
+        )
+    if shard_count is not None and shard_count != stored.shard_count:
+        log.warning(
+            "warning: the cluster has %d shards; ignoring SHARDS=%d (run `make clean` to start over with %d)",
+            stored.shard_count, shard_count, shard_count,
+        )  # fmt: skip
+    if port_base is not None and port_base != stored.port_base:
+        log.warning(
+            "warning: the cluster uses port base %d; ignoring COREBANK_PORT_BASE=%d (run `make clean` to change it)",
+            stored.port_base, port_base,
+        )  # fmt: skip
+    return dataclasses.replace(stored, grpc_workers=grpc_workers or stored.grpc_workers)
+
+
+class Cluster:
+    """A local corebank cluster under one state folder.
+
+    Arguments left as None take the stored settings of an existing cluster,
+    else the defaults (3 shards, port base 7100, 1 gRPC worker).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+        shard_count: int | None = None,
+        port_base: int | None = None,
+        grpc_workers: int | None = None,
+    ) -> None:
+        self.state_dir = pathlib.Path(state_dir).absolute()
+        stored = Settings.load(self.settings_path)
+        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers)
+        self._lock_depth = 0
+        self._lock_file: int | None = None
+
+    # Layout.
+
+    @property
+    def settings_path(self) -> pathlib.Path:
+        return self.state_dir / SETTINGS_FILE
+
+    @property
+    def cluster_json_path(self) -> pathlib.Path:
+        return self.state_dir / CLUSTER_FILE
+
+    @property
+    def logs_dir(self) -> pathlib.Path:
+        return self.state_dir / "logs"
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return self.state_dir / "run"
+
+    def exists(self) -> bool:
+        return self.settings_path.exists()
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"127.0.0.1:{self.settings.port_base + GRPC_PORT_OFFSET}"
+
+    @property
+    def shards(self) -> list[PostgresShard]:
+        return [
+            PostgresShard(
+                name=f"shard-{index}",
+                shard_dir=self.state_dir / "shards" / f"shard-{index}",
+                port=self.settings.port_base + POSTGRES_PORT_OFFSET + index,
+            )
+            for index in range(self.settings.shard_count)
+        ]
+
+    @property
+    def etcd(self) -> Etcd:
+        return Etcd(
+            data_dir=self.state_dir / "etcd",
+            log_path=self.logs_dir / "etcd.log",
+            pid_path=self.run_dir / "etcd.pid",
+            client_port=self.settings.port_base + ETCD_CLIENT_PORT_OFFSET,
+            peer_port=self.settings.port_base + ETCD_PEER_PORT_OFFSET,
+        )
+
+    def grpc_worker(self, index: int) -> GrpcWorker:
+        return GrpcWorker(
+            index=index,
+            grpc_port=self.settings.port_base + GRPC_PORT_OFFSET,
+            metrics_port=self.settings.port_base + METRICS_PORT_OFFSET + index,
+            etcd_endpoint=self.etcd.endpoint,
+            log_path=self.logs_dir / f"grpc-{index}.log",
+            pid_path=self.run_dir / f"grpc-{index}.pid",
+        )
+
+    @property
+    def grpc_workers(self) -> list[GrpcWorker]:
+        return [self.grpc_worker(index) for index in range(self.settings.grpc_workers)]
+
+    def _surplus_grpc_workers(self) -> list[GrpcWorker]:
+        """Workers left over from an earlier, larger GRPC_WORKERS."""
+        surplus = []
+        for pid_path in self.run_dir.glob("grpc-*.pid"):
+            index = pid_path.stem.removeprefix("grpc-")
+            if index.isdigit() and int(index) >= self.settings.grpc_workers:
+                surplus.append(self.grpc_worker(int(index)))
+        return surplus
+
+    def components(self) -> list[tuple[str, Component]]:
+        """(role, component) in start order: shards, etcd, gRPC workers."""
+        found: list[tuple[str, Component]] = [(ROLE_POSTGRES, shard) for shard in self.shards]
+        found.append((ROLE_ETCD, self.etcd))
+        found += [(ROLE_GRPC, worker) for worker in self.grpc_workers]
+        return found
+
+    def component(self, name: str) -> Component:
+        for _, component in self.components():
+            if component.name == name:
+                return component
+        raise KeyError(f"no process named {name!r}; known: {[c.name for _, c in self.components()]}")
+
+    # Lifecycle.
+
+    def up(self) -> dict:
+        """Start whatever is not running, wait until all is healthy; return cluster.json's content."""
+        with self._locked():
+            self.settings.save(self.settings_path)
+            started_seconds = time.monotonic()
+            # initdb and the first start take seconds each; run the shards side by side.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.shard_count) as executor:
+                list(executor.map(self._up_shard, self.shards))
+            self._start_etcd()
+            self._bootstrap_shard_map()
+            for worker in self._surplus_grpc_workers():
+                log.info("stopping %s (GRPC_WORKERS is now %d)", worker.name, self.settings.grpc_workers)
+                worker.stop()
+                worker.pid_path.unlink(missing_ok=True)
+            if importlib.util.find_spec("services.server") is None:
+                raise ClusterError("services/server.py does not exist yet: PostgreSQL and etcd are up, no gRPC server")
+            for worker in self.grpc_workers:
+                self._spawn_grpc_worker(worker)
+            for worker in self.grpc_workers:
+                worker.wait_healthy()
+            description = self.describe()
+            write_json_atomically(self.cluster_json_path, description)
+            log.info("cluster up in %.1fs", time.monotonic() - started_seconds)
+            return description
+
+    def _up_shard(self, shard: PostgresShard) -> None:
+        shard.init()
+        if not shard.is_running():
+            self._check_ports_free(shard.name, [shard.port])
+        shard.start()
+
+    def _check_ports_free(self, name: str, ports: list[int]) -> None:
+        """Fail clearly when a port of the plan belongs to someone else.
+
+        Worse than a failed start: a stranger's gRPC server that also set
+        SO_REUSEPORT would share our gRPC port and take part of our traffic.
+        """
+        taken = [port for port in ports if not processes.port_is_free(port)]
+        if taken:
+            raise ClusterError(
+                f"cannot start {name}: port {', '.join(map(str, taken))} is in use by a process that is not "
+                f"this cluster's (another cluster on port base {self.settings.port_base}?); "
+                "stop it or choose another COREBANK_PORT_BASE"
+            )
+
+    def _start_etcd(self) -> None:
+        etcd = self.etcd
+        if not etcd.is_running():
+            self._check_ports_free(etcd.name, [etcd.client_port, etcd.peer_port])
+        etcd.start()
+
+    def _spawn_grpc_worker(self, worker: GrpcWorker) -> None:
+        if worker.is_running():
+            return
+        ports = [worker.metrics_port]
+        if not any(other.is_running() for other in self.grpc_workers):
+            ports.append(worker.grpc_port)  # shared by our own workers, nobody else's
+        self._check_ports_free(worker.name, ports)
+        worker.spawn()
+
+    def _bootstrap_shard_map(self) -> None:
+        from sharding.etcd_shard_map import bootstrap, etcd_client
+        from sharding.shard_map import Shard, ShardMap
+
+        proposed = ShardMap.evenly([Shard(shard.name, shard.dsn) for shard in self.shards])
+
+        async def run() -> ShardMap:
+            client = etcd_client(self.etcd.endpoint)
+            try:
+                return await asyncio.wait_for(bootstrap(client, proposed), SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS)
+            finally:
+                await client.close()
+
+        current = asyncio.run(run())
+        if current.shards != proposed.shards:
+            log.warning("warning: the shard map in etcd (version %d) differs from this cluster's shards", current.version)
+
+    def down(self) -> None:
+        """Stop gRPC workers, then etcd, then PostgreSQL; all data stays."""
+        if not self.state_dir.exists():
+            return
+        with self._locked():
+            for worker in self.grpc_workers + self._surplus_grpc_workers():
+                worker.stop()
+            self.etcd.stop()
+            for shard in self.shards:
+                shard.stop()
+
+    def clean(self) -> None:
+        """down, then remove the state folder."""
+        if not self.state_dir.exists():
+            return
+        if not self.exists() and any(self.state_dir.iterdir()):
+            # Guard against COREBANK_STATE_DIR pointing somewhere that is not ours.
+            raise ClusterError(f"{self.state_dir} holds no {SETTINGS_FILE}; not removing it")
+        self.down()
+        shutil.rmtree(self.state_dir)
+
+    def status(self) -> list[ProcessStatus]:
+        found = []
+        for role, component in self.components():
+            pid = component.pid()
+            if pid is None:
+                state = DOWN
+            else:
+                state = HEALTHY if component.is_healthy() else ALIVE
+            found.append(ProcessStatus(component.name, role, pid, state, component.endpoint))
+        return found
+
+    def is_healthy(self) -> bool:
+        return all(process.state == HEALTHY for process in self.status())
+
+    def describe(self) -> dict:
+        """cluster.json's content, with the pids as they are now."""
+        shards = self.shards
+        workers = self.grpc_workers
+        return {
+            "grpc_endpoint": self.grpc_endpoint,
+            "etcd_endpoint": self.etcd.endpoint,
+            "metrics_endpoints": [worker.metrics_endpoint for worker in workers],
+            "shards": [
+                {"name": s.name, "dsn": s.dsn, "pid": s.pid(), "port": s.port, "data_dir": str(s.data_dir)}
+                for s in shards
+            ],
+            "processes": [
+                *({"name": w.name, "role": ROLE_GRPC, "pid": w.pid(), "metrics": w.metrics_endpoint} for w in workers),
+                {"name": self.etcd.name, "role": ROLE_ETCD, "pid": self.etcd.pid()},
+                *({"name": s.name, "role": ROLE_POSTGRES, "pid": s.pid()} for s in shards),
+            ],
+            "state_dir": str(self.state_dir),
+        }
+
+    # One process at a time (fault injection in tests).
+
+    def pid(self, name: str) -> int | None:
+        return self.component(name).pid()
+
+    def start(self, name: str) -> None:
+        """Start one process by name ("grpc-0", "etcd", "shard-1") and wait until healthy."""
+        with self._locked():
+            component = self.component(name)
+            if isinstance(component, PostgresShard):
+                self._up_shard(component)
+            elif isinstance(component, Etcd):
+                self._start_etcd()
+            else:
+                assert isinstance(component, GrpcWorker)
+                self._spawn_grpc_worker(component)
+                component.wait_healthy()
+            write_json_atomically(self.cluster_json_path, self.describe())
+
+    def stop(self, name: str) -> None:
+        """Stop one process gracefully (SIGTERM; `pg_ctl stop -m fast` for a shard)."""
+        with self._locked():
+            self.component(name).stop()
+
+    def kill(self, name: str, signal_number: int = signal.SIGKILL) -> None:
+        """Signal one process (default SIGKILL: a crash); for a shard, its postmaster."""
+        self.component(name).kill(signal_number)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One lifecycle command at a time per state folder (two `make up` at once)."""
+        if self._lock_depth == 0:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            # PostgreSQL (run as the postgres user) must reach into the state folder.
+            self.state_dir.chmod(0o755)
+            for folder in (self.logs_dir, self.run_dir):
+                folder.mkdir(exist_ok=True)
+            lock_file = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+
+            def acquired() -> bool:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    return False
+
+            try:
+                processes.wait_until(acquired, LOCK_TIMEOUT_SECONDS, f"lock {self.state_dir / LOCK_FILE}")
+            except BaseException:
+                os.close(lock_file)
+                raise
+            self._lock_file = lock_file
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_file is not None:
+                os.close(self._lock_file)  # closing releases the flock
+                self._lock_file = None
+
+
+# The command line.
+
+
+def print_status(statuses: list[ProcessStatus]) -> None:
+    rows = [("NAME", "ROLE", "PID", "STATE", "ENDPOINT")]
+    rows += [(s.name, s.role, str(s.pid or "-"), s.state, s.endpoint) for s in statuses]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r} is not a whole number") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deploy.cluster", description="Run a local corebank cluster.")
+    parser.add_argument("command", choices=["up", "down", "status", "clean"])
+    parser.add_argument("--state-dir", default=os.environ.get("COREBANK_STATE_DIR") or DEFAULT_STATE_DIR,
+                        help="env COREBANK_STATE_DIR; default %(default)s")  # fmt: skip
+    parser.add_argument("--shards", type=int, default=env_int("SHARDS"),
+                        help=f"env SHARDS; default {DEFAULT_SHARD_COUNT}; only used on first start")  # fmt: skip
+    parser.add_argument("--port-base", type=int, default=env_int("COREBANK_PORT_BASE"),
+                        help=f"env COREBANK_PORT_BASE; default {DEFAULT_PORT_BASE}; only used on first start")  # fmt: skip
+    parser.add_argument("--grpc-workers", type=int, default=env_int("GRPC_WORKERS"),
+                        help=f"env GRPC_WORKERS; default {DEFAULT_GRPC_WORKERS}")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    try:
+        cluster = Cluster(args.state_dir, shard_count=args.shards, port_base=args.port_base, grpc_workers=args.grpc_workers)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "up":
+            description = cluster.up()
+            print(f"gRPC      {description['grpc_endpoint']}")
+            print(f"etcd      {description['etcd_endpoint']}")
+            print(f"metrics   {' '.join(description['metrics_endpoints'])}")
+            for shard in description["shards"]:
+                print(f"{shard['name']:<9} {shard['dsn']}")
+            print(f"written   {cluster.cluster_json_path}")
+            return 0
+        if args.command == "status":
+            if not cluster.exists():
+                print(f"no cluster in {cluster.state_dir}: everything is down (run `make up`)")
+                return 1
+            statuses = cluster.status()
+            print_status(statuses)
+            unhealthy = [s.name for s in statuses if s.state != HEALTHY]
+            if unhealthy:
+                print(f"not healthy: {', '.join(unhealthy)} (run `make up` to start them again)")
+                return 1
+            return 0
+        if args.command == "down":
+            cluster.down()
+            print(f"cluster in {cluster.state_dir} is down; data kept")
+            return 0
+        cluster.clean()
+        print(f"removed {cluster.state_dir}")
+        return 0
+    except (ClusterError, RuntimeError, TimeoutError, FileNotFoundError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

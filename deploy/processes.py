@@ -1,0 +1,207 @@
+"""Detached processes: start, find again by pid file, stop.
+
+Every process the cluster starts outlives the command that started it, so it
+is found again through a pid file. A pid alone is not proof: after a crash the
+pid may belong to an unrelated process, so each check also reads
+/proc/PID/cmdline and looks for markers only our process has (its data folder,
+its port).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+POLL_INTERVAL_SECONDS = 0.1
+LOG_TAIL_BYTES_MAX = 4000
+# SIGKILL cannot be caught, but the kernel still needs a moment to end the process.
+KILL_WAIT_SECONDS_MAX = 5.0
+CMDLINE_EMPTY_RETRIES_MAX = 20
+CMDLINE_EMPTY_RETRY_DELAY_SECONDS = 0.005
+
+
+def read_pid(pid_path: pathlib.Path) -> int | None:
+    try:
+        return int(pid_path.read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The argv of a live process, or None when it is gone or a zombie."""
+    # Right after exec the kernel briefly shows an empty cmdline; kernel threads
+    # always do. Retry a little, so a process we just started is not taken for dead.
+    for _ in range(CMDLINE_EMPTY_RETRIES_MAX):
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+            # The state letter follows the parenthesised command name, which may hold spaces.
+            if stat[stat.rindex(")") + 2] in "ZX":
+                return None
+            raw = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            return None
+        if raw:
+            return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+        time.sleep(CMDLINE_EMPTY_RETRY_DELAY_SECONDS)
+    return []
+
+
+def is_ours(pid: int | None, markers: Sequence[str]) -> bool:
+    """True when `pid` is alive and every marker is one of its arguments.
+
+    Whole arguments, not substrings: "grpc-1" must not match "grpc-10".
+    """
+    if pid is None or pid <= 0:
+        return False
+    argv = cmdline(pid)
+    return argv is not None and set(markers) <= set(argv)
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status if `pid` is our own child, so it leaves no zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def spawn_detached(
+    argv: Sequence[str],
+    log_path: pathlib.Path,
+    pid_path: pathlib.Path,
+    env: dict[str, str] | None = None,
+    cwd: pathlib.Path | None = None,
+) -> int:
+    """Start `argv` in its own session (so Ctrl-C on `make` does not reach it)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=cwd,
+        )
+    pid_path.write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout_seconds: float,
+    what: str,
+    give_up: Callable[[], str | None] = lambda: None,
+) -> None:
+    """Poll `condition` until true; raise TimeoutError after `timeout_seconds`.
+
+    `give_up` returns a reason to stop early (the process died), else None.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        if condition():
+            return
+        reason = give_up()
+        if reason is not None:
+            raise RuntimeError(f"{what}: {reason}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not done after {timeout_seconds:.0f}s")
+        time.sleep(POLL_INTERVAL_SECONDS)
+
+
+def terminate(pid: int, markers: Sequence[str], timeout_seconds: float) -> None:
+    """SIGTERM, wait up to `timeout_seconds`, then SIGKILL."""
+    if not is_ours(pid, markers):
+        return
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: (reap(pid), not is_ours(pid, markers))[1], timeout_seconds, f"stop pid {pid}")
+    except TimeoutError:
+        kill(pid, markers)
+
+
+def kill(pid: int, markers: Sequence[str], signal_number: int = signal.SIGKILL) -> None:
+    if not is_ours(pid, markers):
+        return
+    try:
+        os.kill(pid, signal_number)
+    except ProcessLookupError:
+        return
+    if signal_number == signal.SIGKILL:
+        deadline = time.monotonic() + KILL_WAIT_SECONDS_MAX
+        while time.monotonic() < deadline:
+            reap(pid)
+            if not is_ours(pid, markers):
+                return
+            time.sleep(POLL_INTERVAL_SECONDS)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on `port`.
+
+    A plain bind fails against any listener, also one that set SO_REUSEPORT
+    (gRPC does); SO_REUSEADDR only lets it past sockets in TIME_WAIT.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(log_path: pathlib.Path) -> str:
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            size = log_file.tell()
+            log_file.seek(max(0, size - LOG_TAIL_BYTES_MAX))
+            return log_file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class PidFileProcess:
+    """A detached process we started, known by its pid file and cmdline markers.
+
+    Subclasses provide `name`, `pid_path`, `log_path` and `_markers()`.
+    """
+
+    name: str
+    pid_path: pathlib.Path
+    log_path: pathlib.Path
+    stop_timeout_seconds: float = 15
+
+    def _markers(self) -> list[str]:
+        raise NotImplementedError
+
+    def pid(self) -> int | None:
+        pid = read_pid(self.pid_path)
+        return pid if is_ours(pid, self._markers()) else None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def _died(self) -> str | None:
+        """None while running; else why it is gone, with the end of its log (for wait_until's give_up)."""
+        if self.is_running():
+            return None
+        return f"{self.name} exited; the end of {self.log_path}:\n{log_tail(self.log_path)}"
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            terminate(pid, self._markers(), self.stop_timeout_seconds)
+
+    def kill(self, signal_number: int = signal.SIGKILL) -> None:
+        pid = self.pid()
+        if pid is not None:
+            kill(pid, self._markers(), signal_number)
