@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import math
 import multiprocessing
@@ -38,6 +39,8 @@ CLIENT_PROCESS_START_TIMEOUT_SECONDS = 60.0
 # Past the end of the window, wait this long for in-flight calls and the results.
 CLIENT_PROCESS_DRAIN_TIMEOUT_SECONDS = CALL_TIMEOUT_SECONDS + 30.0
 CHANNEL_READY_TIMEOUT_SECONDS = 10.0
+# Connections per client process (at most one per worker): enough to reach every service worker.
+CHANNELS_PER_CLIENT_PROCESS = 8
 
 
 @dataclasses.dataclass
@@ -240,12 +243,22 @@ async def _run_workers(
     scenario: Scenario, grpc_endpoint: str, worker_labels: list[str], window_start: float, window_end: float
 ) -> _ProcessSample:
     sample = _ProcessSample([], collections.Counter(), 0.0)
-    async with grpc.aio.insecure_channel(grpc_endpoint) as channel:
-        await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_TIMEOUT_SECONDS)
-        stubs = Stubs.for_channel(channel)
+    async with contextlib.AsyncExitStack() as channels:
+        # Several connections, as many client services would open: the service's
+        # worker processes share the port through SO_REUSEPORT, which balances
+        # connections, not calls. A local subchannel pool keeps the channels apart.
+        stubs_by_channel = []
+        for _ in range(min(CHANNELS_PER_CLIENT_PROCESS, len(worker_labels))):
+            channel = await channels.enter_async_context(
+                grpc.aio.insecure_channel(grpc_endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+            )
+            await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_TIMEOUT_SECONDS)
+            stubs_by_channel.append(Stubs.for_channel(channel))
         workers = [
-            asyncio.create_task(_worker(scenario, stubs, label, window_start, window_end, sample))
-            for label in worker_labels
+            asyncio.create_task(
+                _worker(scenario, stubs_by_channel[index % len(stubs_by_channel)], label, window_start, window_end, sample)
+            )
+            for index, label in enumerate(worker_labels)
         ]
 
         async def cpu_over_window() -> None:
