@@ -54,7 +54,7 @@ async def open_shard_store(shard: Shard) -> ShardStore:
     # open(wait=False): a shard that is down must not stop the others from serving.
     pool = psycopg_pool.AsyncConnectionPool(
         shard.dsn, min_size=POOL_SIZE_MIN, max_size=POOL_SIZE_MAX, open=False, name=shard.name,
-        kwargs={"autocommit": False},
+        kwargs={"autocommit": True},  # the store sends its own BEGIN ... COMMIT batches
     )
     await pool.open(wait=False)
     return ShardStore(shard.name, pool)
