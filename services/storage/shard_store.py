@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import psycopg.errors
 import psycopg_pool
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 
 from services.ledger import errors
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
@@ -228,7 +228,8 @@ class _Session:
         await self.cursor.execute(statements, params)
         row_sets = []
         while True:
-            if self.cursor.description is not None:
+            # The result status, not cursor.description (which builds column objects every time).
+            if self.cursor.pgresult is not None and self.cursor.pgresult.status == ExecStatus.TUPLES_OK:
                 row_sets.append(await self.cursor.fetchall())
             if not self.cursor.nextset():
                 return row_sets

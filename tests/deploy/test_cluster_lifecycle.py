@@ -35,7 +35,8 @@ SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir"}
 @pytest.fixture(scope="module")
 def lifecycle() -> Iterator[Cluster]:
     state_dir = make_state_dir("corebank-lifecycle-")
-    cluster = Cluster(state_dir, shard_count=LIFECYCLE_SHARD_COUNT, port_base=LIFECYCLE_PORT_BASE)
+    # One worker keeps the kill-and-restart bookkeeping simple; several workers are covered by the session cluster.
+    cluster = Cluster(state_dir, shard_count=LIFECYCLE_SHARD_COUNT, port_base=LIFECYCLE_PORT_BASE, grpc_workers=1)
     try:
         yield cluster
     finally:

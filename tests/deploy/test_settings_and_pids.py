@@ -9,12 +9,12 @@ import pathlib
 import pytest
 
 from deploy import processes
-from deploy.cluster import Cluster, Settings, choose_settings
+from deploy.cluster import DEFAULT_GRPC_WORKERS, Cluster, Settings, choose_settings
 from deploy.grpc_worker import GrpcWorker
 
 
 def test_first_start_takes_the_requested_settings_or_the_defaults() -> None:
-    assert choose_settings(None, None, None, None) == Settings(shard_count=3, port_base=7100, grpc_workers=1)
+    assert choose_settings(None, None, None, None) == Settings(shard_count=3, port_base=7100, grpc_workers=DEFAULT_GRPC_WORKERS)
     assert choose_settings(None, 2, 17300, 4) == Settings(shard_count=2, port_base=17300, grpc_workers=4)
 
 
