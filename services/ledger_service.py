@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 
+from services.coordinator.driver import TransferDriver, outcome
+from services.coordinator.state_machine import FINAL_STATES
 from services.ledger import errors, ids, paging
 from services.ledger.accounts import Account, OpenAccountRequest
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Transfer, TransferRequest
 from services.storage.shard_store import ShardStore
+from services.storage.tcc_store import TccStore
 from sharding.router import ShardRouter
 
 # When a client sends no deadline, no request holds a database connection longer than this.
@@ -27,9 +30,12 @@ def bounded_timeout(time_remaining_seconds: float | None) -> float:
 
 
 class LedgerService:
-    def __init__(self, router: ShardRouter[ShardStore], limits: TierLimits) -> None:
+    def __init__(self, router: ShardRouter[ShardStore], limits: TierLimits, driver: TransferDriver) -> None:
         self.router = router
         self.limits = limits
+        self.driver = driver
+        # Drives outlive the request that started them (a client deadline does not stop a transfer).
+        self._drives: set[asyncio.Task] = set()
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         request.validated(self.limits)
@@ -76,12 +82,14 @@ class LedgerService:
         """The final transfer; a refusal is raised after it is recorded."""
         request.validated()
         debit_shard = self.router.shard_name_for(request.debit_account_id)
-        if debit_shard != self.router.shard_name_for(request.credit_account_id):
-            raise errors.CrossShardNotSupported(
-                "debit and credit accounts live on different shards; cross-shard transfers arrive with the coordinator",
-                debit_shard=debit_shard, credit_shard=self.router.shard_name_for(request.credit_account_id),
-            )
+        credit_shard = self.router.shard_name_for(request.credit_account_id)
+        if debit_shard != credit_shard:
+            return await self._transfer_between_shards(request, debit_shard, credit_shard, timeout_seconds)
         transfer, fresh_refusal = await self.router.handle(debit_shard).post_transfer(request, self.limits, timeout_seconds)
+        return self._answer(request, transfer, fresh_refusal)
+
+    @staticmethod
+    def _answer(request: TransferRequest, transfer: Transfer, fresh_refusal: errors.LedgerError | None) -> Transfer:
         if fresh_refusal is not None:
             fresh_refusal.metadata["transfer_id"] = transfer.transfer_id
             raise fresh_refusal
@@ -96,16 +104,54 @@ class LedgerService:
             raise refusal
         return transfer
 
+    async def _transfer_between_shards(
+        self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float
+    ) -> Transfer:
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        begun = await self.driver.begin(request, debit_shard, credit_shard, timeout_seconds)
+        if begun.record is None:  # the id belongs to a same-shard transfer
+            return self._answer(request, begun.same_shard_transfer, None)
+        record = begun.record
+        if not begun.created or begun.fresh_refusal is not None:
+            self._answer(request, record.as_transfer(), begun.fresh_refusal)  # raises on conflict or refusal
+        if record.state not in FINAL_STATES:
+            if begun.created:
+                drive = asyncio.create_task(self.driver.drive(record))
+            else:  # a retry while the first attempt is still in flight: wait for its driver
+                drive = asyncio.create_task(self.driver.wait_until_final(record.transfer_id, debit_shard))
+            self._drives.add(drive)
+            drive.add_done_callback(self._drives.discard)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    record = await asyncio.shield(drive)
+                    if record.state not in FINAL_STATES:  # our driver lost its lease: wait for the new owner
+                        record = await self.driver.wait_until_final(record.transfer_id, debit_shard)
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"transfer {request.transfer_id} is still in flight; it will complete, GetTransfer tells its state",
+                    transfer_id=request.transfer_id,
+                ) from None
+        return outcome(record)
+
+    async def drain(self) -> None:
+        """Let in-flight drives finish (shutdown); recovery would take them over otherwise."""
+        if self._drives:
+            await asyncio.wait(self._drives, timeout=5.0)
+
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer:
-        """A transfer lives on its debit account's shard; ask every shard at once."""
+        """Ask every shard at once: a coordinator record (between shards) wins over a local row."""
         ids.validate_id(transfer_id, "transfer_id")
         answers = await asyncio.gather(
-            *(store.get_transfer(transfer_id, timeout_seconds) for store in self.router.handles()),
+            *(TccStore(store).find(transfer_id, timeout_seconds) for store in self.router.handles()),
             return_exceptions=True,
         )
-        found = [answer for answer in answers if isinstance(answer, Transfer)]
-        if found:
-            return found[0]
+        found = [answer for answer in answers if isinstance(answer, tuple)]
+        for record, _ in found:
+            if record is not None:
+                return record.as_transfer()
+        for _, local in found:
+            if local is not None and local.branch == 0:
+                return local
         failures = [answer for answer in answers if isinstance(answer, BaseException)]
         if failures:
             # A shard that did not answer might hold it: "not found" would be a guess.

@@ -13,33 +13,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 import signal
 
 import grpc
 import prometheus_client
-import psycopg_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc
 from corebank.v1 import payments_pb2, payments_pb2_grpc
-from services.api import metrics
 from services.api.interceptor import LedgerInterceptor
 from services.api.servicers import AccountsServicer, ClearingServicer, PaymentsServicer
+from services.bootstrap import ShardConnections
+from services.coordinator.driver import TransferDriver
 from services.ledger.limits import TierLimits
 from services.ledger_service import LedgerService
-from services.storage.shard_store import ShardStore
-from sharding import etcd_shard_map
-from sharding.router import ShardRouter
-from sharding.shard_map import Shard, ShardMap
 
-# Connections per shard per process: enough to keep a shard's cores busy at
-# peak, few enough that several processes stay under max_connections (200).
-POOL_SIZE_MIN = 2
-POOL_SIZE_MAX = 16
 SHUTDOWN_GRACE_SECONDS = 5.0
-SHARD_MAP_WAIT_SECONDS_MAX = 60.0
 
 SERVICE_NAMES = (
     accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
@@ -50,48 +42,12 @@ SERVICE_NAMES = (
 log = logging.getLogger("corebank.server")
 
 
-async def open_shard_store(shard: Shard) -> ShardStore:
-    # open(wait=False): a shard that is down must not stop the others from serving.
-    pool = psycopg_pool.AsyncConnectionPool(
-        shard.dsn, min_size=POOL_SIZE_MIN, max_size=POOL_SIZE_MAX, open=False, name=shard.name,
-        kwargs={"autocommit": True},  # the store sends its own BEGIN ... COMMIT batches
-    )
-    await pool.open(wait=False)
-    return ShardStore(shard.name, pool)
-
-
-async def close_shard_store(store: ShardStore) -> None:
-    await store.pool.close()
-
-
-async def first_shard_map(etcd) -> ShardMap:
-    async with asyncio.timeout(SHARD_MAP_WAIT_SECONDS_MAX):
-        while True:
-            try:
-                shard_map = await etcd_shard_map.load(etcd)
-                if shard_map is not None:
-                    return shard_map
-                log.info("no shard map in etcd yet; waiting")
-            except Exception as error:
-                log.info("etcd not reachable yet (%s); waiting", error)
-            await asyncio.sleep(0.5)
-
-
-async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits) -> None:
+async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str) -> None:
     metrics_host, metrics_port = metrics_listen.rsplit(":", 1)
     prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
 
-    etcd = etcd_shard_map.etcd_client(etcd_endpoint)
-    router: ShardRouter[ShardStore] = ShardRouter(open_shard_store, close_shard_store)
-
-    async def adopt(shard_map: ShardMap) -> None:
-        await router.apply(shard_map)
-        metrics.SHARD_MAP_VERSION.set(router.shard_map.version)
-
-    await adopt(await first_shard_map(etcd))
-    watch_task = asyncio.create_task(etcd_shard_map.watch(etcd, adopt))
-
-    ledger = LedgerService(router, limits)
+    shards = await ShardConnections.open(etcd_endpoint)
+    ledger = LedgerService(shards.router, limits, TransferDriver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
     server = grpc.aio.server(interceptors=[LedgerInterceptor()], options=[("grpc.so_reuseport", 1)])
     accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(ledger), server)
     payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(ledger), server)
@@ -114,9 +70,8 @@ async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: Ti
     log.info("stopping")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
-    watch_task.cancel()
-    await router.close()
-    await etcd.close()
+    await ledger.drain()
+    await shards.close()
 
 
 def main() -> None:
@@ -128,7 +83,9 @@ def main() -> None:
     parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arguments.process_name} %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits)))
+    asyncio.run(
+        serve(arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name)
+    )
 
 
 if __name__ == "__main__":

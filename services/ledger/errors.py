@@ -144,16 +144,18 @@ class BalanceOverflow(Refusal):
     reason = "BALANCE_OVERFLOW"
 
 
-class CrossShardNotSupported(Refusal):
-    reason = "CROSS_SHARD_NOT_SUPPORTED"
-
-
 class AccountBalanceNotZero(Refusal):
     reason = "ACCOUNT_BALANCE_NOT_ZERO"
 
 
 class AccountHasPending(Refusal):
     reason = "ACCOUNT_HAS_PENDING"
+
+
+# The system cancelled the transfer: final, like a refusal, but not the client's doing.
+class TransferVoided(LedgerError):
+    code = grpc.StatusCode.ABORTED
+    reason = "TRANSFER_VOIDED"
 
 
 # Operating errors: the outcome may be unknown; retrying with the same

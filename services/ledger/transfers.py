@@ -1,7 +1,8 @@
 """Transfers: stateless validation, and the decision to post or reject.
 
-`decide` is the whole rule book of a same-shard transfer. Storage calls it with
-both accounts locked, then applies the posting or records the rejection.
+The rule book is split by side: `debit_side_refusal` and `credit_side_refusal`.
+A same-shard transfer applies both with both accounts locked (`decide`); a
+transfer between shards applies each on its own shard when it reserves that side.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Transfer:
     seq: int = 0
     created_at: datetime.datetime | None = None
     finalized_at: datetime.datetime | None = None
+    # 0 for a same-shard transfer; 1 or 2 for the debit or credit branch of one between shards.
+    branch: int = 0
 
     def conflicting_fields(self, request: TransferRequest) -> list[str]:
         """Fields where a retried Transfer differs from the one that created this transfer."""
@@ -66,7 +69,12 @@ class Transfer:
         return [name for name in names if getattr(self, name) != getattr(request, name)]
 
     def refusal(self) -> errors.LedgerError | None:
-        """The error a REJECTED transfer answers with, every time it is asked."""
+        """The error a REJECTED or VOIDED transfer answers with, every time it is asked."""
+        if self.status == TransferStatus.VOIDED:
+            return errors.TransferVoided(
+                f"transfer {self.transfer_id} was cancelled by the system: {self.reason}",
+                transfer_id=self.transfer_id, cause=self.reason,
+            )
         if self.status != TransferStatus.REJECTED:
             return None
         return errors.error_class_for_reason(self.reason)(
@@ -77,48 +85,80 @@ class Transfer:
 def decide(
     request: TransferRequest, debit: Account | None, credit: Account | None, limits: TierLimits
 ) -> errors.LedgerError | None:
-    """None to post the transfer, or the refusal to record. Checks run in a fixed order."""
-    for account_id, account in ((request.debit_account_id, debit), (request.credit_account_id, credit)):
-        if account is None:
-            return errors.AccountNotFound(f"account {account_id} not found", account_id=account_id)
-    assert debit is not None and credit is not None
-    for account in (debit, credit):
-        if account.currency != request.currency:
-            return errors.CurrencyMismatch(
-                f"account {account.account_id} holds {account.currency}, not {request.currency}",
-                account_id=account.account_id,
-            )
-    debit_refusal = _status_refusal(debit, AccountStatus.BLOCK_DEBIT, errors.AccountDebitBlocked)
-    credit_refusal = _status_refusal(credit, AccountStatus.BLOCK_CREDIT, errors.AccountCreditBlocked)
-    if debit_refusal or credit_refusal:
-        return debit_refusal or credit_refusal
-    for account in (debit, credit):
-        if account.kind != AccountKind.SYSTEM:
-            transfer_cap_minor = limits.limit(account.tier, account.currency).transfer_cap_minor
-            if request.amount_minor > transfer_cap_minor:
-                return errors.LimitExceeded(
-                    f"amount exceeds the per-transfer cap of tier {account.tier} for account {account.account_id}",
-                    account_id=account.account_id, limit="TRANSFER_CAP", limit_minor=transfer_cap_minor,
-                )
-    if debit.kind != AccountKind.SYSTEM and debit.available_minor < request.amount_minor:
-        return errors.InsufficientFunds(
-            f"account {debit.account_id} has {debit.available_minor} available", account_id=debit.account_id
-        )
-    if (
-        debit.debits_posted_minor + request.amount_minor > money.INT64_MAX
-        or credit.credits_posted_minor + request.amount_minor > money.INT64_MAX
-    ):
-        return errors.BalanceOverflow("a posted counter would leave the int64 range")
-    if credit.kind != AccountKind.SYSTEM:
-        balance_cap_minor = limits.limit(credit.tier, credit.currency).balance_cap_minor
-        if balance_cap_minor is not None and (
-            credit.balance_minor + credit.credits_pending_minor + request.amount_minor > balance_cap_minor
-        ):
-            return errors.LimitExceeded(
-                f"credit would take account {credit.account_id} over the balance cap of tier {credit.tier}",
-                account_id=credit.account_id, limit="BALANCE_CAP", limit_minor=balance_cap_minor,
-            )
-    return None
+    """None to post a same-shard transfer, or the refusal to record: the debit side's rules first."""
+    return debit_side_refusal(request, debit, limits) or credit_side_refusal(request, credit, limits)
+
+
+def debit_side_refusal(request: TransferRequest, debit: Account | None, limits: TierLimits) -> errors.LedgerError | None:
+    """The rules of the paying account, in a fixed order. A transfer between shards checks
+    them on the debit shard, when it reserves the debit."""
+    if debit is None:
+        return errors.AccountNotFound(f"account {request.debit_account_id} not found", account_id=request.debit_account_id)
+    return (
+        _currency_refusal(request, debit)
+        or _status_refusal(debit, AccountStatus.BLOCK_DEBIT, errors.AccountDebitBlocked)
+        or _transfer_cap_refusal(request, debit, limits)
+        or _funds_refusal(request, debit)
+        or _overflow_refusal(request.amount_minor, debit.debits_posted_minor, debit.debits_pending_minor)
+    )
+
+
+def credit_side_refusal(request: TransferRequest, credit: Account | None, limits: TierLimits) -> errors.LedgerError | None:
+    """The rules of the receiving account, in a fixed order (on the credit shard, between shards)."""
+    if credit is None:
+        return errors.AccountNotFound(f"account {request.credit_account_id} not found", account_id=request.credit_account_id)
+    return (
+        _currency_refusal(request, credit)
+        or _status_refusal(credit, AccountStatus.BLOCK_CREDIT, errors.AccountCreditBlocked)
+        or _transfer_cap_refusal(request, credit, limits)
+        or _overflow_refusal(request.amount_minor, credit.credits_posted_minor, credit.credits_pending_minor)
+        or _balance_cap_refusal(request, credit, limits)
+    )
+
+
+def _currency_refusal(request: TransferRequest, account: Account) -> errors.Refusal | None:
+    if account.currency == request.currency:
+        return None
+    return errors.CurrencyMismatch(
+        f"account {account.account_id} holds {account.currency}, not {request.currency}", account_id=account.account_id
+    )
+
+
+def _transfer_cap_refusal(request: TransferRequest, account: Account, limits: TierLimits) -> errors.Refusal | None:
+    if account.kind == AccountKind.SYSTEM:
+        return None
+    transfer_cap_minor = limits.limit(account.tier, account.currency).transfer_cap_minor
+    if request.amount_minor <= transfer_cap_minor:
+        return None
+    return errors.LimitExceeded(
+        f"amount exceeds the per-transfer cap of tier {account.tier} for account {account.account_id}",
+        account_id=account.account_id, limit="TRANSFER_CAP", limit_minor=transfer_cap_minor,
+    )
+
+
+def _funds_refusal(request: TransferRequest, debit: Account) -> errors.Refusal | None:
+    if debit.kind == AccountKind.SYSTEM or debit.available_minor >= request.amount_minor:
+        return None
+    return errors.InsufficientFunds(f"account {debit.account_id} has {debit.available_minor} available", account_id=debit.account_id)
+
+
+def _overflow_refusal(amount_minor: int, posted_minor: int, pending_minor: int) -> errors.Refusal | None:
+    # Pending amounts become posted later: both together must stay in the int64 range.
+    if posted_minor + pending_minor + amount_minor <= money.INT64_MAX:
+        return None
+    return errors.BalanceOverflow("a counter would leave the int64 range")
+
+
+def _balance_cap_refusal(request: TransferRequest, credit: Account, limits: TierLimits) -> errors.Refusal | None:
+    if credit.kind == AccountKind.SYSTEM:
+        return None
+    balance_cap_minor = limits.limit(credit.tier, credit.currency).balance_cap_minor
+    if balance_cap_minor is None or credit.balance_minor + credit.credits_pending_minor + request.amount_minor <= balance_cap_minor:
+        return None
+    return errors.LimitExceeded(
+        f"credit would take account {credit.account_id} over the balance cap of tier {credit.tier}",
+        account_id=credit.account_id, limit="BALANCE_CAP", limit_minor=balance_cap_minor,
+    )
 
 
 def _status_refusal(

@@ -38,7 +38,13 @@ CREATE TABLE IF NOT EXISTS transfers (
     reason            text NOT NULL DEFAULT '',
     created_at        timestamptz NOT NULL DEFAULT now(),
     finalized_at      timestamptz,
-    CHECK (debit_account_id <> credit_account_id)
+    -- 0: both accounts on this shard. A transfer between shards leaves one row on
+    -- each: 1 on the debit shard (debits debit_account_id, credits clearing_account_id),
+    -- 2 on the credit shard (debits clearing_account_id, credits credit_account_id).
+    branch            smallint NOT NULL DEFAULT 0 CHECK (branch IN (0, 1, 2)),
+    clearing_account_id text,
+    CHECK (debit_account_id <> credit_account_id),
+    CHECK ((branch = 0) = (clearing_account_id IS NULL))
 );
 
 CREATE INDEX IF NOT EXISTS transfers_by_debit_account ON transfers (debit_account_id, seq DESC);
@@ -56,10 +62,10 @@ BEGIN
         RAISE EXCEPTION 'transfer % is final', OLD.transfer_id USING ERRCODE = 'restrict_violation';
     END IF;
     IF (NEW.transfer_id, NEW.seq, NEW.debit_account_id, NEW.credit_account_id, NEW.amount_minor,
-        NEW.currency, NEW.reference, NEW.created_at)
+        NEW.currency, NEW.reference, NEW.created_at, NEW.branch, NEW.clearing_account_id)
        IS DISTINCT FROM
        (OLD.transfer_id, OLD.seq, OLD.debit_account_id, OLD.credit_account_id, OLD.amount_minor,
-        OLD.currency, OLD.reference, OLD.created_at) THEN
+        OLD.currency, OLD.reference, OLD.created_at, OLD.branch, OLD.clearing_account_id) THEN
         RAISE EXCEPTION 'transfer % may only change status', OLD.transfer_id USING ERRCODE = 'restrict_violation';
     END IF;
     RETURN NEW;
@@ -72,3 +78,45 @@ CREATE TRIGGER transfers_are_immutable BEFORE UPDATE OR DELETE ON transfers
 DROP TRIGGER IF EXISTS transfers_are_never_truncated ON transfers;
 CREATE TRIGGER transfers_are_never_truncated BEFORE TRUNCATE ON transfers
     FOR EACH STATEMENT EXECUTE FUNCTION transfers_are_immutable();
+
+-- The TCC coordinator's record of a transfer between shards. It lives on the
+-- debit account's shard and is written in the same local transaction as the
+-- debit branch's try. Every change is a compare-and-set on (state, lease_epoch):
+-- a coordinator whose lease was taken over can no longer change anything.
+CREATE TABLE IF NOT EXISTS tcc_transfers (
+    transfer_id        text PRIMARY KEY,
+    debit_account_id   text NOT NULL,
+    credit_account_id  text NOT NULL,
+    amount_minor       bigint NOT NULL CHECK (amount_minor > 0),
+    currency           text NOT NULL,
+    reference          text NOT NULL DEFAULT '',
+    credit_shard       text NOT NULL,
+    -- services.coordinator.state_machine.CoordinatorState
+    state              smallint NOT NULL,
+    reason             text NOT NULL DEFAULT '',
+    lease_owner        text NOT NULL,
+    lease_epoch        bigint NOT NULL DEFAULT 1,
+    lease_expires_at   timestamptz NOT NULL,
+    -- Not confirmed by then: the coordinator cancels it, releasing the reservations.
+    pending_expires_at timestamptz NOT NULL,
+    attempts           integer NOT NULL DEFAULT 0,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    finalized_at       timestamptz
+);
+CREATE INDEX IF NOT EXISTS tcc_transfers_in_doubt ON tcc_transfers (lease_expires_at) WHERE finalized_at IS NULL;
+
+-- The participant's barrier: one insert-only row per (transfer, branch, operation),
+-- written inside the operation's own local transaction. A repeated operation finds
+-- its row and changes nothing; a cancel that finds no try row inserts one, so a
+-- late try can never apply ("empty cancel", "no hanging").
+CREATE TABLE IF NOT EXISTS tcc_barriers (
+    transfer_id text NOT NULL,
+    branch      smallint NOT NULL CHECK (branch IN (1, 2)),
+    operation   text NOT NULL CHECK (operation IN ('try', 'confirm', 'cancel')),
+    -- For a 'try' row: whether the try applied ('applied'), was refused ('refused'),
+    -- or was written by a cancel that came first ('blocked_by_cancel').
+    outcome     text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (transfer_id, branch, operation)
+);

@@ -37,7 +37,7 @@ ACCOUNT_COLUMNS = (
 )
 TRANSFER_COLUMNS = (
     "transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference, status, reason, seq,"
-    " created_at, finalized_at"
+    " created_at, finalized_at, branch"
 )
 
 LOCK_TWO_ACCOUNTS = f"""
@@ -95,7 +95,7 @@ class ShardStore:
         self.pool = pool
 
     @contextlib.asynccontextmanager
-    async def _session(self, timeout_seconds: float) -> AsyncIterator[_Session]:
+    async def session(self, timeout_seconds: float) -> AsyncIterator[Session]:
         """A connection bounded by the caller's deadline on both sides of the wire.
 
         Nothing commits unless a batch says COMMIT: whatever is left open when
@@ -104,7 +104,7 @@ class ShardStore:
         try:
             async with asyncio.timeout(timeout_seconds):
                 async with self.pool.connection(timeout=min(timeout_seconds, POOL_WAIT_SECONDS_MAX)) as connection:
-                    session = _Session(psycopg.AsyncClientCursor(connection), timeout_seconds)
+                    session = Session(psycopg.AsyncClientCursor(connection), timeout_seconds)
                     try:
                         yield session
                     finally:
@@ -127,7 +127,7 @@ class ShardStore:
         """
         debit_id, credit_id = request.debit_account_id, request.credit_account_id
         try:
-            async with self._session(timeout_seconds) as session:
+            async with self.session(timeout_seconds) as session:
                 locked, earlier = await session.run(
                     session.begin(LOCK_TWO_ACCOUNTS, SELECT_TRANSFER), [debit_id, credit_id, request.transfer_id]
                 )
@@ -157,12 +157,12 @@ class ShardStore:
             return stored, None
 
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer | None:
-        async with self._session(timeout_seconds) as session:
+        async with self.session(timeout_seconds) as session:
             (found,) = await session.run(session.begin(SELECT_TRANSFER, COMMIT), [transfer_id])
         return transfer_from_row(found[0]) if found else None
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
-        async with self._session(timeout_seconds) as session:
+        async with self.session(timeout_seconds) as session:
             inserted, existing = await session.run(
                 session.begin(INSERT_ACCOUNT, SELECT_ACCOUNT, COMMIT),
                 [request.account_id, request.request_id, request.owner_id, request.currency, request.kind,
@@ -172,13 +172,13 @@ class ShardStore:
         return (account_from_row(inserted[0]), True) if inserted else (account_from_row(existing[0]), False)
 
     async def get_account(self, account_id: str, timeout_seconds: float) -> Account | None:
-        async with self._session(timeout_seconds) as session:
+        async with self.session(timeout_seconds) as session:
             (found,) = await session.run(session.begin(SELECT_ACCOUNT, COMMIT), [account_id])
         return account_from_row(found[0]) if found else None
 
     async def update_account_status(self, account_id: str, status: int, timeout_seconds: float) -> Account:
-        async with self._session(timeout_seconds) as session:
-            account = await self._lock_account(session, account_id)
+        async with self.session(timeout_seconds) as session:
+            account = await self.lock_account(session, account_id)
             new_status = check_status_change(account, status)
             if new_status == account.status:
                 return account
@@ -186,8 +186,8 @@ class ShardStore:
         return account_from_row(updated[0])
 
     async def close_account(self, account_id: str, timeout_seconds: float) -> Account:
-        async with self._session(timeout_seconds) as session:
-            account = await self._lock_account(session, account_id)
+        async with self.session(timeout_seconds) as session:
+            account = await self.lock_account(session, account_id)
             if account.status == AccountStatus.CLOSED:
                 return account
             check_closable(account)
@@ -197,7 +197,7 @@ class ShardStore:
     async def list_account_transfers(
         self, account_id: str, before_seq: int, limit: int, timeout_seconds: float
     ) -> list[Transfer]:
-        async with self._session(timeout_seconds) as session:
+        async with self.session(timeout_seconds) as session:
             account, listed = await session.run(
                 session.begin(SELECT_ACCOUNT, LIST_ACCOUNT_TRANSFERS, COMMIT),
                 [account_id, account_id, before_seq, limit, account_id, before_seq, limit, limit],
@@ -207,14 +207,17 @@ class ShardStore:
         return [transfer_from_row(row) for row in listed]
 
     @staticmethod
-    async def _lock_account(session: _Session, account_id: str) -> Account:
+    async def lock_account(session: Session, account_id: str, must_exist: bool = True) -> Account | None:
+        """Lock one account row for this transaction (customer rows before clearing rows, always)."""
         (found,) = await session.run(session.begin(LOCK_ACCOUNT), [account_id])
-        if not found:
+        if found:
+            return account_from_row(found[0])
+        if must_exist:
             raise errors.AccountNotFound(f"account {account_id} not found", account_id=account_id)
-        return account_from_row(found[0])
+        return None
 
 
-class _Session:
+class Session:
     def __init__(self, cursor: psycopg.AsyncClientCursor, timeout_seconds: float) -> None:
         self.cursor = cursor
         self.statement_timeout_ms = max(1, int(timeout_seconds * 1000))
@@ -223,7 +226,7 @@ class _Session:
         """Open a transaction whose statements the server cancels when the deadline passes."""
         return batch("BEGIN", f"SET LOCAL statement_timeout = {self.statement_timeout_ms}", *statements)
 
-    async def run(self, statements: str, params: list) -> list[list[tuple]]:
+    async def run(self, statements: str, params: list | dict | None = None) -> list[list[tuple]]:
         """Send a batch in one round trip; the rows of each statement that returns rows, in order."""
         await self.cursor.execute(statements, params)
         row_sets = []

@@ -127,16 +127,3 @@ def test_unknown_account_is_refused_and_recorded(ledger, shard):
     code, reason, metadata = failure(raised.value)
     assert (code, reason, metadata["account_id"]) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", ghost)
     assert ledger.get(payer.account_id).balance_minor == 1_000
-
-
-def test_cross_shard_transfers_are_refused_until_the_coordinator_lands(ledger, shard_map):
-    payer = ledger.funded(1_000, shard_map.shards[0].name)
-    payee = ledger.open(shard=shard_map.shards[1].name)
-    transfer_id = ledger.unique_id("cross")
-    with pytest.raises(grpc.RpcError) as raised:
-        ledger.transfer(payer.account_id, payee.account_id, 10, transfer_id=transfer_id)
-    assert failure(raised.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "CROSS_SHARD_NOT_SUPPORTED")
-    with pytest.raises(grpc.RpcError) as raised:
-        ledger.payments.GetTransfer(payments_pb2.GetTransferRequest(transfer_id=transfer_id))
-    assert failure(raised.value)[:2] == (grpc.StatusCode.NOT_FOUND, "TRANSFER_NOT_FOUND")
-    assert ledger.get(payer.account_id).balance_minor == 1_000

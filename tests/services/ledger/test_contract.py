@@ -10,8 +10,14 @@ def members(proto_enum) -> dict[str, int]:
     return {name: number for name, number in proto_enum.items() if number != 0}
 
 
-def test_every_error_reason_is_declared_in_the_proto_and_every_declared_one_is_used():
-    assert errors.registered_reasons() == set(members(errors_pb2.ErrorReason))
+def deprecated(proto_enum) -> set[str]:
+    return {value.name for value in proto_enum.DESCRIPTOR.values if value.GetOptions().deprecated}
+
+
+def test_every_error_reason_is_declared_in_the_proto_and_every_live_one_is_used():
+    reasons = set(members(errors_pb2.ErrorReason))
+    assert deprecated(errors_pb2.ErrorReason) == {"CROSS_SHARD_NOT_SUPPORTED"}
+    assert errors.registered_reasons() == reasons - deprecated(errors_pb2.ErrorReason)
 
 
 def test_domain_enums_match_proto_enums():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63orebank/v1/errors.proto\x12\x0b\x63orebank.v1*\x8b\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rMISSING_FIELD\x10\x01\x12\x0e\n\nINVALID_ID\x10\x02\x12\x12\n\x0eINVALID_AMOUNT\x10\x03\x12\x14\n\x10UNKNOWN_CURRENCY\x10\x04\x12\x10\n\x0cSAME_ACCOUNT\x10\x05\x12\x10\n\x0cINVALID_TIER\x10\x06\x12\x16\n\x12INVALID_PAGE_TOKEN\x10\x07\x12\x15\n\x11INVALID_PAGE_SIZE\x10\x08\x12\x12\n\x0eINVALID_STATUS\x10\t\x12\x12\n\x0e\x46IELD_TOO_LONG\x10\n\x12\x11\n\rINVALID_FIELD\x10\x0b\x12\x15\n\x11\x41\x43\x43OUNT_NOT_FOUND\x10\x14\x12\x16\n\x12TRANSFER_NOT_FOUND\x10\x15\x12\x18\n\x14IDEMPOTENCY_CONFLICT\x10\x1e\x12\x16\n\x12INSUFFICIENT_FUNDS\x10(\x12\x12\n\x0e\x41\x43\x43OUNT_FROZEN\x10)\x12\x19\n\x15\x41\x43\x43OUNT_DEBIT_BLOCKED\x10*\x12\x1a\n\x16\x41\x43\x43OUNT_CREDIT_BLOCKED\x10+\x12\x12\n\x0e\x41\x43\x43OUNT_CLOSED\x10,\x12\x15\n\x11\x43URRENCY_MISMATCH\x10-\x12\x12\n\x0eLIMIT_EXCEEDED\x10.\x12\x14\n\x10\x42\x41LANCE_OVERFLOW\x10/\x12\x1d\n\x19\x43ROSS_SHARD_NOT_SUPPORTED\x10\x30\x12\x1c\n\x18\x41\x43\x43OUNT_BALANCE_NOT_ZERO\x10\x31\x12\x17\n\x13\x41\x43\x43OUNT_HAS_PENDING\x10\x32\x12\x15\n\x11SHARD_UNAVAILABLE\x10<\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10=B\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63orebank/v1/errors.proto\x12\x0b\x63orebank.v1*\xa4\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rMISSING_FIELD\x10\x01\x12\x0e\n\nINVALID_ID\x10\x02\x12\x12\n\x0eINVALID_AMOUNT\x10\x03\x12\x14\n\x10UNKNOWN_CURRENCY\x10\x04\x12\x10\n\x0cSAME_ACCOUNT\x10\x05\x12\x10\n\x0cINVALID_TIER\x10\x06\x12\x16\n\x12INVALID_PAGE_TOKEN\x10\x07\x12\x15\n\x11INVALID_PAGE_SIZE\x10\x08\x12\x12\n\x0eINVALID_STATUS\x10\t\x12\x12\n\x0e\x46IELD_TOO_LONG\x10\n\x12\x11\n\rINVALID_FIELD\x10\x0b\x12\x15\n\x11\x41\x43\x43OUNT_NOT_FOUND\x10\x14\x12\x16\n\x12TRANSFER_NOT_FOUND\x10\x15\x12\x18\n\x14IDEMPOTENCY_CONFLICT\x10\x1e\x12\x16\n\x12INSUFFICIENT_FUNDS\x10(\x12\x12\n\x0e\x41\x43\x43OUNT_FROZEN\x10)\x12\x19\n\x15\x41\x43\x43OUNT_DEBIT_BLOCKED\x10*\x12\x1a\n\x16\x41\x43\x43OUNT_CREDIT_BLOCKED\x10+\x12\x12\n\x0e\x41\x43\x43OUNT_CLOSED\x10,\x12\x15\n\x11\x43URRENCY_MISMATCH\x10-\x12\x12\n\x0eLIMIT_EXCEEDED\x10.\x12\x14\n\x10\x42\x41LANCE_OVERFLOW\x10/\x12!\n\x19\x43ROSS_SHARD_NOT_SUPPORTED\x10\x30\x1a\x02\x08\x01\x12\x1c\n\x18\x41\x43\x43OUNT_BALANCE_NOT_ZERO\x10\x31\x12\x17\n\x13\x41\x43\x43OUNT_HAS_PENDING\x10\x32\x12\x13\n\x0fTRANSFER_VOIDED\x10\x33\x12\x15\n\x11SHARD_UNAVAILABLE\x10<\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10=B\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corebank.v1.errors_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026corebank/v1;corebankv1'
+  _globals['_ERRORREASON'].values_by_name["CROSS_SHARD_NOT_SUPPORTED"]._loaded_options = None
+  _globals['_ERRORREASON'].values_by_name["CROSS_SHARD_NOT_SUPPORTED"]._serialized_options = b'\010\001'
   _globals['_ERRORREASON']._serialized_start=42
-  _globals['_ERRORREASON']._serialized_end=693
+  _globals['_ERRORREASON']._serialized_end=718
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CROSS_SHARD_NOT_SUPPORTED: _ClassVar[ErrorReason]
     ACCOUNT_BALANCE_NOT_ZERO: _ClassVar[ErrorReason]
     ACCOUNT_HAS_PENDING: _ClassVar[ErrorReason]
+    TRANSFER_VOIDED: _ClassVar[ErrorReason]
     SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
     DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
@@ -61,5 +62,6 @@ BALANCE_OVERFLOW: ErrorReason
 CROSS_SHARD_NOT_SUPPORTED: ErrorReason
 ACCOUNT_BALANCE_NOT_ZERO: ErrorReason
 ACCOUNT_HAS_PENDING: ErrorReason
+TRANSFER_VOIDED: ErrorReason
 SHARD_UNAVAILABLE: ErrorReason
 DEADLINE_EXCEEDED: ErrorReason

@@ -55,6 +55,9 @@ class PaymentsServicer:
         """Returns when the transfer is final. POSTED comes back as the Transfer;
         a refusal comes back as an error status whose ErrorInfo reason is also
         recorded on the transfer (see GetTransfer). Idempotent by transfer_id.
+        Accounts on different shards are coordinated with try/confirm/cancel; if
+        the deadline passes first the call fails with DEADLINE_EXCEEDED and the
+        transfer still completes: GetTransfer tells its state at any time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,76 @@
+"""What every corebank process needs first: the shard map from etcd, followed
+as it changes, and a connection pool per shard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import psycopg_pool
+
+from services.api import metrics
+from services.storage.shard_store import ShardStore
+from sharding import etcd_shard_map
+from sharding.router import ShardRouter
+from sharding.shard_map import Shard, ShardMap
+
+# Connections per shard per process: enough to keep a shard's cores busy at
+# peak, few enough that several processes stay under max_connections (200).
+POOL_SIZE_MIN = 2
+POOL_SIZE_MAX = 16
+SHARD_MAP_WAIT_SECONDS_MAX = 60.0
+
+log = logging.getLogger(__name__)
+
+
+async def open_shard_store(shard: Shard) -> ShardStore:
+    # open(wait=False): a shard that is down must not stop the others from serving.
+    pool = psycopg_pool.AsyncConnectionPool(
+        shard.dsn, min_size=POOL_SIZE_MIN, max_size=POOL_SIZE_MAX, open=False, name=shard.name,
+        kwargs={"autocommit": True},  # the store sends its own BEGIN ... COMMIT batches
+    )
+    await pool.open(wait=False)
+    return ShardStore(shard.name, pool)
+
+
+async def close_shard_store(store: ShardStore) -> None:
+    await store.pool.close()
+
+
+async def first_shard_map(etcd) -> ShardMap:
+    async with asyncio.timeout(SHARD_MAP_WAIT_SECONDS_MAX):
+        while True:
+            try:
+                shard_map = await etcd_shard_map.load(etcd)
+                if shard_map is not None:
+                    return shard_map
+                log.info("no shard map in etcd yet; waiting")
+            except Exception as error:
+                log.info("etcd not reachable yet (%s); waiting", error)
+            await asyncio.sleep(0.5)
+
+
+class ShardConnections:
+    """The router (map + pools) of one process, kept current by an etcd watch."""
+
+    def __init__(self, router: ShardRouter[ShardStore], etcd, watch_task: asyncio.Task) -> None:
+        self.router = router
+        self._etcd = etcd
+        self._watch_task = watch_task
+
+    @classmethod
+    async def open(cls, etcd_endpoint: str) -> ShardConnections:
+        etcd = etcd_shard_map.etcd_client(etcd_endpoint)
+        router: ShardRouter[ShardStore] = ShardRouter(open_shard_store, close_shard_store)
+
+        async def adopt(shard_map: ShardMap) -> None:
+            await router.apply(shard_map)
+            metrics.SHARD_MAP_VERSION.set(router.shard_map.version)
+
+        await adopt(await first_shard_map(etcd))
+        return cls(router, etcd, asyncio.create_task(etcd_shard_map.watch(etcd, adopt)))
+
+    async def close(self) -> None:
+        self._watch_task.cancel()
+        await self.router.close()
+        await self._etcd.close()

@@ -1,0 +1,3 @@
+from services.coordinator.recovery import main
+
+main()

@@ -1,0 +1,14 @@
+"""Prometheus metrics of the coordinator, in the gRPC workers and coordinator processes alike."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DRIVES = Counter("corebank_tcc_drives", "Runs of the TCC driver, by the state they ended in", ["state"])
+DRIVE_DURATION = Histogram(
+    "corebank_tcc_drive_duration_seconds", "From a driver's start on a transfer to its end",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+)
+RECOVERED = Counter("corebank_tcc_recovered", "Transfers taken over after their driver's lease expired")
+IN_DOUBT = Gauge("corebank_tcc_in_doubt", "Transfers between shards not yet final, at the last recovery scan", ["shard"])
+OLDEST_IN_DOUBT_SECONDS = Gauge(
+    "corebank_tcc_oldest_in_doubt_seconds", "Age of the oldest transfer not yet final, at the last recovery scan", ["shard"]
+)
