@@ -197,6 +197,33 @@ class SameShardTransfers:
 
 
 @dataclasses.dataclass(frozen=True)
+class CrossShardTransfers:
+    """Random customer -> customer transfers of small amounts, always between two shards (TCC)."""
+
+    run_id: str
+    account_ids_by_shard: tuple[tuple[str, ...], ...]
+    name: str = "corebank_cross_shard"
+
+    @property
+    def notes(self) -> dict:
+        return {"accounts_per_shard": [len(ids) for ids in self.account_ids_by_shard]}
+
+    async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> None:
+        debit_shard, credit_shard = rng.sample(self.account_ids_by_shard, 2)
+        await stubs.payments.Transfer(
+            payments_pb2.TransferRequest(
+                transfer_id=f"{self.run_id}:{worker_label}:{sequence}",
+                debit_account_id=rng.choice(debit_shard),
+                credit_account_id=rng.choice(credit_shard),
+                amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX),
+                currency=CURRENCY,
+                reference="bench",
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareOptions:
     customer_count: int
     shard_name: str
@@ -213,7 +240,17 @@ async def prepare_same_shard_transfers(cluster: Cluster, options: PrepareOptions
     return SameShardTransfers(run_id, options.shard_name, account_ids)
 
 
+async def prepare_cross_shard_transfers(cluster: Cluster, options: PrepareOptions) -> CrossShardTransfers:
+    run_id = new_run_id()
+    accounts = await open_funded_customers(cluster, run_id, options.customer_count)
+    populated = tuple(ids for ids in accounts.customer_account_ids_by_shard.values() if ids)
+    if len(populated) < 2:
+        raise SystemExit("cross-shard transfers need customers on at least two shards")
+    return CrossShardTransfers(run_id, populated)
+
+
 # Scenario name -> coroutine that prepares it. The bench runs them in this order.
 SCENARIO_PREPARERS: dict[str, Callable[[Cluster, PrepareOptions], Awaitable]] = {
     SameShardTransfers.name: prepare_same_shard_transfers,
+    CrossShardTransfers.name: prepare_cross_shard_transfers,
 }

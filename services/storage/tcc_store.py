@@ -30,6 +30,7 @@ TCC_COLUMNS = (
     " finalized_at"
 )
 SELECT_RECORD = f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s"
+LOCK_ACCOUNT_NAMED = "SELECT 1 FROM accounts WHERE account_id = %(account)s FOR UPDATE"
 ENSURE_CLEARING_ACCOUNT = """
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
     VALUES (%s, %s, 'corebank-clearing', %s, 3, 0, 1) ON CONFLICT (account_id) DO NOTHING"""
@@ -284,26 +285,31 @@ class TccStore:
         return outcome[0][0]
 
     async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
-        """Record the decision and confirm or cancel the debit branch, in one local transaction."""
+        """Record the decision and confirm or cancel the debit branch: one local transaction, one round trip."""
         async with self.store.session(timeout_seconds) as session:
-            await ShardStore.lock_account(session, record.debit_account_id, must_exist=False)
-            (counts,) = await session.run(
-                batch(finish_branch_sql(DEBIT_BRANCH, "confirm" if confirm else "cancel", guarded=True), COMMIT),
+            _, counts = await session.run(
+                session.begin(
+                    LOCK_ACCOUNT_NAMED,  # the customer row before the clearing row, as every transaction does
+                    finish_branch_sql(DEBIT_BRANCH, "confirm" if confirm else "cancel", guarded=True),
+                    COMMIT,
+                ),
                 {
-                    "id": record.transfer_id, "epoch": record.lease_epoch, "reason": reason,
+                    "id": record.transfer_id, "epoch": record.lease_epoch, "reason": reason, "account": record.debit_account_id,
                     "decided_state": int(CoordinatorState.CONFIRMING if confirm else CoordinatorState.CANCELLING),
                 },
             )
         return BranchResult(*(count > 0 for count in counts[0]))
 
     async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
-        """Confirm or cancel the credit branch; a cancel before the try blocks the try for good."""
+        """Confirm or cancel the credit branch in one round trip; a cancel before the try blocks the try for good."""
+        statements = [LOCK_ACCOUNT_NAMED]
+        if not confirm:
+            statements.append(BLOCK_LATE_CREDIT_TRY)
+        statements.append(finish_branch_sql(CREDIT_BRANCH, "confirm" if confirm else "cancel", guarded=False))
         async with self.store.session(timeout_seconds) as session:
-            await ShardStore.lock_account(session, record.credit_account_id, must_exist=False)
-            statements = [finish_branch_sql(CREDIT_BRANCH, "confirm" if confirm else "cancel", guarded=False), COMMIT]
-            if not confirm:
-                statements.insert(0, BLOCK_LATE_CREDIT_TRY)
-            (counts,) = await session.run(batch(*statements), {"id": record.transfer_id})
+            _, counts = await session.run(
+                session.begin(*statements, COMMIT), {"id": record.transfer_id, "account": record.credit_account_id}
+            )
         return BranchResult(*(count > 0 for count in counts[0]))
 
     async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
