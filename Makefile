@@ -6,10 +6,14 @@
 #   make clean     down, then delete the state folder
 #   make test      check the generated code, then run the tests (they start their own cluster)
 #   make bench     up, then the load test
+#   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
 #   make protos    regenerate protos/python after editing protos/
 #
-# SHARDS, COREBANK_STATE_DIR, COREBANK_PORT_BASE and GRPC_WORKERS pass through the
+# SHARDS, COREBANK_STATE_DIR, COREBANK_PORT_BASE, GRPC_WORKERS and COORDINATORS pass through the
 # environment to `python -m deploy.cluster` (see deploy/cluster.py).
+# make chaos takes MINUTES (default 5), SEED (default random, printed: replay a failure with it),
+# CROSS_SHARD_SHARE (default 0.5), CLIENTS, FAULTS (comma-separated kinds) and
+# COREBANK_CHAOS_PORT_BASE (default 17700); see tests/chaos/bank.py.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -21,7 +25,7 @@ PYTHON := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 PG_BIN_DIR := /usr/lib/postgresql/15/bin
 
-.PHONY: help venv deps up down status clean test protos bench
+.PHONY: help venv deps up down status clean test protos bench chaos
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -70,3 +74,10 @@ protos: venv
 
 bench: up
 	$(PYTHON) -m loadtest.bench
+
+MINUTES ?= 5
+CROSS_SHARD_SHARE ?= 0.5
+
+chaos: deps venv
+	$(PYTHON) -m tests.chaos.bank --minutes $(MINUTES) --cross-shard-share $(CROSS_SHARD_SHARE) \
+	  $(if $(SEED),--seed $(SEED)) $(if $(CLIENTS),--clients $(CLIENTS)) $(if $(FAULTS),--faults $(FAULTS))

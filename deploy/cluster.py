@@ -1,7 +1,7 @@
 """The local cluster's lifecycle: up, down, status, clean.
 
     python -m deploy.cluster up|down|status|clean [--state-dir DIR] [--shards N]
-                                                   [--port-base PORT] [--grpc-workers N]
+                                                   [--port-base PORT] [--grpc-workers N] [--coordinators N]
 
 Everything lives under one state folder (default .corebank):
 
@@ -12,7 +12,11 @@ Everything lives under one state folder (default .corebank):
     logs/, run/             logs and pid files of etcd and the gRPC workers
 
 Port plan from the port base B: gRPC B; etcd client B+1, peer B+2; metrics of
-gRPC worker i B+10+i; PostgreSQL shard i B+100+i.
+gRPC worker i B+10+i; metrics of coordinator i B+20+i; PostgreSQL shard i B+100+i.
+
+Coordinators (`python -m services.coordinator`, the recovery of cross-shard
+transfers) start after the gRPC workers, and only once services/coordinator
+exists.
 
 `up` is idempotent: it starts only what is not running, so after a crash
 (kill -9) it restarts exactly the dead processes. `down` keeps all data.
@@ -39,6 +43,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from deploy import processes
+from deploy.coordinator import Coordinator
 from deploy.etcd import Etcd
 from deploy.grpc_worker import GrpcWorker
 from deploy.postgres import PostgresShard
@@ -49,14 +54,19 @@ DEFAULT_PORT_BASE = 7100
 # One service process per core: a single Python process saturates its core long
 # before PostgreSQL does (make bench: 0.22x pgbench with 1 worker, 0.33x with 2).
 DEFAULT_GRPC_WORKERS = 2
+# Two, so that a dead coordinator's transfers have someone to take them over.
+DEFAULT_COORDINATORS = 2
 
 GRPC_PORT_OFFSET = 0
 ETCD_CLIENT_PORT_OFFSET = 1
 ETCD_PEER_PORT_OFFSET = 2
 METRICS_PORT_OFFSET = 10
+COORDINATOR_METRICS_PORT_OFFSET = 20
 POSTGRES_PORT_OFFSET = 100
 # Each range of the port plan must stay below the next one.
-GRPC_WORKERS_MAX = POSTGRES_PORT_OFFSET - METRICS_PORT_OFFSET
+GRPC_WORKERS_MAX = COORDINATOR_METRICS_PORT_OFFSET - METRICS_PORT_OFFSET
+COORDINATORS_MAX = POSTGRES_PORT_OFFSET - COORDINATOR_METRICS_PORT_OFFSET
+COORDINATOR_MODULE = "services.coordinator"
 SHARD_COUNT_MAX = 64
 PORT_MAX = 65535
 
@@ -71,6 +81,7 @@ LOCK_FILE = ".lock"
 ROLE_GRPC = "grpc"
 ROLE_ETCD = "etcd"
 ROLE_POSTGRES = "postgres"
+ROLE_COORDINATOR = "coordinator"
 
 HEALTHY = "healthy"
 ALIVE = "alive"  # running, but not (yet) answering its health check
@@ -103,12 +114,15 @@ class Settings:
     shard_count: int
     port_base: int
     grpc_workers: int
+    coordinators: int = DEFAULT_COORDINATORS
 
     def __post_init__(self) -> None:
         if not 1 <= self.shard_count <= SHARD_COUNT_MAX:
             raise ValueError(f"shard count must be 1..{SHARD_COUNT_MAX}, not {self.shard_count}")
         if not 1 <= self.grpc_workers <= GRPC_WORKERS_MAX:
             raise ValueError(f"gRPC workers must be 1..{GRPC_WORKERS_MAX}, not {self.grpc_workers}")
+        if not 0 <= self.coordinators <= COORDINATORS_MAX:
+            raise ValueError(f"coordinators must be 0..{COORDINATORS_MAX}, not {self.coordinators}")
         if not 1024 <= self.port_base <= PORT_MAX - POSTGRES_PORT_OFFSET - self.shard_count:
             raise ValueError(f"port base {self.port_base} leaves the port plan outside 1024..{PORT_MAX}")
 
@@ -118,7 +132,13 @@ class Settings:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        return cls(shard_count=int(data["shard_count"]), port_base=int(data["port_base"]), grpc_workers=int(data["grpc_workers"]))
+        return cls(
+            shard_count=int(data["shard_count"]),
+            port_base=int(data["port_base"]),
+            grpc_workers=int(data["grpc_workers"]),
+            # Absent from state folders made before the coordinators existed.
+            coordinators=int(data.get("coordinators", DEFAULT_COORDINATORS)),
+        )
 
     def save(self, path: pathlib.Path) -> None:
         write_json_atomically(path, dataclasses.asdict(self))
@@ -141,17 +161,22 @@ def write_json_atomically(path: pathlib.Path, data: object) -> None:
 
 
 def choose_settings(
-    stored: Settings | None, shard_count: int | None, port_base: int | None, grpc_workers: int | None
+    stored: Settings | None,
+    shard_count: int | None,
+    port_base: int | None,
+    grpc_workers: int | None,
+    coordinators: int | None = None,
 ) -> Settings:
     """Stored settings win for shards and ports: they are baked into the data
-    (PostgreSQL configs, the shard map in etcd). gRPC workers are stateless, so
-    an explicit count replaces the stored one.
+    (PostgreSQL configs, the shard map in etcd). gRPC workers and coordinators
+    are stateless, so an explicit count replaces the stored one.
     """
     if stored is None:
         return Settings(
             shard_count=shard_count or DEFAULT_SHARD_COUNT,
             port_base=port_base or DEFAULT_PORT_BASE,
             grpc_workers=grpc_workers or DEFAULT_GRPC_WORKERS,
+            coordinators=DEFAULT_COORDINATORS if coordinators is None else coordinators,
         )
     if shard_count is not None and shard_count != stored.shard_count:
         log.warning(
@@ -163,7 +188,11 @@ def choose_settings(
             "warning: the cluster uses port base %d; ignoring COREBANK_PORT_BASE=%d (run `make clean` to change it)",
             stored.port_base, port_base,
         )  # fmt: skip
-    return dataclasses.replace(stored, grpc_workers=grpc_workers or stored.grpc_workers)
+    return dataclasses.replace(
+        stored,
+        grpc_workers=grpc_workers or stored.grpc_workers,
+        coordinators=stored.coordinators if coordinators is None else coordinators,
+    )
 
 
 class Cluster:
@@ -179,10 +208,11 @@ class Cluster:
         shard_count: int | None = None,
         port_base: int | None = None,
         grpc_workers: int | None = None,
+        coordinators: int | None = None,
     ) -> None:
         self.state_dir = pathlib.Path(state_dir).absolute()
         stored = Settings.load(self.settings_path)
-        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers)
+        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers, coordinators)
         self._lock_depth = 0
         self._lock_file: int | None = None
 
@@ -246,6 +276,30 @@ class Cluster:
     def grpc_workers(self) -> list[GrpcWorker]:
         return [self.grpc_worker(index) for index in range(self.settings.grpc_workers)]
 
+    def coordinator(self, index: int) -> Coordinator:
+        return Coordinator(
+            index=index,
+            metrics_port=self.settings.port_base + COORDINATOR_METRICS_PORT_OFFSET + index,
+            etcd_endpoint=self.etcd.endpoint,
+            log_path=self.logs_dir / f"coordinator-{index}.log",
+            pid_path=self.run_dir / f"coordinator-{index}.pid",
+        )
+
+    @property
+    def coordinators(self) -> list[Coordinator]:
+        """None until services/coordinator exists (issue 3): a cluster without them still comes up."""
+        if importlib.util.find_spec(COORDINATOR_MODULE) is None:
+            return []
+        return [self.coordinator(index) for index in range(self.settings.coordinators)]
+
+    def _surplus_coordinators(self) -> list[Coordinator]:
+        surplus = []
+        for pid_path in self.run_dir.glob("coordinator-*.pid"):
+            index = pid_path.stem.removeprefix("coordinator-")
+            if index.isdigit() and int(index) >= len(self.coordinators):
+                surplus.append(self.coordinator(int(index)))
+        return surplus
+
     def _surplus_grpc_workers(self) -> list[GrpcWorker]:
         """Workers left over from an earlier, larger GRPC_WORKERS."""
         surplus = []
@@ -256,10 +310,11 @@ class Cluster:
         return surplus
 
     def components(self) -> list[tuple[str, Component]]:
-        """(role, component) in start order: shards, etcd, gRPC workers."""
+        """(role, component) in start order: shards, etcd, gRPC workers, coordinators."""
         found: list[tuple[str, Component]] = [(ROLE_POSTGRES, shard) for shard in self.shards]
         found.append((ROLE_ETCD, self.etcd))
         found += [(ROLE_GRPC, worker) for worker in self.grpc_workers]
+        found += [(ROLE_COORDINATOR, coordinator) for coordinator in self.coordinators]
         return found
 
     def component(self, name: str) -> Component:
@@ -290,6 +345,13 @@ class Cluster:
                 self._spawn_grpc_worker(worker)
             for worker in self.grpc_workers:
                 worker.wait_healthy()
+            for coordinator in self._surplus_coordinators():
+                coordinator.stop()
+                coordinator.pid_path.unlink(missing_ok=True)
+            for coordinator in self.coordinators:
+                self._spawn_coordinator(coordinator)
+            for coordinator in self.coordinators:
+                coordinator.wait_healthy()
             description = self.describe()
             write_json_atomically(self.cluster_json_path, description)
             log.info("cluster up in %.1fs", time.monotonic() - started_seconds)
@@ -330,6 +392,12 @@ class Cluster:
         self._check_ports_free(worker.name, ports)
         worker.spawn()
 
+    def _spawn_coordinator(self, coordinator: Coordinator) -> None:
+        if coordinator.is_running():
+            return
+        self._check_ports_free(coordinator.name, [coordinator.metrics_port])
+        coordinator.spawn()
+
     def _bootstrap_shard_map(self) -> None:
         from sharding.etcd_shard_map import bootstrap, etcd_client
         from sharding.shard_map import Shard, ShardMap
@@ -352,6 +420,8 @@ class Cluster:
         if not self.state_dir.exists():
             return
         with self._locked():
+            for coordinator in self.coordinators + self._surplus_coordinators():
+                coordinator.stop()
             for worker in self.grpc_workers + self._surplus_grpc_workers():
                 worker.stop()
             self.etcd.stop()
@@ -398,6 +468,10 @@ class Cluster:
                 *({"name": w.name, "role": ROLE_GRPC, "pid": w.pid(), "metrics": w.metrics_endpoint} for w in workers),
                 {"name": self.etcd.name, "role": ROLE_ETCD, "pid": self.etcd.pid()},
                 *({"name": s.name, "role": ROLE_POSTGRES, "pid": s.pid()} for s in shards),
+                *(
+                    {"name": c.name, "role": ROLE_COORDINATOR, "pid": c.pid(), "metrics": c.metrics_endpoint}
+                    for c in self.coordinators
+                ),
             ],
             "state_dir": str(self.state_dir),
         }
@@ -415,6 +489,9 @@ class Cluster:
                 self._up_shard(component)
             elif isinstance(component, Etcd):
                 self._start_etcd()
+            elif isinstance(component, Coordinator):
+                self._spawn_coordinator(component)
+                component.wait_healthy()
             else:
                 assert isinstance(component, GrpcWorker)
                 self._spawn_grpc_worker(component)
@@ -496,6 +573,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"env COREBANK_PORT_BASE; default {DEFAULT_PORT_BASE}; only used on first start")  # fmt: skip
     parser.add_argument("--grpc-workers", type=int, default=env_int("GRPC_WORKERS"),
                         help=f"env GRPC_WORKERS; default {DEFAULT_GRPC_WORKERS}")  # fmt: skip
+    parser.add_argument("--coordinators", type=int, default=env_int("COORDINATORS"),
+                        help=f"env COORDINATORS; default {DEFAULT_COORDINATORS}")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -503,7 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = parse_args(argv)
     try:
-        cluster = Cluster(args.state_dir, shard_count=args.shards, port_base=args.port_base, grpc_workers=args.grpc_workers)
+        cluster = Cluster(
+            args.state_dir, shard_count=args.shards, port_base=args.port_base, grpc_workers=args.grpc_workers,
+            coordinators=args.coordinators,
+        )  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -236,6 +236,18 @@ class PostgresShard:
             return
         self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", str(STOP_TIMEOUT_SECONDS), "stop")
 
+    def stop_immediate(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend quits without a checkpoint, as in a
+        power cut; the next start replays the WAL (fault injection: a crashed shard)."""
+        if not self.is_running():
+            return
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "-t", str(STOP_TIMEOUT_SECONDS), "stop")
+
+    def process_pids(self) -> list[int]:
+        """The postmaster and all its descendants (backends, checkpointer, walwriter, ...), postmaster first."""
+        postmaster = self.pid()
+        return [] if postmaster is None else [postmaster, *processes.descendants(postmaster)]
+
     def kill(self, signal_number: int = signal.SIGKILL) -> None:
         """Signal the postmaster only (fault injection: a crashed shard)."""
         pid = self.pid()

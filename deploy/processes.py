@@ -14,6 +14,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -60,6 +61,32 @@ def is_ours(pid: int | None, markers: Sequence[str]) -> bool:
         return False
     argv = cmdline(pid)
     return argv is not None and set(markers) <= set(argv)
+
+
+def parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process visible in /proc."""
+    found = {}
+    for stat_path in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_path.read_text()
+            # Fields after the parenthesised command name (which may hold spaces): state, ppid, ...
+            found[int(stat_path.parent.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue  # gone between the listing and the read
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of `pid`, from one pass over /proc."""
+    children_by_parent: dict[int, list[int]] = {}
+    for child, parent in parent_pids().items():
+        children_by_parent.setdefault(parent, []).append(child)
+    found, frontier = [], [pid]
+    while frontier:
+        children = children_by_parent.get(frontier.pop(), [])
+        found += children
+        frontier += children
+    return found
 
 
 def reap(pid: int) -> None:
@@ -205,3 +232,40 @@ class PidFileProcess:
         pid = self.pid()
         if pid is not None:
             kill(pid, self._markers(), signal_number)
+
+
+REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
+
+
+class PythonModuleProcess(PidFileProcess):
+    """A detached `python -m <module> <arguments>` of ours (gRPC workers, coordinators).
+
+    Subclasses provide `module`, `arguments()` and `is_healthy()`.
+    """
+
+    module: str
+    start_timeout_seconds: float = 60
+
+    def arguments(self) -> list[str]:
+        raise NotImplementedError
+
+    def is_healthy(self) -> bool:
+        raise NotImplementedError
+
+    def spawn(self) -> None:
+        """Start the process when not running; does not wait (see wait_healthy)."""
+        if self.is_running():
+            return
+        env = dict(os.environ)
+        # Also works from a venv without `pip install -e .` (the generated code lives in protos/python).
+        source_paths = [str(REPO_DIR), str(REPO_DIR / "protos" / "python")]
+        env["PYTHONPATH"] = os.pathsep.join(source_paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONUNBUFFERED"] = "1"
+        spawn_detached([sys.executable, "-m", self.module, *self.arguments()], self.log_path, self.pid_path, env=env, cwd=REPO_DIR)
+
+    def wait_healthy(self, timeout_seconds: float | None = None) -> None:
+        wait_until(self.is_healthy, timeout_seconds or self.start_timeout_seconds, f"{self.name} health", give_up=self._died)
+
+    def start(self) -> None:
+        self.spawn()
+        self.wait_healthy()

@@ -35,8 +35,11 @@ SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir"}
 @pytest.fixture(scope="module")
 def lifecycle() -> Iterator[Cluster]:
     state_dir = make_state_dir("corebank-lifecycle-")
-    # One worker keeps the kill-and-restart bookkeeping simple; several workers are covered by the session cluster.
-    cluster = Cluster(state_dir, shard_count=LIFECYCLE_SHARD_COUNT, port_base=LIFECYCLE_PORT_BASE, grpc_workers=1)
+    # One worker and no coordinators keep the kill-and-restart bookkeeping simple; the session cluster and the
+    # chaos tests run several of each.
+    cluster = Cluster(
+        state_dir, shard_count=LIFECYCLE_SHARD_COUNT, port_base=LIFECYCLE_PORT_BASE, grpc_workers=1, coordinators=0
+    )
     try:
         yield cluster
     finally:

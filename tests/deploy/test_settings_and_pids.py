@@ -35,6 +35,22 @@ def test_grpc_workers_may_change_on_a_later_up() -> None:
     assert choose_settings(stored, None, None, 3).grpc_workers == 3
 
 
+def test_coordinators_take_their_own_metrics_ports_and_may_change_on_a_later_up(tmp_path: pathlib.Path) -> None:
+    stored = Settings(shard_count=3, port_base=7100, grpc_workers=2, coordinators=2)
+    assert choose_settings(stored, None, None, None, 0).coordinators == 0
+    assert choose_settings(stored, None, None, None).coordinators == 2
+    with pytest.raises(ValueError):
+        Settings(shard_count=3, port_base=7100, grpc_workers=2, coordinators=81)  # would reach the shards' ports
+
+    cluster = Cluster(tmp_path, shard_count=2, port_base=17300, grpc_workers=2, coordinators=2)
+    assert [c.metrics_endpoint for c in (cluster.coordinator(0), cluster.coordinator(1))] == ["127.0.0.1:17320", "127.0.0.1:17321"]
+
+
+def test_settings_written_before_coordinators_existed_still_load(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "cluster-settings.json").write_text('{"shard_count": 2, "port_base": 17300, "grpc_workers": 1}')
+    assert Settings.load(tmp_path / "cluster-settings.json") == Settings(shard_count=2, port_base=17300, grpc_workers=1)
+
+
 def test_settings_outside_the_port_plan_are_refused() -> None:
     with pytest.raises(ValueError):
         Settings(shard_count=3, port_base=7100, grpc_workers=95)  # metrics would reach the shards' ports

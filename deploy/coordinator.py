@@ -1,0 +1,52 @@
+"""The TCC coordinator processes (`python -m services.coordinator`).
+
+They recover in-doubt cross-shard transfers (issue 3). Each has its own
+metrics port, which is also how we tell that it is up: it serves no gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from deploy import processes
+from deploy.grpc_worker import metrics_answer
+
+HOST = "127.0.0.1"
+COORDINATOR_MODULE = "services.coordinator"
+
+
+@dataclasses.dataclass(frozen=True)
+class Coordinator(processes.PythonModuleProcess):
+    index: int
+    metrics_port: int
+    etcd_endpoint: str
+    log_path: pathlib.Path
+    pid_path: pathlib.Path
+
+    @property
+    def name(self) -> str:
+        return f"coordinator-{self.index}"
+
+    @property
+    def metrics_endpoint(self) -> str:
+        return f"{HOST}:{self.metrics_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return self.metrics_endpoint
+
+    module = COORDINATOR_MODULE
+
+    def _markers(self) -> list[str]:
+        return [COORDINATOR_MODULE, self.name, self.metrics_endpoint]
+
+    def is_healthy(self) -> bool:
+        return self.is_running() and metrics_answer(self.metrics_endpoint)
+
+    def arguments(self) -> list[str]:
+        return [
+            "--etcd", self.etcd_endpoint,
+            "--metrics-listen", self.metrics_endpoint,
+            "--process-name", self.name,
+        ]  # fmt: skip
