@@ -139,20 +139,29 @@ class LedgerService:
             await asyncio.wait(self._drives, timeout=5.0)
 
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer:
-        """Ask every shard at once: a coordinator record (between shards) wins over a local row."""
+        """Ask every shard at once and answer as soon as the one that holds it does, so a
+        shard that is down or frozen only slows the lookups it could matter to."""
         ids.validate_id(transfer_id, "transfer_id")
-        answers = await asyncio.gather(
-            *(TccStore(store).find(transfer_id, timeout_seconds) for store in self.router.handles()),
-            return_exceptions=True,
-        )
-        found = [answer for answer in answers if isinstance(answer, tuple)]
-        for record, _ in found:
-            if record is not None:
-                return record.as_transfer()
-        for _, local in found:
-            if local is not None and local.branch == 0:
-                return local
-        failures = [answer for answer in answers if isinstance(answer, BaseException)]
+        lookups = [
+            asyncio.ensure_future(TccStore(store).find(transfer_id, timeout_seconds)) for store in self.router.handles()
+        ]
+        failures: list[BaseException] = []
+        try:
+            for lookup in asyncio.as_completed(lookups):
+                try:
+                    record, local = await lookup
+                except Exception as error:  # noqa: BLE001 (a shard that did not answer is judged below)
+                    failures.append(error)
+                    continue
+                # A coordinator record (between shards) or a same-shard row is the whole answer;
+                # a branch row alone is not: its coordinator record is on another shard.
+                if record is not None:
+                    return record.as_transfer()
+                if local is not None and local.branch == 0:
+                    return local
+        finally:
+            for lookup in lookups:
+                lookup.cancel()
         if failures:
             # A shard that did not answer might hold it: "not found" would be a guess.
             raise failures[0] if isinstance(failures[0], errors.LedgerError) else errors.ShardUnavailable(str(failures[0]))
