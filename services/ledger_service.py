@@ -9,6 +9,7 @@ import asyncio
 
 from services.coordinator.driver import TransferDriver, outcome
 from services.coordinator.state_machine import FINAL_STATES
+from services.group_commit import GroupCommitter
 from services.ledger import errors, ids, paging
 from services.ledger.accounts import Account, OpenAccountRequest
 from services.ledger.limits import TierLimits
@@ -19,6 +20,9 @@ from sharding.router import ShardRouter
 
 # When a client sends no deadline, no request holds a database connection longer than this.
 REQUEST_TIMEOUT_SECONDS_MAX = 10.0
+CREATE_TRANSFERS_BATCH_SIZE_MAX = 5_000
+# Transfers between shards of one CreateTransfers call driven at once.
+CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 64
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
@@ -36,6 +40,12 @@ class LedgerService:
         self.driver = driver
         # Drives outlive the request that started them (a client deadline does not stop a transfer).
         self._drives: set[asyncio.Task] = set()
+        self._committers: dict[str, GroupCommitter] = {}
+
+    def committer(self, shard_name: str) -> GroupCommitter:
+        if shard_name not in self._committers:
+            self._committers[shard_name] = GroupCommitter(shard_name, lambda: self.router.handle(shard_name), self.limits)
+        return self._committers[shard_name]
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         request.validated(self.limits)
@@ -85,8 +95,85 @@ class LedgerService:
         credit_shard = self.router.shard_name_for(request.credit_account_id)
         if debit_shard != credit_shard:
             return await self._transfer_between_shards(request, debit_shard, credit_shard, timeout_seconds)
-        transfer, fresh_refusal = await self.router.handle(debit_shard).post_transfer(request, self.limits, timeout_seconds)
-        return self._answer(request, transfer, fresh_refusal)
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        ((posted,),) = await self.committer(debit_shard).submit([[request]], deadline)
+        return self._answer(request, posted.transfer, posted.fresh_refusal)
+
+    async def create_transfers(
+        self, requests: list[TransferRequest], linked: list[bool], timeout_seconds: float
+    ) -> list[Transfer | errors.LedgerError]:
+        """One answer per request, in order: the final transfer or the error Transfer would raise."""
+        if len(requests) > CREATE_TRANSFERS_BATCH_SIZE_MAX:
+            raise errors.BatchTooLarge(
+                f"at most {CREATE_TRANSFERS_BATCH_SIZE_MAX} transfers per call", limit=CREATE_TRANSFERS_BATCH_SIZE_MAX
+            )
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        answers: list[Transfer | errors.LedgerError | None] = [None] * len(requests)
+        same_shard: dict[str, list[list[int]]] = {}  # shard -> chains of request indexes
+        between_shards: list[int] = []
+        for chain in _chains(linked):
+            shard = self._route_chain(requests, chain, linked, answers)
+            if shard is None:
+                continue
+            if shard[0] == shard[1]:
+                same_shard.setdefault(shard[0], []).append(chain)
+            else:
+                between_shards.append(chain[0])
+
+        async def commit_shard(shard_name: str, chains: list[list[int]]) -> None:
+            try:
+                outcomes = await self.committer(shard_name).submit([[requests[i] for i in chain] for chain in chains], deadline)
+            except errors.LedgerError as error:
+                for index in (i for chain in chains for i in chain):
+                    answers[index] = error
+                return
+            for chain, chain_outcomes in zip(chains, outcomes):
+                for index, posted in zip(chain, chain_outcomes):
+                    answers[index] = _answer_or_error(lambda: self._answer(requests[index], posted.transfer, posted.fresh_refusal))
+
+        limit = asyncio.Semaphore(CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX)
+
+        async def transfer_between_shards(index: int) -> None:
+            async with limit:
+                request = requests[index]
+                debit_shard, credit_shard = (self.router.shard_name_for(a) for a in (request.debit_account_id, request.credit_account_id))
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    answers[index] = await self._transfer_between_shards(request, debit_shard, credit_shard, remaining)
+                except errors.LedgerError as error:
+                    answers[index] = error
+
+        await asyncio.gather(
+            *(commit_shard(name, chains) for name, chains in same_shard.items()),
+            *(transfer_between_shards(index) for index in between_shards),
+        )
+        assert all(answer is not None for answer in answers), "a transfer of the batch got no answer"
+        return answers  # type: ignore[return-value]
+
+    def _route_chain(
+        self, requests: list[TransferRequest], chain: list[int], linked: list[bool], answers: list
+    ) -> tuple[str, str] | None:
+        """(debit shard, credit shard) of a chain, or None after answering its members with an error."""
+        failure: tuple[int, errors.LedgerError] | None = None
+        if linked[chain[-1]]:
+            failure = (chain[-1], errors.LinkedChainOpen("the last transfer of the call has linked set: the chain never closes"))
+        for index in chain:
+            try:
+                requests[index].validated()
+            except errors.LedgerError as error:
+                failure = failure or (index, error)
+        if failure is None:
+            shards = {(self.router.shard_name_for(requests[i].debit_account_id), self.router.shard_name_for(requests[i].credit_account_id)) for i in chain}
+            if len(chain) > 1 and (len(shards) > 1 or any(debit != credit for debit, credit in shards)):
+                failure = (chain[0], errors.LinkedChainSpansShards("a linked chain must keep all its accounts on one shard"))
+            else:
+                return next(iter(shards))
+        failed_index, error = failure
+        for index in chain:
+            answers[index] = error if index == failed_index or isinstance(error, errors.LinkedChainSpansShards) else errors.LinkedTransferFailed(
+                f"transfer {requests[failed_index].transfer_id} of the same chain was refused", failed_transfer_id=requests[failed_index].transfer_id
+            )
+        return None
 
     @staticmethod
     def _answer(request: TransferRequest, transfer: Transfer, fresh_refusal: errors.LedgerError | None) -> Transfer:
@@ -166,3 +253,23 @@ class LedgerService:
             # A shard that did not answer might hold it: "not found" would be a guess.
             raise failures[0] if isinstance(failures[0], errors.LedgerError) else errors.ShardUnavailable(str(failures[0]))
         raise errors.TransferNotFound(f"transfer {transfer_id} not found", transfer_id=transfer_id)
+
+
+def _chains(linked: list[bool]) -> list[list[int]]:
+    """Indexes grouped into chains: each runs to the first transfer without `linked`."""
+    chains, current = [], []
+    for index, is_linked in enumerate(linked):
+        current.append(index)
+        if not is_linked:
+            chains.append(current)
+            current = []
+    if current:
+        chains.append(current)  # left open: _route_chain answers it with LINKED_CHAIN_OPEN
+    return chains
+
+
+def _answer_or_error(answer) -> Transfer | errors.LedgerError:
+    try:
+        return answer()
+    except errors.LedgerError as error:
+        return error

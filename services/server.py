@@ -32,6 +32,11 @@ from services.ledger.limits import TierLimits
 from services.ledger_service import LedgerService
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+# Calls handled at once per process; past it gRPC answers RESOURCE_EXHAUSTED at once
+# instead of queueing without bound (memory and latency stay flat at any peak).
+CONCURRENT_RPCS_MAX = 2_000
+# CreateTransfers of 5000 transfers is about 1 MB; leave room.
+MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 
 SERVICE_NAMES = (
     accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
@@ -48,7 +53,15 @@ async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: Ti
 
     shards = await ShardConnections.open(etcd_endpoint)
     ledger = LedgerService(shards.router, limits, TransferDriver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
-    server = grpc.aio.server(interceptors=[LedgerInterceptor()], options=[("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(
+        interceptors=[LedgerInterceptor()],
+        maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+        ],
+    )
     accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(ledger), server)
     payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(ledger), server)
     clearing_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(), server)

@@ -16,11 +16,16 @@ from services.ledger import errors
 log = logging.getLogger(__name__)
 
 
-def status_for(error: errors.LedgerError) -> grpc.Status:
+def status_message(error: errors.LedgerError) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error: the call's status, or one result of CreateTransfers."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=errors.ERROR_DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail]))
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+
+
+def status_for(error: errors.LedgerError) -> grpc.Status:
+    return rpc_status.to_status(status_message(error))
 
 
 class LedgerInterceptor(grpc.aio.ServerInterceptor):

@@ -2,10 +2,12 @@
 
 import grpc
 
-from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2_grpc, payments_pb2_grpc
+from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2_grpc, payments_pb2, payments_pb2_grpc
 from corebank.v1 import transfers_pb2
 from services.api import metrics
 from services.api.convert import account_message, transfer_message
+from services.api.interceptor import status_message
+from services.ledger import errors
 from services.ledger.accounts import OpenAccountRequest
 from services.ledger.transfers import TransferRequest
 from services.ledger_service import LedgerService, bounded_timeout
@@ -50,12 +52,10 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
         self.ledger = ledger
 
     async def Transfer(self, request, context) -> transfers_pb2.Transfer:
-        transfer_request = TransferRequest(
-            request.transfer_id, request.debit_account_id, request.credit_account_id,
-            request.amount_minor, request.currency, request.reference,
-        )
         try:
-            transfer = await self.ledger.transfer(transfer_request, _timeout(context))
+            if request.linked:
+                raise errors.LinkedChainOpen("linked chains need CreateTransfers: a single transfer closes its chain")
+            transfer = await self.ledger.transfer(_transfer_request(request), _timeout(context))
         except Exception as error:
             metrics.record_transfer_failure(error)
             raise
@@ -63,6 +63,28 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
 
     async def GetTransfer(self, request, context) -> transfers_pb2.Transfer:
         return transfer_message(await self.ledger.get_transfer(request.transfer_id, _timeout(context)))
+
+    async def CreateTransfers(self, request, context) -> payments_pb2.CreateTransfersResponse:
+        answers = await self.ledger.create_transfers(
+            [_transfer_request(transfer) for transfer in request.transfers],
+            [transfer.linked for transfer in request.transfers],
+            _timeout(context),
+        )
+        results = []
+        for answer in answers:
+            if isinstance(answer, errors.LedgerError):
+                metrics.record_transfer_failure(answer)
+                results.append(payments_pb2.TransferResult(error=status_message(answer)))
+            else:
+                results.append(payments_pb2.TransferResult(transfer=transfer_message(answer)))
+        return payments_pb2.CreateTransfersResponse(results=results)
+
+
+def _transfer_request(message) -> TransferRequest:
+    return TransferRequest(
+        message.transfer_id, message.debit_account_id, message.credit_account_id,
+        message.amount_minor, message.currency, message.reference,
+    )
 
 
 class ClearingServicer(clearing_pb2_grpc.ClearingServicer):

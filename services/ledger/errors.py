@@ -60,6 +60,14 @@ class InvalidField(InvalidArgument):
     reason = "INVALID_FIELD"
 
 
+class BatchTooLarge(InvalidArgument):
+    reason = "BATCH_TOO_LARGE"
+
+
+class LinkedChainOpen(InvalidArgument):
+    reason = "LINKED_CHAIN_OPEN"
+
+
 class InvalidAmount(InvalidArgument):
     reason = "INVALID_AMOUNT"
 
@@ -150,6 +158,20 @@ class AccountBalanceNotZero(Refusal):
 
 class AccountHasPending(Refusal):
     reason = "ACCOUNT_HAS_PENDING"
+
+
+class LinkedTransferFailed(Refusal):
+    reason = "LINKED_TRANSFER_FAILED"
+
+
+class LinkedChainSpansShards(Refusal):
+    reason = "LINKED_CHAIN_SPANS_SHARDS"
+
+
+# The service's queues are full: nothing was recorded, retry with backoff.
+class Overloaded(LedgerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
 
 
 # The system cancelled the transfer: final, like a refusal, but not the client's doing.

@@ -18,6 +18,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_PAGE_SIZE: _ClassVar[ErrorReason]
     INVALID_STATUS: _ClassVar[ErrorReason]
     FIELD_TOO_LONG: _ClassVar[ErrorReason]
+    BATCH_TOO_LARGE: _ClassVar[ErrorReason]
+    LINKED_CHAIN_OPEN: _ClassVar[ErrorReason]
     INVALID_FIELD: _ClassVar[ErrorReason]
     ACCOUNT_NOT_FOUND: _ClassVar[ErrorReason]
     TRANSFER_NOT_FOUND: _ClassVar[ErrorReason]
@@ -34,6 +36,9 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACCOUNT_BALANCE_NOT_ZERO: _ClassVar[ErrorReason]
     ACCOUNT_HAS_PENDING: _ClassVar[ErrorReason]
     TRANSFER_VOIDED: _ClassVar[ErrorReason]
+    LINKED_TRANSFER_FAILED: _ClassVar[ErrorReason]
+    LINKED_CHAIN_SPANS_SHARDS: _ClassVar[ErrorReason]
+    OVERLOADED: _ClassVar[ErrorReason]
     SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
     DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
@@ -47,6 +52,8 @@ INVALID_PAGE_TOKEN: ErrorReason
 INVALID_PAGE_SIZE: ErrorReason
 INVALID_STATUS: ErrorReason
 FIELD_TOO_LONG: ErrorReason
+BATCH_TOO_LARGE: ErrorReason
+LINKED_CHAIN_OPEN: ErrorReason
 INVALID_FIELD: ErrorReason
 ACCOUNT_NOT_FOUND: ErrorReason
 TRANSFER_NOT_FOUND: ErrorReason
@@ -63,5 +70,8 @@ CROSS_SHARD_NOT_SUPPORTED: ErrorReason
 ACCOUNT_BALANCE_NOT_ZERO: ErrorReason
 ACCOUNT_HAS_PENDING: ErrorReason
 TRANSFER_VOIDED: ErrorReason
+LINKED_TRANSFER_FAILED: ErrorReason
+LINKED_CHAIN_SPANS_SHARDS: ErrorReason
+OVERLOADED: ErrorReason
 SHARD_UNAVAILABLE: ErrorReason
 DEADLINE_EXCEEDED: ErrorReason

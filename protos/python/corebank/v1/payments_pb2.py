@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 
 from corebank.v1 import transfers_pb2 as corebank_dot_v1_dot_transfers__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orebank/v1/payments.proto\x12\x0b\x63orebank.v1\x1a\x1b\x63orebank/v1/transfers.proto\"\x96\x01\n\x0fTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\t\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x11\n\treference\x18\x06 \x01(\t\")\n\x12GetTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t2\x92\x01\n\x08Payments\x12?\n\x08Transfer\x12\x1c.corebank.v1.TransferRequest\x1a\x15.corebank.v1.Transfer\x12\x45\n\x0bGetTransfer\x12\x1f.corebank.v1.GetTransferRequest\x1a\x15.corebank.v1.TransferB\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orebank/v1/payments.proto\x12\x0b\x63orebank.v1\x1a\x1b\x63orebank/v1/transfers.proto\x1a\x17google/rpc/status.proto\"\xa6\x01\n\x0fTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\t\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x0e\n\x06linked\x18\x07 \x01(\x08\")\n\x12GetTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"I\n\x16\x43reateTransfersRequest\x12/\n\ttransfers\x18\x01 \x03(\x0b\x32\x1c.corebank.v1.TransferRequest\"G\n\x17\x43reateTransfersResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.corebank.v1.TransferResult\"\\\n\x0eTransferResult\x12\'\n\x08transfer\x18\x01 \x01(\x0b\x32\x15.corebank.v1.Transfer\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status2\xf0\x01\n\x08Payments\x12?\n\x08Transfer\x12\x1c.corebank.v1.TransferRequest\x1a\x15.corebank.v1.Transfer\x12\x45\n\x0bGetTransfer\x12\x1f.corebank.v1.GetTransferRequest\x1a\x15.corebank.v1.Transfer\x12\\\n\x0f\x43reateTransfers\x12#.corebank.v1.CreateTransfersRequest\x1a$.corebank.v1.CreateTransfersResponseB\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +35,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corebank.v1.payments_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026corebank/v1;corebankv1'
-  _globals['_TRANSFERREQUEST']._serialized_start=73
-  _globals['_TRANSFERREQUEST']._serialized_end=223
-  _globals['_GETTRANSFERREQUEST']._serialized_start=225
-  _globals['_GETTRANSFERREQUEST']._serialized_end=266
-  _globals['_PAYMENTS']._serialized_start=269
-  _globals['_PAYMENTS']._serialized_end=415
+  _globals['_TRANSFERREQUEST']._serialized_start=98
+  _globals['_TRANSFERREQUEST']._serialized_end=264
+  _globals['_GETTRANSFERREQUEST']._serialized_start=266
+  _globals['_GETTRANSFERREQUEST']._serialized_end=307
+  _globals['_CREATETRANSFERSREQUEST']._serialized_start=309
+  _globals['_CREATETRANSFERSREQUEST']._serialized_end=382
+  _globals['_CREATETRANSFERSRESPONSE']._serialized_start=384
+  _globals['_CREATETRANSFERSRESPONSE']._serialized_end=455
+  _globals['_TRANSFERRESULT']._serialized_start=457
+  _globals['_TRANSFERRESULT']._serialized_end=549
+  _globals['_PAYMENTS']._serialized_start=552
+  _globals['_PAYMENTS']._serialized_end=792
 # @@protoc_insertion_point(module_scope)

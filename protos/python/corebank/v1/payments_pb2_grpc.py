@@ -46,6 +46,11 @@ class PaymentsStub:
                 request_serializer=corebank_dot_v1_dot_payments__pb2.GetTransferRequest.SerializeToString,
                 response_deserializer=corebank_dot_v1_dot_transfers__pb2.Transfer.FromString,
                 _registered_method=True)
+        self.CreateTransfers = channel.unary_unary(
+                '/corebank.v1.Payments/CreateTransfers',
+                request_serializer=corebank_dot_v1_dot_payments__pb2.CreateTransfersRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_payments__pb2.CreateTransfersResponse.FromString,
+                _registered_method=True)
 
 
 class PaymentsServicer:
@@ -69,6 +74,16 @@ class PaymentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTransfers(self, request, context):
+        """Up to 5000 transfers in one call; one result per transfer, in request order.
+        Each transfer follows the same rules and idempotency as Transfer; a refusal of
+        one never fails its neighbours, except within a linked chain. Transfers on the
+        same shard are applied together in one database transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PaymentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +96,11 @@ def add_PaymentsServicer_to_server(servicer, server):
                     servicer.GetTransfer,
                     request_deserializer=corebank_dot_v1_dot_payments__pb2.GetTransferRequest.FromString,
                     response_serializer=corebank_dot_v1_dot_transfers__pb2.Transfer.SerializeToString,
+            ),
+            'CreateTransfers': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTransfers,
+                    request_deserializer=corebank_dot_v1_dot_payments__pb2.CreateTransfersRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_payments__pb2.CreateTransfersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +157,33 @@ class Payments:
             '/corebank.v1.Payments/GetTransfer',
             corebank_dot_v1_dot_payments__pb2.GetTransferRequest.SerializeToString,
             corebank_dot_v1_dot_transfers__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTransfers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Payments/CreateTransfers',
+            corebank_dot_v1_dot_payments__pb2.CreateTransfersRequest.SerializeToString,
+            corebank_dot_v1_dot_payments__pb2.CreateTransfersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,146 @@
+"""Group commit: concurrent same-shard transfers of this process share one database transaction.
+
+Requests wait in a bounded queue per shard; a few workers per shard each take
+whatever has queued (up to BATCH_TRANSFERS_MAX) and apply it in one transaction
+(services/storage/batch_posting.py). While one batch waits for its commit, the
+next one fills, so under load batches grow by themselves and a commit's fsync
+is shared by many transfers; when idle, a transfer goes alone at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from services.ledger import errors
+from services.ledger.limits import TierLimits
+from services.ledger.transfers import TransferRequest
+from services.storage.batch_posting import Outcome, post_chains
+from services.storage.shard_store import ShardStore
+
+# Transfers waiting per shard in this process. Past it, callers get OVERLOADED at once,
+# so memory and latency stay bounded at any peak (a queued transfer is a few hundred bytes).
+QUEUE_TRANSFERS_MAX = 20_000
+BATCH_TRANSFERS_MAX = 1_000
+# Batches of one shard in flight at once from this process: one filling while one commits.
+BATCHES_IN_FLIGHT_MAX = 2
+# A batch is bounded by the latest deadline among its transfers, and by this.
+BATCH_TIMEOUT_SECONDS_MAX = 10.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Job:
+    chains: list[list[TransferRequest]]
+    size: int
+    deadline: float  # event-loop time
+    future: asyncio.Future
+
+
+class GroupCommitter:
+    def __init__(
+        self, shard_name: str, store: Callable[[], ShardStore], limits: TierLimits,
+        post=post_chains, queue_transfers_max: int = QUEUE_TRANSFERS_MAX,
+    ) -> None:
+        self.shard_name = shard_name
+        self._store = store  # looked up per batch: a new shard map may replace the pool
+        self._limits = limits
+        self._post = post  # batch_posting.post_chains; unit tests pass a stand-in
+        self._queue_transfers_max = queue_transfers_max
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._queued_transfers = 0
+        self._wake = asyncio.Event()
+        self._workers: list[asyncio.Task] = []
+
+    @property
+    def queued_transfers(self) -> int:
+        return self._queued_transfers
+
+    async def submit(self, chains: list[list[TransferRequest]], deadline: float) -> list[list[Outcome]]:
+        """Outcomes per chain, in order. Chains are never split across transactions."""
+        size = sum(len(chain) for chain in chains)
+        if self._queued_transfers + size > self._queue_transfers_max:
+            raise errors.Overloaded(
+                f"{self.shard_name}: {self._queued_transfers} transfers already queued; retry with backoff",
+                shard=self.shard_name, queued=self._queued_transfers,
+            )
+        jobs = [self._enqueue(part, deadline) for part in _parts(chains)]
+        self._start_workers()
+        try:
+            async with asyncio.timeout_at(deadline):
+                results = await asyncio.shield(asyncio.gather(*(job.future for job in jobs)))
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"{self.shard_name}: the deadline passed while queued or committing; retrying with the same ids is safe"
+            ) from None
+        return [outcome for result in results for outcome in result]
+
+    def _enqueue(self, chains: list[list[TransferRequest]], deadline: float) -> _Job:
+        job = _Job(chains, sum(len(chain) for chain in chains), deadline, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._queued_transfers += job.size
+        self._wake.set()
+        return job
+
+    def _start_workers(self) -> None:
+        self._workers = [worker for worker in self._workers if not worker.done()]
+        while len(self._workers) < BATCHES_IN_FLIGHT_MAX:
+            self._workers.append(asyncio.create_task(self._work()))
+
+    def _take_batch(self) -> list[_Job]:
+        jobs, size = [], 0
+        while self._queue and (not jobs or size + self._queue[0].size <= BATCH_TRANSFERS_MAX):
+            job = self._queue.popleft()
+            jobs.append(job)
+            size += job.size
+        self._queued_transfers -= size
+        if not self._queue:
+            self._wake.clear()
+        return jobs
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            jobs = self._take_batch()
+            now = loop.time()
+            live = []
+            for job in jobs:
+                if job.deadline <= now:  # its caller has given up: do not start work it will not see
+                    job.future.set_exception(errors.DeadlineExceeded("the deadline passed while queued; nothing was done"))
+                else:
+                    live.append(job)
+            if not live:
+                continue
+            timeout_seconds = min(max(job.deadline for job in live) - now, BATCH_TIMEOUT_SECONDS_MAX)
+            try:
+                outcomes = await self._post(
+                    self._store(), [chain for job in live for chain in job.chains], self._limits, timeout_seconds
+                )
+            except Exception as error:  # the whole batch shares its transaction's fate
+                if not isinstance(error, errors.LedgerError):
+                    log.exception("batch on %s failed", self.shard_name)
+                for job in live:
+                    job.future.set_exception(error)
+                continue
+            position = 0
+            for job in live:
+                job.future.set_result(outcomes[position : position + len(job.chains)])
+                position += len(job.chains)
+
+
+def _parts(chains: list[list[TransferRequest]]) -> list[list[list[TransferRequest]]]:
+    """Cut a long list of chains into jobs of at most BATCH_TRANSFERS_MAX transfers."""
+    parts: list[list[list[TransferRequest]]] = [[]]
+    size = 0
+    for chain in chains:
+        if parts[-1] and size + len(chain) > BATCH_TRANSFERS_MAX:
+            parts.append([])
+            size = 0
+        parts[-1].append(chain)
+        size += len(chain)
+    return parts

@@ -1,0 +1,95 @@
+"""The group committer's queueing logic, with a stand-in for the database."""
+
+import asyncio
+
+import pytest
+
+from services.group_commit import BATCH_TRANSFERS_MAX, BATCHES_IN_FLIGHT_MAX, GroupCommitter
+from services.ledger import errors
+from services.ledger.limits import TierLimits
+from services.ledger.transfers import TransferRequest
+from services.storage.batch_posting import Outcome
+
+
+def request(number: int) -> TransferRequest:
+    return TransferRequest(f"t-{number}", "acc_a", "acc_b", 1, "USD")
+
+
+class SlowDatabase:
+    """Records each batch; commits only when released."""
+
+    def __init__(self):
+        self.batches: list[list[list[TransferRequest]]] = []
+        self.release = asyncio.Event()
+
+    async def post(self, store, chains, limits, timeout_seconds):
+        self.batches.append(chains)
+        await self.release.wait()
+        return [[Outcome() for _ in chain] for chain in chains]
+
+
+def committer(database, queue_transfers_max=10_000):
+    return GroupCommitter("shard-0", lambda: None, TierLimits.load(), post=database.post, queue_transfers_max=queue_transfers_max)
+
+
+def test_concurrent_transfers_share_batches_and_each_gets_its_own_outcomes():
+    async def scenario():
+        database = SlowDatabase()
+        shard = committer(database)
+        deadline = asyncio.get_running_loop().time() + 10
+        calls = [asyncio.create_task(shard.submit([[request(n)]], deadline)) for n in range(50)]
+        await asyncio.sleep(0.05)
+        database.release.set()
+        results = await asyncio.gather(*calls)
+        return database.batches, results
+
+    batches, results = asyncio.run(scenario())
+    assert len(batches) < 50  # coalesced: the first batch commits while the rest queue up
+    assert sorted(r.transfer_id for batch in batches for chain in batch for r in chain) == sorted(f"t-{n}" for n in range(50))
+    assert all(len(result) == 1 and len(result[0]) == 1 for result in results)
+
+
+def test_a_full_queue_refuses_at_once_with_overloaded():
+    async def scenario():
+        database = SlowDatabase()
+        shard = committer(database, queue_transfers_max=10)
+        deadline = asyncio.get_running_loop().time() + 10
+        in_flight = []
+        for worker in range(BATCHES_IN_FLIGHT_MAX):  # every worker takes a batch and waits on the database
+            in_flight.append(asyncio.create_task(shard.submit([[request(100 + worker)]], deadline)))
+            await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(shard.submit([[request(n)]], deadline)) for n in range(1, 11)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(errors.Overloaded):
+            await shard.submit([[request(99)]], deadline)
+        database.release.set()
+        await asyncio.gather(*in_flight, *queued)
+        return shard.queued_transfers
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_chains_are_never_split_and_batches_stay_bounded():
+    async def scenario():
+        database = SlowDatabase()
+        database.release.set()
+        shard = committer(database)
+        deadline = asyncio.get_running_loop().time() + 10
+        chains = [[request(n), request(n + 1)] for n in range(0, 2 * BATCH_TRANSFERS_MAX + 2, 2)]
+        await shard.submit(chains, deadline)
+        return database.batches
+
+    batches = asyncio.run(scenario())
+    assert all(sum(len(chain) for chain in batch) <= BATCH_TRANSFERS_MAX for batch in batches)
+    assert all(len(chain) == 2 for batch in batches for chain in batch)
+
+
+def test_a_caller_whose_deadline_passes_gets_deadline_exceeded():
+    async def scenario():
+        database = SlowDatabase()
+        shard = committer(database)
+        with pytest.raises(errors.DeadlineExceeded):
+            await shard.submit([[request(1)]], asyncio.get_running_loop().time() + 0.05)
+        database.release.set()
+
+    asyncio.run(scenario())
