@@ -5,7 +5,8 @@
 #   make down      stop everything, keep the data
 #   make clean     down, then delete the state folder
 #   make test      check the generated code, then run the tests (they start their own cluster)
-#   make bench     up, then the load test
+#   make bench     up, then pgbench's baseline against corebank's figures (JSON under the state folder's reports/)
+#   make loadtest  a locust scenario against the running cluster, then the invariants (SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
 #   make protos    regenerate protos/python after editing protos/
 #
@@ -25,7 +26,7 @@ PYTHON := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 PG_BIN_DIR := /usr/lib/postgresql/15/bin
 
-.PHONY: help venv deps up down status clean test protos bench chaos
+.PHONY: help venv deps up down status clean test protos bench chaos loadtest
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -74,6 +75,12 @@ protos: venv
 
 bench: up
 	$(PYTHON) -m loadtest.bench
+
+# SCENARIO (flash-sale | everyday | batch), USERS, RATE, DURATION and the scenarios' own
+# settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, ...) pass through the environment; see
+# loadtest/run.py. Runs against the cluster that `make up` started (it starts nothing itself).
+loadtest: venv
+	$(PYTHON) -m loadtest.run
 
 MINUTES ?= 5
 CROSS_SHARD_SHARE ?= 0.5

@@ -1,6 +1,14 @@
 """Load tests and measurements of a running corebank cluster.
 
-`python -m loadtest.bench` compares corebank with a pgbench baseline on the same
-PostgreSQL instance; `loadtest/protobuf_impl_bench.py` measures the protobuf
-runtimes behind the etcd client choice.
+- `python -m loadtest.bench` (`make bench`): pgbench's baseline against
+  corebank's figures on the same PostgreSQL, one JSON report per run; its
+  phases are scenarios (`scenarios.py`) run by one driver (`driver.py`:
+  closed loop, or open loop at a fixed arrival rate).
+- `locustfile.py`: locust scenarios (flash-sale, everyday, batch) driving the
+  gRPC API; `python -m loadtest.run` (`make loadtest`) runs one headless, then
+  `check.py` verifies the ledger and every transfer the run sent.
+- `accounts.py`: opening and funding a run's accounts (CreateTransfers), shared
+  by both.
+- `protobuf_impl_bench.py` measures the protobuf runtimes behind the etcd
+  client choice.
 """

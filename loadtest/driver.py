@@ -2,7 +2,9 @@
 
 A scenario is a picklable object with a `name` and an async
 `call(stubs, worker_label, sequence, rng)` that makes one logical request and
-raises grpc.aio.AioRpcError when it fails. The driver runs `clients` copies of
+raises grpc.aio.AioRpcError when it fails. A call that carries several
+operations (CreateTransfers: one call, many transfers) returns a CallOutcome,
+and the figures then count operations, not calls. The driver runs `clients` copies of
 it in a closed loop (each worker waits for its answer before the next call),
 spread over one or more client processes, for a warm-up and then a measured
 window, and times every call.
@@ -18,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 import math
 import multiprocessing
 import os
@@ -53,10 +56,18 @@ class Stubs:
         return cls(accounts_pb2_grpc.AccountsStub(channel), payments_pb2_grpc.PaymentsStub(channel))
 
 
+@dataclasses.dataclass(frozen=True)
+class CallOutcome:
+    """What one call of a batch scenario did: operations that succeeded, and the others by code."""
+
+    ok_count: int
+    error_count_by_code: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 class Scenario(Protocol):
     name: str
 
-    async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> None: ...
+    async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> CallOutcome | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,8 @@ class ScenarioResult:
     # Cluster processes (gRPC workers, shards with their backends), percent of one core each.
     process_cpu_percent: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: dict = dataclasses.field(default_factory=dict)
+    # Calls answered OK in the window; differs from ok_count when a call carries many operations.
+    ok_call_count: int | None = None
 
     @property
     def error_count(self) -> int:
@@ -210,6 +223,8 @@ class _ProcessSample:
     error_count_by_code: collections.Counter
     cpu_seconds_window: float
     failure: str | None = None
+    # Operations that succeeded in the window (one per OK call unless the scenario says otherwise).
+    ok_operation_count: int = 0
 
 
 async def _worker(
@@ -225,18 +240,28 @@ async def _worker(
     while (started := time.monotonic()) < window_end:
         sequence += 1
         code = "OK"
+        outcome = None
         try:
-            await scenario.call(stubs, worker_label, sequence, rng)
+            outcome = await scenario.call(stubs, worker_label, sequence, rng)
         except grpc.aio.AioRpcError as error:
             code = describe_error(error)
         finished = time.monotonic()
         # Only calls wholly inside the window count: warm-up and tail are left out.
         if started < window_start or finished > window_end:
             continue
-        if code == "OK":
-            sample.latencies_seconds.append(finished - started)
-        else:
-            sample.error_count_by_code[code] += 1
+        _record(sample, code, outcome, finished - started)
+
+
+def _record(sample: _ProcessSample, code: str, outcome: CallOutcome | None, latency_seconds: float) -> None:
+    if code != "OK":
+        sample.error_count_by_code[code] += 1
+        return
+    sample.latencies_seconds.append(latency_seconds)
+    if outcome is None:
+        sample.ok_operation_count += 1
+    else:
+        sample.ok_operation_count += outcome.ok_count
+        sample.error_count_by_code.update(outcome.error_count_by_code)
 
 
 async def _run_workers(
@@ -343,12 +368,14 @@ def run_scenario(
         errors.update(sample.error_count_by_code)
     p50, p99, mean = latency_figures_ms(latencies)
     cpu_seconds = sum(sample.cpu_seconds_window for sample in samples)
+    ok_operations = sum(sample.ok_operation_count for sample in samples)
     return ScenarioResult(
         scenario=scenario.name,
         clients=clients,
         seconds=seconds,
-        ok_count=len(latencies),
-        transactions_per_second=len(latencies) / seconds,
+        ok_count=ok_operations,
+        ok_call_count=len(latencies),
+        transactions_per_second=ok_operations / seconds,
         latency_ms_p50=p50,
         latency_ms_p99=p99,
         latency_ms_mean=mean,
@@ -406,3 +433,108 @@ def _run_in_processes(
                 process.kill()
                 process.join()
     return samples, cpu_figures
+
+
+# Open loop: requests in flight at once, at most. Past it an arrival is not sent
+# but counted (SKIPPED_IN_FLIGHT_MAX), so a stalled server cannot grow the client without bound.
+OPEN_LOOP_IN_FLIGHT_MAX_DEFAULT = 256
+
+
+def run_open_loop(
+    scenario: Scenario,
+    grpc_endpoint: str,
+    rate_per_second: float,
+    seconds: float,
+    warmup_seconds: float,
+    in_flight_max: int = OPEN_LOOP_IN_FLIGHT_MAX_DEFAULT,
+    watched_pid_by_name: dict[str, int] | None = None,
+) -> ScenarioResult:
+    """Issue calls at a fixed arrival rate, whether or not earlier ones have answered.
+
+    A closed loop slows down with the server and so hides its queueing; here
+    each call's latency runs from its scheduled arrival time (not from when the
+    client got round to sending it), so a stall shows in p99 instead of
+    silently lowering the rate (no coordinated omission).
+    """
+    assert rate_per_second > 0 and seconds > 0 and warmup_seconds >= 0 and in_flight_max >= 1
+    interval_seconds = 1.0 / rate_per_second
+    window_cpu = WindowCpu(watched_pid_by_name)
+    sample = _ProcessSample([], collections.Counter(), 0.0)
+
+    async def one(stubs: Stubs, label: str, sequence: int, rng: random.Random, scheduled: float, window_end: float,
+                  window_start: float) -> None:  # fmt: skip
+        code, outcome = "OK", None
+        try:
+            outcome = await scenario.call(stubs, label, sequence, rng)
+        except grpc.aio.AioRpcError as error:
+            code = describe_error(error)
+        finished = time.monotonic()
+        if window_start <= scheduled and finished <= window_end + CALL_TIMEOUT_SECONDS:
+            # Arrivals inside the window count, whenever they finish (bounded by the call timeout).
+            _record(sample, code, outcome, finished - scheduled)
+
+    async def measured() -> tuple[float | None, dict[str, float]]:
+        async with contextlib.AsyncExitStack() as channels:
+            stubs_by_channel = []
+            for _ in range(CHANNELS_PER_CLIENT_PROCESS):
+                channel = await channels.enter_async_context(
+                    grpc.aio.insecure_channel(grpc_endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+                )
+                await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_TIMEOUT_SECONDS)
+                stubs_by_channel.append(Stubs.for_channel(channel))
+            rng = random.Random(f"open-loop:{os.getpid()}:{time.time_ns()}")
+            label = f"o{os.getpid()}"
+            started = time.monotonic()
+            window_start, window_end = started + warmup_seconds, started + warmup_seconds + seconds
+            in_flight: set[asyncio.Task] = set()
+            cpu_figures = None
+            cpu_started = False
+            for sequence in itertools.count():
+                scheduled = started + sequence * interval_seconds
+                if scheduled >= window_end:
+                    break
+                delay = scheduled - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if not cpu_started and scheduled >= window_start:
+                    window_cpu.start()
+                    cpu_process_start = time.process_time()
+                    cpu_started = True
+                if len(in_flight) >= in_flight_max:
+                    if scheduled >= window_start:
+                        sample.error_count_by_code["SKIPPED_IN_FLIGHT_MAX"] += 1
+                    continue
+                task = asyncio.create_task(
+                    one(stubs_by_channel[sequence % len(stubs_by_channel)], label, sequence, rng, scheduled,
+                        window_end, window_start)
+                )  # fmt: skip
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+            if cpu_started:
+                cpu_figures = window_cpu.stop()
+                sample.cpu_seconds_window = time.process_time() - cpu_process_start
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=CALL_TIMEOUT_SECONDS + 1)
+        return cpu_figures or (None, {})
+
+    machine_percent, process_percent = asyncio.run(measured())
+    p50, p99, mean = latency_figures_ms(sample.latencies_seconds)
+    return ScenarioResult(
+        scenario=scenario.name,
+        clients=in_flight_max,
+        seconds=seconds,
+        ok_count=sample.ok_operation_count,
+        ok_call_count=len(sample.latencies_seconds),
+        transactions_per_second=sample.ok_operation_count / seconds,
+        latency_ms_p50=p50,
+        latency_ms_p99=p99,
+        latency_ms_mean=mean,
+        error_count_by_code=dict(sample.error_count_by_code.most_common()),
+        client_processes=1,
+        client_cpu_percent=100.0 * sample.cpu_seconds_window / seconds,
+        machine_cpu_percent=machine_percent,
+        process_cpu_percent=process_percent,
+        notes={**dict(getattr(scenario, "notes", {})), "open_loop_rate_per_second": rate_per_second,
+               "in_flight_max": in_flight_max},
+    )

@@ -4,74 +4,46 @@ A scenario is prepared once (accounts opened and funded over gRPC), then handed
 to loadtest.driver.run_scenario, which may pickle it into client processes: so
 it holds only plain data (ids), never a channel.
 
-To add a row to the bench (cross-shard, batch, flash sale): write a dataclass
-with `name` and `call`, a `prepare_...` coroutine that builds it from
-BenchAccounts, and register it in SCENARIO_PREPARERS.
+To add a row to the bench: write a dataclass with `name` and `call`, a
+`prepare_...` coroutine that builds it from BenchAccounts, and register it in
+SCENARIO_PREPARERS. All phases of one bench run share one set of funded
+customers (loadtest.accounts opens and funds them once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-import functools
 import random
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
-from corebank.v1 import accounts_pb2, payments_pb2
+from corebank.v1 import payments_pb2
 
-from loadtest.cluster import Cluster
-from loadtest.driver import (
-    CALL_TIMEOUT_SECONDS,
-    CHANNEL_READY_TIMEOUT_SECONDS,
-    Stubs,
-    describe_error,
+from loadtest.accounts import (
+    CURRENCY,
+    TRANSFER_AMOUNT_MINOR_MAX,
+    AccountSet,
+    Setup,
+    describe_result_error,
+    load_shard_map,
+    open_account_set,
 )
+from loadtest.cluster import Cluster
+from loadtest.driver import CALL_TIMEOUT_SECONDS, CallOutcome, Stubs
 
-CURRENCY = "USD"
-# Tier 2: caps far above anything a bench moves (tier 0 would refuse after a few calls).
-CUSTOMER_TIER = 2
-# 1,000.00 USD per customer; transfers move at most 1.00, so no one runs dry.
-FUNDING_AMOUNT_MINOR = 100_000
-TRANSFER_AMOUNT_MINOR_MAX = 100
-# In-flight set-up calls; enough to be quick, few enough not to queue for long.
-SETUP_CONCURRENCY_MAX = 32
-# Funding debits one SYSTEM row per shard, so more in flight only waits on its lock.
-FUNDING_CONCURRENCY_MAX = 8
-# SYSTEM accounts are opened until each wanted shard has one; with S shards that
-# takes about S * ln(S) attempts, so this bound only trips on a broken map.
-SYSTEM_ACCOUNT_ATTEMPTS_MAX = 256
+# Transfers per CreateTransfers call in the batch phase, unless --batch-size says otherwise.
+BATCH_SIZE_DEFAULT = 1000
+# Merchants the uniform phase spreads payments over: enough that no row is hot.
+UNIFORM_MERCHANT_COUNT_DEFAULT = 64
 
 
 def new_run_id() -> str:
     """A fresh prefix for this run's idempotency keys: ids never collide across runs."""
     return "bench-" + uuid.uuid4().hex[:12]
-
-
-async def load_shard_map(cluster: Cluster):
-    from sharding import etcd_shard_map
-
-    client = etcd_shard_map.etcd_client(cluster.etcd_endpoint)
-    try:
-        shard_map = await etcd_shard_map.load(client)
-    finally:
-        await client.close()
-    if shard_map is None:
-        raise SystemExit(f"no shard map in etcd at {cluster.etcd_endpoint}: is the cluster up?")
-    return shard_map
-
-
-async def _bounded(limit: int, starters: list[Callable[[], Awaitable]]) -> list:
-    """Run at most `limit` at a time. Starters, not awaitables: a grpc.aio call
-    object starts its RPC when it is created, so creating it is what must wait."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(start: Callable[[], Awaitable]):
-        async with semaphore:
-            return await start()
-
-    return await asyncio.gather(*(one(start) for start in starters))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,88 +55,32 @@ class BenchAccounts:
     customer_account_ids_by_shard: dict[str, tuple[str, ...]]
 
 
+# One account set per bench run and size: opening and funding thousands of
+# customers once, not once per phase, keeps `make bench` short.
+_account_sets: dict[tuple[str, int], AccountSet] = {}
+
+
 async def open_funded_customers(
     cluster: Cluster, run_id: str, customer_count: int, shard_names: set[str] | None = None
 ) -> BenchAccounts:
-    """Open `customer_count` tier-2 customers and keep those on `shard_names` (all if None).
+    """`customer_count` funded tier-2 customers, those on `shard_names` (all if None).
 
-    Each kept customer is funded from a SYSTEM account on its own shard, so
-    funding never depends on cross-shard transfers.
+    Opened and funded once per bench process (loadtest.accounts: concurrent
+    OpenAccount, funding through CreateTransfers from a SYSTEM account on each
+    customer's own shard); later phases reuse them.
     """
-    shard_map = await load_shard_map(cluster)
-    wanted = set(shard_names) if shard_names is not None else {shard.name for shard in shard_map.shards}
-    async with grpc.aio.insecure_channel(cluster.grpc_endpoint) as channel:
-        await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_TIMEOUT_SECONDS)
-        stubs = Stubs.for_channel(channel)
-
-        system_by_shard: dict[str, str] = {}
-        for attempt in range(SYSTEM_ACCOUNT_ATTEMPTS_MAX):
-            if wanted <= system_by_shard.keys():
-                break
-            account = await stubs.accounts.OpenAccount(
-                accounts_pb2.OpenAccountRequest(
-                    request_id=f"{run_id}:system:{attempt}",
-                    owner_id=f"{run_id}:bank",
-                    currency=CURRENCY,
-                    kind=accounts_pb2.SYSTEM,
-                    tier=0,
-                ),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-            system_by_shard.setdefault(shard_map.shard_name_for_key(account.account_id), account.account_id)
-        missing = wanted - system_by_shard.keys()
-        assert not missing, f"no SYSTEM account landed on {sorted(missing)} in {SYSTEM_ACCOUNT_ATTEMPTS_MAX} tries"
-
-        def open_customer(index: int) -> Awaitable:
-            return stubs.accounts.OpenAccount(
-                accounts_pb2.OpenAccountRequest(
-                    request_id=f"{run_id}:customer:{index}",
-                    owner_id=f"{run_id}:owner:{index}",
-                    currency=CURRENCY,
-                    kind=accounts_pb2.CUSTOMER,
-                    tier=CUSTOMER_TIER,
-                ),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-
-        opened = await _bounded(
-            SETUP_CONCURRENCY_MAX,
-            [functools.partial(open_customer, index) for index in range(customer_count)],
-        )
-        customers_by_shard: dict[str, list[str]] = {name: [] for name in wanted}
-        for account in opened:
-            shard_name = shard_map.shard_name_for_key(account.account_id)
-            if shard_name in wanted:
-                customers_by_shard[shard_name].append(account.account_id)
-
-        async def fund(shard_name: str, account_id: str) -> None:
-            try:
-                await stubs.payments.Transfer(
-                    payments_pb2.TransferRequest(
-                        transfer_id=f"{run_id}:fund:{account_id}",
-                        debit_account_id=system_by_shard[shard_name],
-                        credit_account_id=account_id,
-                        amount_minor=FUNDING_AMOUNT_MINOR,
-                        currency=CURRENCY,
-                        reference="bench funding",
-                    ),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-            except grpc.aio.AioRpcError as error:
-                raise RuntimeError(f"funding {account_id} failed: {describe_error(error)}: {error.details()}") from None
-
-        await _bounded(
-            FUNDING_CONCURRENCY_MAX,
-            [
-                functools.partial(fund, shard_name, account_id)
-                for shard_name, ids in customers_by_shard.items()
-                for account_id in ids
-            ],
-        )
+    key = (cluster.grpc_endpoint, customer_count)
+    if key not in _account_sets:
+        _account_sets[key] = await asyncio.to_thread(
+            open_account_set, cluster.grpc_endpoint, cluster.etcd_endpoint, customer_count, run_id=run_id,
+            log=lambda line: print(f"[bench] {line}", file=sys.stderr),
+        )  # fmt: skip
+    account_set = _account_sets[key]
+    wanted = set(shard_names) if shard_names is not None else set(account_set.customer_account_ids_by_shard)
     return BenchAccounts(
-        run_id,
-        {name: system_by_shard[name] for name in wanted},
-        {name: tuple(ids) for name, ids in customers_by_shard.items()},
+        account_set.run_id,
+        {name: account_set.system_account_id_by_shard[name] for name in wanted},
+        {name: tuple(account_set.customer_account_ids_by_shard[name]) for name in wanted},
     )
 
 
@@ -224,9 +140,85 @@ class CrossShardTransfers:
 
 
 @dataclasses.dataclass(frozen=True)
+class CreateTransfersBatches:
+    """CreateTransfers calls of `batch_size` random customer -> customer transfers;
+    `cross_shard_share` of them between shards, the rest within one shard."""
+
+    run_id: str
+    account_ids_by_shard: tuple[tuple[str, ...], ...]
+    batch_size: int
+    cross_shard_share: float
+    name: str = "corebank_create_transfers"
+
+    @property
+    def notes(self) -> dict:
+        return {"batch_size": self.batch_size, "cross_shard_share": self.cross_shard_share,
+                "accounts_per_shard": [len(ids) for ids in self.account_ids_by_shard]}  # fmt: skip
+
+    def _pair(self, rng: random.Random) -> tuple[str, str]:
+        if len(self.account_ids_by_shard) > 1 and rng.random() < self.cross_shard_share:
+            debit_shard, credit_shard = rng.sample(self.account_ids_by_shard, 2)
+            return rng.choice(debit_shard), rng.choice(credit_shard)
+        debit_account_id, credit_account_id = rng.sample(rng.choice(self.account_ids_by_shard), 2)
+        return debit_account_id, credit_account_id
+
+    async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> CallOutcome:
+        requests = []
+        for index in range(self.batch_size):
+            debit_account_id, credit_account_id = self._pair(rng)
+            requests.append(
+                payments_pb2.TransferRequest(
+                    transfer_id=f"{self.run_id}:{worker_label}:{sequence}:{index}", debit_account_id=debit_account_id,
+                    credit_account_id=credit_account_id, amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX),
+                    currency=CURRENCY, reference="bench batch",
+                )
+            )  # fmt: skip
+        response = await stubs.payments.CreateTransfers(
+            payments_pb2.CreateTransfersRequest(transfers=requests), timeout=CALL_TIMEOUT_SECONDS
+        )
+        errors: collections.Counter = collections.Counter()
+        for result in response.results:
+            if result.HasField("error"):
+                errors[describe_result_error(result.error)] += 1
+        return CallOutcome(len(response.results) - sum(errors.values()), dict(errors))
+
+
+@dataclasses.dataclass(frozen=True)
+class MerchantPayments:
+    """Buyers on every shard paying merchants: one collect_on_every_shard merchant
+    (the flash sale), or many ordinary ones chosen uniformly (the same load spread out)."""
+
+    run_id: str
+    buyer_account_ids: tuple[str, ...]
+    merchant_account_ids: tuple[str, ...]
+    name: str
+
+    @property
+    def notes(self) -> dict:
+        return {"buyers": len(self.buyer_account_ids), "merchants": len(self.merchant_account_ids)}
+
+    async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> None:
+        await stubs.payments.Transfer(
+            payments_pb2.TransferRequest(
+                transfer_id=f"{self.run_id}:{worker_label}:{sequence}",
+                debit_account_id=rng.choice(self.buyer_account_ids),
+                credit_account_id=rng.choice(self.merchant_account_ids),
+                amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX),
+                currency=CURRENCY,
+                reference="bench payment",
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareOptions:
     customer_count: int
     shard_name: str
+    batch_size: int = BATCH_SIZE_DEFAULT
+    # Share of CreateTransfers' transfers that cross shards (0: all same-shard).
+    batch_cross_shard_share: float = 0.0
+    uniform_merchant_count: int = UNIFORM_MERCHANT_COUNT_DEFAULT
 
 
 async def prepare_same_shard_transfers(cluster: Cluster, options: PrepareOptions) -> SameShardTransfers:
@@ -249,8 +241,45 @@ async def prepare_cross_shard_transfers(cluster: Cluster, options: PrepareOption
     return CrossShardTransfers(run_id, populated)
 
 
+async def prepare_create_transfers(cluster: Cluster, options: PrepareOptions) -> CreateTransfersBatches:
+    run_id = new_run_id()
+    accounts = await open_funded_customers(cluster, run_id, options.customer_count)
+    populated = tuple(ids for ids in accounts.customer_account_ids_by_shard.values() if len(ids) >= 2)
+    return CreateTransfersBatches(run_id, populated, options.batch_size, options.batch_cross_shard_share)
+
+
+def _open_merchants(cluster: Cluster, run_id: str, count: int, collect_on_every_shard: bool) -> tuple[str, ...]:
+    # The synchronous API (loadtest.accounts): this runs in a thread, outside the event loop.
+    with grpc.insecure_channel(cluster.grpc_endpoint) as channel:
+        setup = Setup(channel, load_shard_map(cluster.etcd_endpoint), run_id)
+        return tuple(setup.open_merchants(count, collect_on_every_shard))
+
+
+async def _prepare_merchant_payments(
+    cluster: Cluster, options: PrepareOptions, name: str, merchant_count: int, collect_on_every_shard: bool
+) -> MerchantPayments:
+    run_id = new_run_id()
+    accounts = await open_funded_customers(cluster, run_id, options.customer_count)
+    buyers = tuple(account_id for ids in accounts.customer_account_ids_by_shard.values() for account_id in ids)
+    merchants = await asyncio.to_thread(_open_merchants, cluster, run_id, merchant_count, collect_on_every_shard)
+    return MerchantPayments(run_id, buyers, merchants, name)
+
+
+async def prepare_flash_sale(cluster: Cluster, options: PrepareOptions) -> MerchantPayments:
+    return await _prepare_merchant_payments(cluster, options, "corebank_flash_sale", 1, collect_on_every_shard=True)
+
+
+async def prepare_uniform(cluster: Cluster, options: PrepareOptions) -> MerchantPayments:
+    return await _prepare_merchant_payments(
+        cluster, options, "corebank_uniform", options.uniform_merchant_count, collect_on_every_shard=False
+    )
+
+
 # Scenario name -> coroutine that prepares it. The bench runs them in this order.
 SCENARIO_PREPARERS: dict[str, Callable[[Cluster, PrepareOptions], Awaitable]] = {
     SameShardTransfers.name: prepare_same_shard_transfers,
     CrossShardTransfers.name: prepare_cross_shard_transfers,
+    CreateTransfersBatches.name: prepare_create_transfers,
+    "corebank_flash_sale": prepare_flash_sale,
+    "corebank_uniform": prepare_uniform,
 }

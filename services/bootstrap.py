@@ -9,15 +9,11 @@ import logging
 import psycopg_pool
 
 from services.api import metrics
-from services.storage.shard_store import ShardStore
+from services.storage.shard_store import POOL_SIZE_MAX, POOL_SIZE_MIN, ShardStore
 from sharding import etcd_shard_map
 from sharding.router import ShardRouter
 from sharding.shard_map import Shard, ShardMap
 
-# Connections per shard per process: enough to keep a shard's cores busy at
-# peak, few enough that several processes stay under max_connections (200).
-POOL_SIZE_MIN = 2
-POOL_SIZE_MAX = 16
 SHARD_MAP_WAIT_SECONDS_MAX = 60.0
 
 log = logging.getLogger(__name__)

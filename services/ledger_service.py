@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services import collection
 from services.coordinator.driver import TransferDriver, outcome
 from services.coordinator.state_machine import FINAL_STATES
 from services.group_commit import GroupCommitter
@@ -49,6 +50,12 @@ class LedgerService:
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         request.validated(self.limits)
+        sibling = await self.router.handle_for(request.sibling_account_id).get_account(request.sibling_account_id, timeout_seconds)
+        if sibling is not None:
+            raise errors.IdempotencyConflict(
+                f"request_id {request.request_id} opened an account with other collect_on_every_shard",
+                conflicting_fields="collect_on_every_shard",
+            )
         account, created = await self.router.handle_for(request.account_id).open_account(request, timeout_seconds)
         conflicts = [] if created else account.conflicting_fields(request)
         if conflicts:
@@ -56,22 +63,65 @@ class LedgerService:
                 f"request_id {request.request_id} opened an account with other {', '.join(conflicts)}",
                 conflicting_fields=",".join(conflicts),
             )
+        if account.collect_on_every_shard:
+            # Every time, not only when created: a retry completes what a failed attempt left out.
+            await asyncio.gather(*(
+                self.router.handle(shard.name).open_collection_account(
+                    account, collection.collection_account_id(self.router.shard_map, shard.name, account.account_id), timeout_seconds
+                )
+                for shard in self.router.shard_map.shards
+            ))
         return account, created
 
-    async def get_account(self, account_id: str, timeout_seconds: float) -> Account:
+    async def get_account(self, account_id: str, timeout_seconds: float) -> tuple[Account, int]:
+        """The account, and what it is collecting on every shard and has not swept in yet."""
         ids.validate_id(account_id, "account_id")
-        account = await self.router.handle_for(account_id).get_account(account_id, timeout_seconds)
+        store = self.router.handle_for(account_id)
+        if ids.is_collecting_account(account_id):
+            account, swept_in_minor = await store.get_account_and_swept_in(account_id, timeout_seconds)
+        else:
+            account, swept_in_minor = await store.get_account(account_id, timeout_seconds), 0
         if account is None:
             raise errors.AccountNotFound(f"account {account_id} not found", account_id=account_id)
-        return account
+        return account, await self._collecting(account, swept_in_minor, timeout_seconds)
 
-    async def update_account_status(self, account_id: str, status: int, timeout_seconds: float) -> Account:
+    async def _collecting(self, account: Account, swept_in_minor: int, timeout_seconds: float) -> int:
+        """Collected so far on every shard, less what sweeps brought in: exact while sweeps run.
+
+        A sweep moves money from a sub-account to the merchant, but neither changes the
+        sub-accounts' credits so far, and the merchant's balance and its swept-in total
+        change in one transaction; so however the shards' reads interleave with sweeps,
+        balance + collecting counts each payment once.
+        """
+        if not account.collect_on_every_shard:
+            return 0
+        collected = await asyncio.gather(
+            *(store.collected_so_far(account.account_id, timeout_seconds) for store in self.router.handles())
+        )
+        return sum(collected) - swept_in_minor
+
+    async def update_account_status(self, account_id: str, status: int, timeout_seconds: float) -> tuple[Account, int]:
         ids.validate_id(account_id, "account_id")
-        return await self.router.handle_for(account_id).update_account_status(account_id, status, timeout_seconds)
+        account = await self.router.handle_for(account_id).update_account_status(account_id, status, timeout_seconds)
+        if account.collect_on_every_shard:  # its sub-accounts refuse or accept payments with it
+            await asyncio.gather(
+                *(store.set_collection_status(account_id, account.status, timeout_seconds) for store in self.router.handles())
+            )
+        return await self.get_account(account_id, timeout_seconds)
 
     async def close_account(self, account_id: str, timeout_seconds: float) -> Account:
         ids.validate_id(account_id, "account_id")
-        return await self.router.handle_for(account_id).close_account(account_id, timeout_seconds)
+        account, collecting = await self.get_account(account_id, timeout_seconds)
+        if collecting:
+            raise errors.AccountBalanceNotZero(
+                f"account {account_id} is still collecting {collecting} on other shards", account_id=account_id
+            )
+        closed = await self.router.handle_for(account_id).close_account(account_id, timeout_seconds)
+        if closed.collect_on_every_shard:
+            await asyncio.gather(
+                *(store.set_collection_status(account_id, closed.status, timeout_seconds) for store in self.router.handles())
+            )
+        return closed
 
     async def list_account_transfers(
         self, account_id: str, page_size: int, page_token: str, timeout_seconds: float
@@ -90,9 +140,9 @@ class LedgerService:
 
     async def transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
         """The final transfer; a refusal is raised after it is recorded."""
-        request.validated()
+        request = collection.routed(request.validated(), self.router.shard_map)
         debit_shard = self.router.shard_name_for(request.debit_account_id)
-        credit_shard = self.router.shard_name_for(request.credit_account_id)
+        credit_shard = self.router.shard_name_for(request.credited)
         if debit_shard != credit_shard:
             return await self._transfer_between_shards(request, debit_shard, credit_shard, timeout_seconds)
         deadline = asyncio.get_running_loop().time() + timeout_seconds
@@ -136,7 +186,7 @@ class LedgerService:
         async def transfer_between_shards(index: int) -> None:
             async with limit:
                 request = requests[index]
-                debit_shard, credit_shard = (self.router.shard_name_for(a) for a in (request.debit_account_id, request.credit_account_id))
+                debit_shard, credit_shard = (self.router.shard_name_for(a) for a in (request.debit_account_id, request.credited))
                 remaining = deadline - asyncio.get_running_loop().time()
                 try:
                     answers[index] = await self._transfer_between_shards(request, debit_shard, credit_shard, remaining)
@@ -159,11 +209,11 @@ class LedgerService:
             failure = (chain[-1], errors.LinkedChainOpen("the last transfer of the call has linked set: the chain never closes"))
         for index in chain:
             try:
-                requests[index].validated()
+                requests[index] = collection.routed(requests[index].validated(), self.router.shard_map)
             except errors.LedgerError as error:
                 failure = failure or (index, error)
         if failure is None:
-            shards = {(self.router.shard_name_for(requests[i].debit_account_id), self.router.shard_name_for(requests[i].credit_account_id)) for i in chain}
+            shards = {(self.router.shard_name_for(requests[i].debit_account_id), self.router.shard_name_for(requests[i].credited)) for i in chain}
             if len(chain) > 1 and (len(shards) > 1 or any(debit != credit for debit, credit in shards)):
                 failure = (chain[0], errors.LinkedChainSpansShards("a linked chain must keep all its accounts on one shard"))
             else:
@@ -241,10 +291,10 @@ class LedgerService:
                     failures.append(error)
                     continue
                 # A coordinator record (between shards) or a same-shard row is the whole answer;
-                # a branch row alone is not: its coordinator record is on another shard.
+                # a branch row alone is not: its coordinator record may be on another shard.
                 if record is not None:
                     return record.as_transfer()
-                if local is not None and local.branch == 0:
+                if local is not None and not local.is_half_of_a_cross_shard_transfer:
                     return local
         finally:
             for lookup in lookups:

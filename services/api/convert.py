@@ -18,7 +18,7 @@ def timestamp(moment: datetime.datetime | None) -> timestamp_pb2.Timestamp | Non
     return message
 
 
-def account_message(account: Account) -> accounts_pb2.Account:
+def account_message(account: Account, collecting_minor: int = 0) -> accounts_pb2.Account:
     return accounts_pb2.Account(
         account_id=account.account_id,
         owner_id=account.owner_id,
@@ -35,6 +35,8 @@ def account_message(account: Account) -> accounts_pb2.Account:
         credits_pending_minor=account.credits_pending_minor,
         created_at=timestamp(account.created_at),
         updated_at=timestamp(account.updated_at),
+        collect_on_every_shard=account.collect_on_every_shard,
+        collecting_minor=collecting_minor,
     )
 
 

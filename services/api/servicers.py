@@ -23,17 +23,18 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
 
     async def OpenAccount(self, request, context) -> accounts_pb2.Account:
         account, _ = await self.ledger.open_account(
-            OpenAccountRequest(request.request_id, request.owner_id, request.currency, request.kind, request.tier),
+            OpenAccountRequest(
+                request.request_id, request.owner_id, request.currency, request.kind, request.tier, request.collect_on_every_shard
+            ),
             _timeout(context),
         )
         return account_message(account)
 
     async def GetAccount(self, request, context) -> accounts_pb2.Account:
-        return account_message(await self.ledger.get_account(request.account_id, _timeout(context)))
+        return account_message(*await self.ledger.get_account(request.account_id, _timeout(context)))
 
     async def UpdateAccountStatus(self, request, context) -> accounts_pb2.Account:
-        account = await self.ledger.update_account_status(request.account_id, request.status, _timeout(context))
-        return account_message(account)
+        return account_message(*await self.ledger.update_account_status(request.account_id, request.status, _timeout(context)))
 
     async def CloseAccount(self, request, context) -> accounts_pb2.Account:
         return account_message(await self.ledger.close_account(request.account_id, _timeout(context)))

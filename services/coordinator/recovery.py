@@ -20,12 +20,15 @@ import signal
 
 import prometheus_client
 
+from services import collection
 from services.bootstrap import ShardConnections
 from services.coordinator import metrics
 from services.coordinator.driver import LEASE_SECONDS, PARTICIPANT_CALL_TIMEOUT_SECONDS, RETRYABLE, TransferDriver
 from services.ledger.limits import TierLimits
+from services.ledger_service import LedgerService
 from services.storage.tcc_store import TccStore
 
+# Each scan also sweeps collecting merchants' sub-accounts (services/collection.py).
 RECOVERY_SCAN_INTERVAL_SECONDS = 1.0
 RECOVERY_CLAIM_BATCH_SIZE = 50
 # Transfers one coordinator drives at once; more wait for the next scan.
@@ -35,9 +38,10 @@ log = logging.getLogger("corebank.coordinator")
 
 
 class Recovery:
-    def __init__(self, shards: ShardConnections, driver: TransferDriver) -> None:
+    def __init__(self, shards: ShardConnections, driver: TransferDriver, ledger: LedgerService) -> None:
         self.shards = shards
         self.driver = driver
+        self.ledger = ledger  # for sweeping collecting merchants' sub-accounts
         self._drives: set[asyncio.Task] = set()
 
     async def scan_once(self) -> int:
@@ -70,6 +74,7 @@ class Recovery:
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self.scan_once()
+            await collection.sweep_once(self.ledger, PARTICIPANT_CALL_TIMEOUT_SECONDS)
             try:
                 await asyncio.wait_for(stopping.wait(), RECOVERY_SCAN_INTERVAL_SECONDS)
             except TimeoutError:
@@ -82,7 +87,8 @@ async def serve(metrics_listen: str, etcd_endpoint: str, process_name: str, limi
     metrics_host, metrics_port = metrics_listen.rsplit(":", 1)
     prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
     shards = await ShardConnections.open(etcd_endpoint)
-    recovery = Recovery(shards, TransferDriver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
+    driver = TransferDriver(shards.router, limits, owner=f"{process_name}:{os.getpid()}")
+    recovery = Recovery(shards, driver, LedgerService(shards.router, limits, driver))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):

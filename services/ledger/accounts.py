@@ -39,6 +39,7 @@ class OpenAccountRequest:
     currency: str
     kind: int
     tier: int
+    collect_on_every_shard: bool = False
 
     def validated(self, limits: TierLimits) -> OpenAccountRequest:
         ids.validate_id(self.request_id, "request_id")
@@ -49,11 +50,18 @@ class OpenAccountRequest:
         if self.kind not in AccountKind._value2member_map_:
             raise errors.InvalidField(f"unknown kind {self.kind}", field="kind")
         limits.validate_tier(self.tier, self.currency)
+        if self.collect_on_every_shard and self.kind != AccountKind.MERCHANT:
+            raise errors.InvalidField("only MERCHANT accounts collect on every shard", field="collect_on_every_shard")
         return self
 
     @property
     def account_id(self) -> str:
-        return ids.account_id_for_request(self.request_id)
+        return ids.account_id_for_request(self.request_id, self.collect_on_every_shard)
+
+    @property
+    def sibling_account_id(self) -> str:
+        """The id the same request_id would give with the other collect_on_every_shard."""
+        return ids.account_id_for_request(self.request_id, not self.collect_on_every_shard)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,8 @@ class Account:
     credits_pending_minor: int = 0
     created_at: datetime.datetime | None = None
     updated_at: datetime.datetime | None = None
+    collect_on_every_shard: bool = False
+    parent_account_id: str | None = None
 
     @property
     def balance_minor(self) -> int:

@@ -10,6 +10,10 @@ ID_LENGTH_MAX = 64
 REFERENCE_LENGTH_MAX = 256
 _ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")
 ACCOUNT_ID_PREFIX = "acc_"
+# A merchant that collects on every shard (flash sales): its payments are routed by id alone.
+COLLECTING_ACCOUNT_ID_PREFIX = "hot_"
+# Its collection sub-accounts, one per shard: "sub_<merchant id body>_<n>".
+COLLECTION_ACCOUNT_ID_PREFIX = "sub_"
 
 
 def validate_id(value: str, field: str) -> str:
@@ -32,11 +36,25 @@ def validate_reference(reference: str) -> str:
     return reference
 
 
-def account_id_for_request(request_id: str) -> str:
+def account_id_for_request(request_id: str, collect_on_every_shard: bool = False) -> str:
     """The account id is a digest of the OpenAccount request_id.
 
     So a retried OpenAccount lands on the same shard as the first attempt and
-    meets its row there: idempotency needs no global directory.
+    meets its row there: idempotency needs no global directory. The prefix tells
+    a merchant collecting on every shard, so routing a payment needs no lookup.
     """
     digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=16, person=b"corebank.account").digest()
-    return ACCOUNT_ID_PREFIX + base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+    prefix = COLLECTING_ACCOUNT_ID_PREFIX if collect_on_every_shard else ACCOUNT_ID_PREFIX
+    return prefix + base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+
+
+def is_collecting_account(account_id: str) -> bool:
+    return account_id.startswith(COLLECTING_ACCOUNT_ID_PREFIX)
+
+
+def collection_parent(account_id: str) -> str | None:
+    """The merchant a collection sub-account belongs to, or None for any other account."""
+    if not account_id.startswith(COLLECTION_ACCOUNT_ID_PREFIX):
+        return None
+    body = account_id[len(COLLECTION_ACCOUNT_ID_PREFIX):].rsplit("_", 1)[0]
+    return COLLECTING_ACCOUNT_ID_PREFIX + body

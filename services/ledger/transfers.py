@@ -33,6 +33,13 @@ class TransferRequest:
     amount_minor: int
     currency: str
     reference: str = ""
+    # Set by routing, never by clients: the account that takes the credit when it is not
+    # credit_account_id itself (a collecting merchant's sub-account on the payer's shard).
+    credited_account_id: str = ""
+
+    @property
+    def credited(self) -> str:
+        return self.credited_account_id or self.credit_account_id
 
     def validated(self) -> TransferRequest:
         """Checks that need no account; a failure records nothing."""
@@ -60,8 +67,14 @@ class Transfer:
     seq: int = 0
     created_at: datetime.datetime | None = None
     finalized_at: datetime.datetime | None = None
-    # 0 for a same-shard transfer; 1 or 2 for the debit or credit branch of one between shards.
+    # 0 for a same-shard transfer; 1 or 2 for the debit or credit branch of one between
+    # shards; 3 for a payment collected for a merchant on the payer's shard.
     branch: int = 0
+
+    @property
+    def is_half_of_a_cross_shard_transfer(self) -> bool:
+        """A branch row: the whole transfer is its coordinator's record on the debit shard."""
+        return self.branch in (1, 2)
 
     def conflicting_fields(self, request: TransferRequest) -> list[str]:
         """Fields where a retried Transfer differs from the one that created this transfer."""

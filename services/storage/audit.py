@@ -24,11 +24,12 @@ BALANCE_BY_CURRENCY = """
     SELECT currency, sum(credits_posted_minor::numeric - debits_posted_minor::numeric) FROM accounts GROUP BY currency"""
 # Every account's four counters must be exactly what its transfer rows say. A row
 # of a transfer between shards (branch 1 or 2) has the shard's clearing account
-# on the far side.
+# on the far side; a payment collected for a merchant (branch 3) credits the
+# merchant's sub-account on this shard.
 ACCOUNTS_NOT_MATCHING_TRANSFERS = """
     WITH entries AS (
         SELECT CASE WHEN branch = 2 THEN clearing_account_id ELSE debit_account_id END AS debited,
-               CASE WHEN branch = 1 THEN clearing_account_id ELSE credit_account_id END AS credited,
+               CASE WHEN branch IN (1, 3) THEN clearing_account_id ELSE credit_account_id END AS credited,
                amount_minor::numeric AS amount, status
         FROM transfers WHERE status IN (1, 2)
     ), legs AS (
@@ -52,7 +53,7 @@ CLEARING_BALANCE_BY_CURRENCY = """
     SELECT currency, sum(credits_posted_minor::numeric - debits_posted_minor::numeric) FROM accounts
     WHERE owner_id = 'corebank-clearing' GROUP BY currency"""
 COORDINATOR_STATES = "SELECT transfer_id, state, credit_shard FROM tcc_transfers"
-BRANCH_STATUSES = "SELECT transfer_id, branch, status FROM transfers WHERE branch > 0"
+BRANCH_STATUSES = "SELECT transfer_id, branch, status FROM transfers WHERE branch IN (1, 2)"
 
 # tcc_transfers.state values (services.coordinator.state_machine.CoordinatorState), kept as
 # plain numbers so the audit reads the database without the service's code.

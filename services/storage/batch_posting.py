@@ -23,12 +23,14 @@ from services.storage.shard_store import batch, transfer_from_row
 
 LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE"
 SELECT_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)"
+# branch 3 rows credit a collecting merchant's sub-account (clearing_account_id).
 INSERT_TRANSFERS = f"""
     INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
-                           status, reason, finalized_at)
+                           status, reason, branch, clearing_account_id, finalized_at)
     SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],
-                                %s::smallint[], %s::text[])
+                                %s::smallint[], %s::text[], %s::smallint[], %s::text[])
     RETURNING {TRANSFER_COLUMNS}"""
+COLLECTED_BRANCH = 3
 APPLY_BALANCE_CHANGES = """
     UPDATE accounts SET debits_posted_minor = debits_posted_minor + change.debits,
                         credits_posted_minor = credits_posted_minor + change.credits, updated_at = now()
@@ -52,7 +54,7 @@ async def post_chains(
     A chain of one is an ordinary transfer; a longer chain is all or nothing.
     """
     requests = [request for chain in chains for request in chain]
-    account_ids = sorted({i for r in requests for i in (r.debit_account_id, r.credit_account_id)})
+    account_ids = sorted({i for r in requests for i in (r.debit_account_id, r.credited)})
     try:
         async with store.session(timeout_seconds) as session:
             locked, earlier = await session.run(
@@ -75,16 +77,11 @@ async def post_chains(
                         outcome.transfer = stored[outcome.transfer.transfer_id]
         return outcomes
     except psycopg.errors.UniqueViolation:
-        # Another process stored one of these ids meanwhile. Fall back to one transfer per
-        # transaction, so its neighbours are not failed by it (chains stay together).
-        return [await _post_chain_alone(store, chain, limits, timeout_seconds) for chain in chains]
-
-
-async def _post_chain_alone(store: ShardStore, chain: list[TransferRequest], limits: TierLimits, timeout_seconds: float) -> list[Outcome]:
-    if len(chain) > 1:
-        return (await post_chains(store, [chain], limits, timeout_seconds))[0]
-    transfer, refusal = await store.post_transfer(chain[0], limits, timeout_seconds)
-    return [Outcome(transfer, refusal)]
+        if len(chains) == 1:
+            # The id was stored by another process meanwhile; this time the SELECT finds it.
+            return await post_chains(store, chains, limits, timeout_seconds)
+        # Fall back to one chain per transaction, so its neighbours are not failed by it.
+        return [(await post_chains(store, [chain], limits, timeout_seconds))[0] for chain in chains]
 
 
 class _Plan:
@@ -105,7 +102,7 @@ class _Plan:
                 # A retry (or a repeat within this batch): the service compares fields and answers.
                 decisions.append(self.known[request.transfer_id])
                 continue
-            refusal = decide(request, tentative.get(request.debit_account_id), tentative.get(request.credit_account_id), limits)
+            refusal = decide(request, tentative.get(request.debit_account_id), tentative.get(request.credited), limits)
             if refusal is None:
                 _apply(tentative, request)
             elif first_refused is None:
@@ -128,7 +125,7 @@ class _Plan:
                 )
             outcomes.append(self._record(request, refusal))
             if refusal is None:
-                for account_id, column in ((request.debit_account_id, 0), (request.credit_account_id, 1)):
+                for account_id, column in ((request.debit_account_id, 0), (request.credited, 1)):
                     self._changes.setdefault(account_id, [0, 0])[column] += request.amount_minor
         return outcomes
 
@@ -138,6 +135,7 @@ class _Plan:
         self.new_rows.append((
             request.transfer_id, request.debit_account_id, request.credit_account_id, request.amount_minor,
             request.currency, request.reference, int(status), reason,
+            COLLECTED_BRANCH if request.credited_account_id else 0, request.credited_account_id or None,
         ))
         planned = Transfer(
             request.transfer_id, request.debit_account_id, request.credit_account_id, request.amount_minor,
@@ -151,6 +149,6 @@ class _Plan:
 
 
 def _apply(accounts: dict[str, Account], request: TransferRequest) -> None:
-    debit, credit = accounts[request.debit_account_id], accounts[request.credit_account_id]
+    debit, credit = accounts[request.debit_account_id], accounts[request.credited]
     accounts[debit.account_id] = dataclasses.replace(debit, debits_posted_minor=debit.debits_posted_minor + request.amount_minor)
     accounts[credit.account_id] = dataclasses.replace(credit, credits_posted_minor=credit.credits_posted_minor + request.amount_minor)

@@ -17,6 +17,10 @@ CREATE TABLE IF NOT EXISTS accounts (
     credits_pending_minor bigint NOT NULL DEFAULT 0 CHECK (credits_pending_minor >= 0),
     created_at            timestamptz NOT NULL DEFAULT now(),
     updated_at            timestamptz NOT NULL DEFAULT now(),
+    -- A MERCHANT whose payments are collected in sub-accounts on every shard (flash sales).
+    collect_on_every_shard boolean NOT NULL DEFAULT false,
+    -- Set on those sub-accounts: the merchant they are swept into.
+    parent_account_id     text,
     -- A safety net under the service's own checks: only SYSTEM accounts (kind 3)
     -- may go negative. numeric, because the difference may leave the bigint range.
     CONSTRAINT only_system_accounts_go_negative CHECK (
@@ -24,6 +28,8 @@ CREATE TABLE IF NOT EXISTS accounts (
         OR credits_posted_minor::numeric - debits_posted_minor::numeric - debits_pending_minor::numeric >= 0
     )
 );
+
+CREATE INDEX IF NOT EXISTS accounts_by_parent ON accounts (parent_account_id) WHERE parent_account_id IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS transfers (
     transfer_id       text PRIMARY KEY,
@@ -41,7 +47,9 @@ CREATE TABLE IF NOT EXISTS transfers (
     -- 0: both accounts on this shard. A transfer between shards leaves one row on
     -- each: 1 on the debit shard (debits debit_account_id, credits clearing_account_id),
     -- 2 on the credit shard (debits clearing_account_id, credits credit_account_id).
-    branch            smallint NOT NULL DEFAULT 0 CHECK (branch IN (0, 1, 2)),
+    -- 3: a payment to a merchant collecting on every shard: credits its sub-account on
+    -- this shard (clearing_account_id); credit_account_id names the merchant.
+    branch            smallint NOT NULL DEFAULT 0 CHECK (branch IN (0, 1, 2, 3)),
     clearing_account_id text,
     CHECK (debit_account_id <> credit_account_id),
     CHECK ((branch = 0) = (clearing_account_id IS NULL))

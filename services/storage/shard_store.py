@@ -1,13 +1,11 @@
-"""One shard's ledger in PostgreSQL.
+"""One shard's ledger in PostgreSQL: accounts, and the session every storage module uses.
 
 Every operation is a few explicit `BEGIN ... COMMIT` batches, each sent as one
 multi-statement query (client-side parameter binding, simple query protocol):
 one round trip per batch and about half the client CPU of pipeline mode, which
 matters because the service process, not the database, is the bottleneck.
-A same-shard transfer takes two round trips: (1) lock both accounts in
-account_id order and look for an earlier transfer with the same id; (2) insert
-the transfer, update both balances, commit. The rules in between are
-services.ledger.transfers.decide.
+Same-shard transfers are posted in batches (batch_posting.py), transfers
+between shards by the TCC operations (tcc_store.py).
 """
 
 from __future__ import annotations
@@ -21,48 +19,57 @@ import psycopg.errors
 import psycopg_pool
 from psycopg.pq import ExecStatus, TransactionStatus
 
-from services.ledger import errors
+from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
 from services.ledger.accounts import check_closable, check_status_change
-from services.ledger.limits import TierLimits
-from services.ledger.transfers import Transfer, TransferRequest, TransferStatus, decide
+from services.ledger.transfers import Transfer, TransferStatus
 
 # A request never waits longer than this for a pooled connection, whatever its
 # deadline: a shard that cannot hand out a connection in this time is unavailable.
 POOL_WAIT_SECONDS_MAX = 5.0
+# Connections per shard per process: enough to keep a shard's cores busy at
+# peak, few enough that several processes stay under max_connections (200).
+POOL_SIZE_MIN = 2
+POOL_SIZE_MAX = 16
+# After a shard restart every pooled connection is dead: skip at most the whole pool.
+DEAD_CONNECTIONS_SKIPPED_MAX = POOL_SIZE_MAX
 
 ACCOUNT_COLUMNS = (
     "account_id, request_id, owner_id, currency, kind, tier, status, debits_posted_minor, credits_posted_minor,"
-    " debits_pending_minor, credits_pending_minor, created_at, updated_at"
+    " debits_pending_minor, credits_pending_minor, created_at, updated_at, collect_on_every_shard, parent_account_id"
 )
 TRANSFER_COLUMNS = (
     "transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference, status, reason, seq,"
     " created_at, finalized_at, branch"
 )
 
-LOCK_TWO_ACCOUNTS = f"""
-    SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id IN (%s, %s)
-    ORDER BY account_id FOR UPDATE"""  # one fixed lock order: no deadlocks between transfers
 SELECT_TRANSFER = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = %s"
-INSERT_TRANSFER = f"""
-    INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
-                           status, reason, finalized_at)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())
-    RETURNING {TRANSFER_COLUMNS}"""
-POST_BALANCES = """
-    UPDATE accounts SET
-        debits_posted_minor = debits_posted_minor + CASE WHEN account_id = %s THEN %s ELSE 0 END,
-        credits_posted_minor = credits_posted_minor + CASE WHEN account_id = %s THEN %s ELSE 0 END,
-        updated_at = now()
-    WHERE account_id IN (%s, %s)"""
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s"
 LOCK_ACCOUNT = SELECT_ACCOUNT + " FOR UPDATE"
 INSERT_ACCOUNT = f"""
-    INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
-    VALUES (%s, %s, %s, %s, %s, %s, %s)
+    INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status, collect_on_every_shard, parent_account_id)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (account_id) DO NOTHING
     RETURNING {ACCOUNT_COLUMNS}"""
 SET_STATUS = f"UPDATE accounts SET status = %s, updated_at = now() WHERE account_id = %s RETURNING {ACCOUNT_COLUMNS}"
+SET_COLLECTION_STATUS = "UPDATE accounts SET status = %s, updated_at = now() WHERE parent_account_id = %s"
+# A merchant's sub-accounts are credited only by payments and debited only by sweeps, so
+# their credits so far are every payment collected, whatever sweeps are in flight.
+COLLECTED_SO_FAR = "SELECT coalesce(sum(credits_posted_minor), 0) FROM accounts WHERE parent_account_id = %s"
+# What the merchant's own row has received from its sub-accounts' sweeps: posted in the
+# same transaction as its balance, so one snapshot of both is consistent.
+RECEIVED_FROM_SWEEPS = f"""
+    SELECT coalesce(sum(amount_minor), 0) FROM transfers
+    WHERE credit_account_id = %s AND status = 2 AND branch IN (0, 2)
+      AND starts_with(debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')"""
+# What each collection sub-account can sweep now, and the sweep's id part: the debits
+# so far, which only sweeps move, so a retried sweep of the same money has the same id.
+SWEEPABLE = """
+    SELECT account_id, parent_account_id, currency, credits_posted_minor - debits_posted_minor - debits_pending_minor,
+           debits_posted_minor + debits_pending_minor
+    FROM accounts WHERE parent_account_id IS NOT NULL
+      AND credits_posted_minor - debits_posted_minor - debits_pending_minor > 0
+    LIMIT %s"""
 # Newest first: each side's index gives its newest rows; merge the two.
 LIST_ACCOUNT_TRANSFERS = f"""
     SELECT {TRANSFER_COLUMNS} FROM (
@@ -103,58 +110,18 @@ class ShardStore:
         """
         try:
             async with asyncio.timeout(timeout_seconds):
-                async with self.pool.connection(timeout=min(timeout_seconds, POOL_WAIT_SECONDS_MAX)) as connection:
-                    session = Session(psycopg.AsyncClientCursor(connection), timeout_seconds)
-                    try:
-                        yield session
-                    finally:
-                        if connection.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-                            await connection.execute("ROLLBACK")
+                session = Session(self.pool, timeout_seconds)
+                await session.connect()
+                try:
+                    yield session
+                finally:
+                    await session.release()
         except psycopg_pool.PoolTimeout as error:
             raise errors.ShardUnavailable(f"{self.shard_name}: no connection ({error})", shard=self.shard_name) from error
         except (TimeoutError, psycopg.errors.QueryCanceled) as error:
             raise errors.DeadlineExceeded(f"{self.shard_name}: deadline passed; the outcome may be unknown") from error
         except psycopg.OperationalError as error:
             raise errors.ShardUnavailable(f"{self.shard_name}: {error}", shard=self.shard_name) from error
-
-    async def post_transfer(
-        self, request: TransferRequest, limits: TierLimits, timeout_seconds: float
-    ) -> tuple[Transfer, errors.LedgerError | None]:
-        """The transfer as stored, and the refusal when this call just rejected it.
-
-        The fresh refusal carries the details of the decision (which limit, which
-        account); a stored rejection only keeps its reason.
-        """
-        debit_id, credit_id = request.debit_account_id, request.credit_account_id
-        try:
-            async with self.session(timeout_seconds) as session:
-                locked, earlier = await session.run(
-                    session.begin(LOCK_TWO_ACCOUNTS, SELECT_TRANSFER), [debit_id, credit_id, request.transfer_id]
-                )
-                if earlier:
-                    return transfer_from_row(earlier[0]), None
-                accounts = {row[0]: account_from_row(row) for row in locked}
-                refusal = decide(request, accounts.get(debit_id), accounts.get(credit_id), limits)
-                transfer_row = [
-                    request.transfer_id, debit_id, credit_id, request.amount_minor, request.currency, request.reference,
-                    TransferStatus.POSTED if refusal is None else TransferStatus.REJECTED,
-                    "" if refusal is None else refusal.reason,
-                ]
-                if refusal is None:
-                    amount = request.amount_minor
-                    (inserted,) = await session.run(
-                        batch(INSERT_TRANSFER, POST_BALANCES, COMMIT),
-                        [*transfer_row, debit_id, amount, credit_id, amount, debit_id, credit_id],
-                    )
-                else:
-                    (inserted,) = await session.run(batch(INSERT_TRANSFER, COMMIT), transfer_row)
-            return transfer_from_row(inserted[0]), refusal
-        except psycopg.errors.UniqueViolation:
-            # The same transfer_id committed meanwhile (with other accounts, or we would have
-            # waited on their locks): answer from the stored row.
-            stored = await self.get_transfer(request.transfer_id, timeout_seconds)
-            assert stored is not None, "unique violation on a transfer_id that is not there"
-            return stored, None
 
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer | None:
         async with self.session(timeout_seconds) as session:
@@ -166,10 +133,43 @@ class ShardStore:
             inserted, existing = await session.run(
                 session.begin(INSERT_ACCOUNT, SELECT_ACCOUNT, COMMIT),
                 [request.account_id, request.request_id, request.owner_id, request.currency, request.kind,
-                 request.tier, AccountStatus.ACTIVE, request.account_id],
+                 request.tier, AccountStatus.ACTIVE, request.collect_on_every_shard, None, request.account_id],
             )
         # When the id was taken, the INSERT returns nothing and the SELECT the account opened earlier.
         return (account_from_row(inserted[0]), True) if inserted else (account_from_row(existing[0]), False)
+
+    async def open_collection_account(self, merchant: Account, account_id: str, timeout_seconds: float) -> None:
+        """The merchant's sub-account on this shard (idempotent): same owner, currency, tier and status."""
+        async with self.session(timeout_seconds) as session:
+            await session.run(
+                session.begin(INSERT_ACCOUNT, COMMIT),
+                [account_id, account_id, merchant.owner_id, merchant.currency, merchant.kind, merchant.tier,
+                 merchant.status, False, merchant.account_id],
+            )
+
+    async def set_collection_status(self, merchant_id: str, status: int, timeout_seconds: float) -> None:
+        async with self.session(timeout_seconds) as session:
+            await session.run(session.begin(SET_COLLECTION_STATUS, COMMIT), [status, merchant_id])
+
+    async def collected_so_far(self, merchant_id: str, timeout_seconds: float) -> int:
+        async with self.session(timeout_seconds) as session:
+            (row,) = await session.run(session.begin(COLLECTED_SO_FAR, COMMIT), [merchant_id])
+        return int(row[0][0])
+
+    async def get_account_and_swept_in(self, account_id: str, timeout_seconds: float) -> tuple[Account | None, int]:
+        """An account, and (for a collecting merchant) what sweeps brought into it, in one snapshot."""
+        async with self.session(timeout_seconds) as session:
+            found, received = await session.run(
+                session.begin("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", SELECT_ACCOUNT, RECEIVED_FROM_SWEEPS, COMMIT),
+                [account_id, account_id],
+            )
+        return (account_from_row(found[0]) if found else None), int(received[0][0])
+
+    async def sweepable(self, limit: int, timeout_seconds: float) -> list[tuple[str, str, str, int, int]]:
+        """(sub-account, merchant, currency, amount to sweep, debits so far) with money to sweep."""
+        async with self.session(timeout_seconds) as session:
+            (rows,) = await session.run(session.begin(SWEEPABLE, COMMIT), [limit])
+        return rows
 
     async def get_account(self, account_id: str, timeout_seconds: float) -> Account | None:
         async with self.session(timeout_seconds) as session:
@@ -218,9 +218,25 @@ class ShardStore:
 
 
 class Session:
-    def __init__(self, cursor: psycopg.AsyncClientCursor, timeout_seconds: float) -> None:
-        self.cursor = cursor
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool, timeout_seconds: float) -> None:
+        self.pool = pool
+        self.timeout_seconds = timeout_seconds
         self.statement_timeout_ms = max(1, int(timeout_seconds * 1000))
+        self.connection: psycopg.AsyncConnection | None = None
+        self.cursor: psycopg.AsyncClientCursor | None = None
+        self.batches_sent = 0
+
+    async def connect(self) -> None:
+        self.connection = await self.pool.getconn(timeout=min(self.timeout_seconds, POOL_WAIT_SECONDS_MAX))
+        self.cursor = psycopg.AsyncClientCursor(self.connection)
+
+    async def release(self) -> None:
+        if self.connection is None:
+            return
+        if self.connection.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            await self.connection.execute("ROLLBACK")
+        await self.pool.putconn(self.connection)  # the pool discards a broken or busy connection
+        self.connection = None
 
     def begin(self, *statements: str) -> str:
         """Open a transaction whose statements the server cancels when the deadline passes."""
@@ -228,7 +244,20 @@ class Session:
 
     async def run(self, statements: str, params: list | dict | None = None) -> list[list[tuple]]:
         """Send a batch in one round trip; the rows of each statement that returns rows, in order."""
-        await self.cursor.execute(statements, params)
+        for attempt in range(DEAD_CONNECTIONS_SKIPPED_MAX + 1):
+            try:
+                await self.cursor.execute(statements, params)
+                break
+            except psycopg.OperationalError:
+                # Pooled connections the server had closed (a restart, a cut link) fail on first use,
+                # all of them at once. Every operation's first batch only reads and locks, or writes
+                # idempotently (ON CONFLICT, barriers, compare-and-set), so it is safe to send it again
+                # on the next connection; the pool drops each broken one and opens fresh ones.
+                if self.batches_sent or not self.connection.broken or attempt == DEAD_CONNECTIONS_SKIPPED_MAX:
+                    raise
+                await self.release()
+                await self.connect()
+        self.batches_sent += 1
         row_sets = []
         while True:
             # The result status, not cursor.description (which builds column objects every time).

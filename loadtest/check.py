@@ -1,0 +1,314 @@
+"""After a load test: check the ledger's invariants and every transfer the run sent.
+
+    python -m loadtest.check PREFIX     (PREFIX-setup.json and PREFIX-transfers.csv from the locustfile)
+
+Checks, each printed with its figures:
+1. the audit (services.storage.audit) finds no violation: every shard balanced,
+   counters equal to their transfers, every currency summing to zero, no
+   transfer between shards half done; first waiting a bounded time for the
+   transfers still in doubt to become final;
+2. no customer or merchant balance below zero;
+3. every acknowledged transfer (funding included) is POSTED exactly once: in the
+   shards' `transfers` tables, exactly one posted debit leg (branch 0, 1 or 3)
+   and one posted credit leg (branch 0, 2 or 3) for its id, for all of them; and
+   GetTransfer answers POSTED with the same accounts and amount, for a sample;
+4. no refused transfer was posted (GetTransfer on a sample);
+5. flash sale, during the run (PREFIX-merchant.csv, one read a second): the
+   merchant's balance_minor + collecting_minor never below the payments
+   acknowledged before the read, nor above those sent by its end;
+6. flash sale: the merchant's balance_minor + collecting_minor equals the sum of
+   its posted payments (acknowledged, plus those whose answer was lost and that
+   GetTransfer shows POSTED), and once the sweeps settle balance_minor alone does.
+Exits 1 on any violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import json
+import pathlib
+import random
+import sys
+import time
+from collections.abc import Callable
+
+import grpc
+import psycopg
+from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2
+
+from loadtest.accounts import RETRYABLE_CODES, AccountSet, describe_rpc_error
+from loadtest.cluster import load_cluster
+from services.storage.audit import audit_cluster
+
+# Transfers between shards left in doubt become final within the pending timeout
+# (30 s) plus a lease (5 s) and a recovery scan (1 s); wait a little longer, no more.
+IN_DOUBT_WAIT_SECONDS_MAX = 45.0
+IN_DOUBT_POLL_SECONDS = 1.0
+# Sweeps of collection sub-accounts run every second.
+SWEEP_SETTLE_SECONDS_MAX = 15.0
+SWEEP_POLL_SECONDS = 0.5
+# GetTransfer on every unresolved transfer up to this many, and on a sample of the acknowledged.
+UNRESOLVED_LOOKUPS_MAX = 20_000
+ACKNOWLEDGED_SAMPLE_SIZE = 2_000
+REFUSED_SAMPLE_SIZE = 500
+LOOKUP_CONCURRENCY_MAX = 64
+LOOKUP_ATTEMPTS_MAX = 4
+LOOKUP_RETRY_DELAY_SECONDS = 1.0
+CALL_TIMEOUT_SECONDS = 10.0
+# Ids per `= ANY(%s)` query on a shard.
+SQL_ID_CHUNK_SIZE = 20_000
+POSTED_STATUS = 2
+# transfers.branch (services/storage/schema.sql): 0 same shard, 1 debit side and 2 credit
+# side of a transfer between shards, 3 a payment credited to a collecting merchant's
+# sub-account on the payer's shard. A row is a debit leg, a credit leg, or both.
+DEBIT_BRANCHES, CREDIT_BRANCHES = (0, 1, 3), (0, 2, 3)
+VIOLATIONS_SHOWN_MAX = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class SentTransfer:
+    transfer_id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount_minor: int
+    outcome: str  # posted | refused | unknown | sent (the answer never came)
+    code: str
+
+
+def read_merchant_samples(path: pathlib.Path) -> list[tuple[float, int, int, int, int]]:
+    """(seconds, acknowledged_minor, balance_minor, collecting_minor, sent_minor) rows, if the file exists."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        return [
+            (float(row["seconds"]), int(row["acknowledged_minor"]), int(row["balance_minor"]),
+             int(row["collecting_minor"]), int(row["sent_minor"]))
+            for row in csv.DictReader(file)
+        ]  # fmt: skip
+
+
+def read_transfers(path: pathlib.Path) -> list[SentTransfer]:
+    with path.open(newline="") as file:
+        return [
+            SentTransfer(row["transfer_id"], row["debit_account_id"], row["credit_account_id"],
+                         int(row["amount_minor"]), row["outcome"], row["code"])
+            for row in csv.DictReader(file)
+        ]  # fmt: skip
+
+
+class Report:
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.violations: list[str] = []
+
+    def check(self, ok: bool, label: str, detail: str = "") -> None:
+        self.log(f"  [{'ok' if ok else 'VIOLATION'}] {label}" + (f": {detail}" if detail else ""))
+        if not ok:
+            self.violations.append(f"{label}: {detail}" if detail else label)
+
+
+def wait_for_final_audit(shards: list[dict], log: Callable[[str], None]):
+    deadline = time.monotonic() + IN_DOUBT_WAIT_SECONDS_MAX
+    while True:
+        audit = audit_cluster(shards)
+        if not audit.in_doubt or time.monotonic() >= deadline:
+            return audit
+        log(f"  waiting: {len(audit.in_doubt)} transfers between shards still in doubt")
+        time.sleep(IN_DOUBT_POLL_SECONDS)
+
+
+def posted_legs(shards: list[dict], transfer_ids: list[str]) -> tuple[collections.Counter, collections.Counter]:
+    """Posted debit legs and credit legs per transfer id, over every shard's `transfers` table."""
+    debit_legs: collections.Counter = collections.Counter()
+    credit_legs: collections.Counter = collections.Counter()
+    for shard in shards:
+        with psycopg.connect(shard["dsn"]) as connection:
+            for start in range(0, len(transfer_ids), SQL_ID_CHUNK_SIZE):
+                chunk = transfer_ids[start : start + SQL_ID_CHUNK_SIZE]
+                rows = connection.execute(
+                    "SELECT transfer_id, branch FROM transfers WHERE transfer_id = ANY(%s) AND status = %s",
+                    (chunk, POSTED_STATUS),
+                )
+                for transfer_id, branch in rows:
+                    if branch in DEBIT_BRANCHES:
+                        debit_legs[transfer_id] += 1
+                    if branch in CREDIT_BRANCHES:
+                        credit_legs[transfer_id] += 1
+    return debit_legs, credit_legs
+
+
+def get_transfers(channel: grpc.Channel, transfer_ids: list[str], retried: collections.Counter | None = None) -> dict:
+    """GetTransfer for each id: the Transfer, or `CODE/REASON` of the failure.
+
+    A lookup that fails with a retryable code (UNAVAILABLE, DEADLINE_EXCEEDED,
+    RESOURCE_EXHAUSTED) is asked again, a bounded number of times; `retried`
+    counts those failures by code, since a healthy cluster should have none."""
+    payments = payments_pb2_grpc.PaymentsStub(channel)
+    found: dict[str, transfers_pb2.Transfer | str] = {}
+    pending = list(transfer_ids)
+    for attempt in range(1, LOOKUP_ATTEMPTS_MAX + 1):
+        again = []
+        for start in range(0, len(pending), LOOKUP_CONCURRENCY_MAX):
+            chunk = pending[start : start + LOOKUP_CONCURRENCY_MAX]
+            futures = [
+                payments.GetTransfer.future(payments_pb2.GetTransferRequest(transfer_id=t), timeout=CALL_TIMEOUT_SECONDS)
+                for t in chunk
+            ]
+            for transfer_id, future in zip(chunk, futures):
+                try:
+                    found[transfer_id] = future.result()
+                except grpc.RpcError as error:
+                    found[transfer_id] = describe_rpc_error(error)
+                    if error.code() in RETRYABLE_CODES and attempt < LOOKUP_ATTEMPTS_MAX:
+                        again.append(transfer_id)
+                        if retried is not None:
+                            retried[found[transfer_id]] += 1
+        pending = again
+        if not pending:
+            break
+        time.sleep(LOOKUP_RETRY_DELAY_SECONDS)
+    return found
+
+
+def _status_name(answer: transfers_pb2.Transfer | str) -> str:
+    return answer if isinstance(answer, str) else transfers_pb2.TransferStatus.Name(answer.status)
+
+
+def check_run(
+    cluster_raw: dict,
+    accounts: AccountSet,
+    sent: list[SentTransfer],
+    scenario: str,
+    log: Callable[[str], None] = print,
+    merchant_samples: list[tuple[float, int, int, int, int]] | None = None,
+) -> list[str]:
+    """Run every check, print each, return the violations."""
+    report = Report(log)
+    shards = cluster_raw["shards"]
+    rng = random.Random(0)
+    by_outcome = collections.Counter(t.outcome for t in sent)
+    log(f"checking {scenario} run {accounts.run_id}: {len(sent)} transfers sent {dict(by_outcome)}, "
+        f"{len(accounts.funding_transfers)} funding transfers")  # fmt: skip
+
+    audit = wait_for_final_audit(shards, log)
+    report.check(not audit.in_doubt, "no transfer between shards left in doubt", f"{len(audit.in_doubt)} in doubt")
+    violations = audit.violations()
+    report.check(not violations, "audit: shards balanced, counters match transfers, sums conserved",
+                 "; ".join(violations[:VIOLATIONS_SHOWN_MAX]) or f"sum by currency {audit.balance_by_currency}")  # fmt: skip
+    negative = sum(shard.negative_customer_accounts for shard in audit.shards)
+    report.check(negative == 0, "no customer or merchant balance below zero", f"{negative} below zero")
+
+    acknowledged = [SentTransfer(*row, "posted", "funding") for row in accounts.funding_transfers]
+    acknowledged += [t for t in sent if t.outcome == "posted"]
+    unresolved = [t for t in sent if t.outcome in ("unknown", "sent")]
+    refused = [t for t in sent if t.outcome == "refused"]
+
+    # Every acknowledged id: exactly one posted debit leg and one posted credit leg across all shards.
+    acknowledged_ids = [t.transfer_id for t in acknowledged]
+    debit_legs, credit_legs = posted_legs(shards, acknowledged_ids)
+    not_once = [t for t in acknowledged_ids if debit_legs[t] != 1 or credit_legs[t] != 1]
+    report.check(
+        not not_once, f"every acknowledged transfer posted exactly once in the shards ({len(acknowledged_ids)} ids)",
+        ", ".join(f"{t} debit legs {debit_legs[t]} credit legs {credit_legs[t]}" for t in not_once[:VIOLATIONS_SHOWN_MAX]),
+    )  # fmt: skip
+
+    retried: collections.Counter = collections.Counter()
+    with grpc.insecure_channel(cluster_raw["grpc_endpoint"]) as channel:
+        sample = rng.sample(acknowledged, min(ACKNOWLEDGED_SAMPLE_SIZE, len(acknowledged)))
+        answers = get_transfers(channel, [t.transfer_id for t in sample], retried)
+        wrong = [
+            f"{t.transfer_id}: {_status_name(answers[t.transfer_id])}"
+            for t in sample
+            if isinstance(answers[t.transfer_id], str)
+            or answers[t.transfer_id].status != transfers_pb2.POSTED
+            or (answers[t.transfer_id].debit_account_id, answers[t.transfer_id].credit_account_id,
+                answers[t.transfer_id].amount_minor) != (t.debit_account_id, t.credit_account_id, t.amount_minor)
+        ]  # fmt: skip
+        report.check(not wrong, f"GetTransfer: acknowledged transfers POSTED as sent ({len(sample)} sampled)",
+                     "; ".join(wrong[:VIOLATIONS_SHOWN_MAX]))  # fmt: skip
+
+        lookups = unresolved[:UNRESOLVED_LOOKUPS_MAX]
+        resolved = get_transfers(channel, [t.transfer_id for t in lookups], retried)
+        resolved_counts = collections.Counter(_status_name(answer) for answer in resolved.values())
+        log(f"  unacknowledged transfers (answer lost or unknown outcome), as GetTransfer tells now: "
+            f"{dict(resolved_counts) or 'none'}")  # fmt: skip
+        still_pending = [t for t, answer in resolved.items() if _status_name(answer) == "PENDING"]
+        report.check(not still_pending, "no unacknowledged transfer still PENDING", ", ".join(still_pending[:5]))
+
+        refused_sample = rng.sample(refused, min(REFUSED_SAMPLE_SIZE, len(refused)))
+        refused_answers = get_transfers(channel, [t.transfer_id for t in refused_sample], retried)
+        posted_refusals = [t for t, answer in refused_answers.items() if _status_name(answer) == "POSTED"]
+        report.check(not posted_refusals, f"no refused transfer posted ({len(refused_sample)} sampled)",
+                     ", ".join(posted_refusals[:VIOLATIONS_SHOWN_MAX]))  # fmt: skip
+
+        if retried:
+            log(f"  note: GetTransfer lookups failed and were retried: {dict(retried)}")
+        if scenario == "flash-sale" and merchant_samples is not None:
+            outside = [
+                f"at {seconds:.1f} s: {balance} + {collecting} not in [{acknowledged}, {sent_minor}]"
+                for seconds, acknowledged, balance, collecting, sent_minor in merchant_samples
+                if not acknowledged <= balance + collecting <= sent_minor
+            ]
+            swept_during_run = sum(1 for sample in merchant_samples if sample[2] > 0)
+            report.check(
+                bool(merchant_samples) and not outside,
+                f"merchant during the run: acknowledged <= balance + collecting <= sent ({len(merchant_samples)} reads, "
+                f"{swept_during_run} with a swept balance)",
+                "; ".join(outside[:VIOLATIONS_SHOWN_MAX]) or ("no reads" if not merchant_samples else ""),
+            )
+        if scenario == "flash-sale" and accounts.merchant_account_ids:
+            check_merchant(channel, accounts.merchant_account_ids[0], sent, resolved, report)
+    return report.violations
+
+
+def check_merchant(
+    channel: grpc.Channel, merchant_account_id: str, sent: list[SentTransfer], resolved: dict, report: Report
+) -> None:
+    payments = [t for t in sent if t.credit_account_id == merchant_account_id]
+    acknowledged_minor = sum(t.amount_minor for t in payments if t.outcome == "posted")
+    late_posted_minor = sum(
+        t.amount_minor for t in payments
+        if t.transfer_id in resolved and _status_name(resolved[t.transfer_id]) == "POSTED"
+    )  # fmt: skip
+    expected_minor = acknowledged_minor + late_posted_minor
+    unresolved_count = sum(1 for t in payments if t.outcome in ("unknown", "sent") and t.transfer_id not in resolved)
+    stub = accounts_pb2_grpc.AccountsStub(channel)
+    account = stub.GetAccount(accounts_pb2.GetAccountRequest(account_id=merchant_account_id), timeout=CALL_TIMEOUT_SECONDS)
+    report.check(
+        account.balance_minor + account.collecting_minor == expected_minor and unresolved_count == 0,
+        "merchant: balance + collecting equals its posted payments",
+        f"balance {account.balance_minor} + collecting {account.collecting_minor} = "
+        f"{account.balance_minor + account.collecting_minor}; payments acknowledged {acknowledged_minor} "
+        f"+ posted without acknowledgement {late_posted_minor} = {expected_minor}"
+        + (f"; {unresolved_count} payments not looked up" if unresolved_count else ""),
+    )
+    deadline = time.monotonic() + SWEEP_SETTLE_SECONDS_MAX
+    while account.collecting_minor and time.monotonic() < deadline:
+        time.sleep(SWEEP_POLL_SECONDS)
+        account = stub.GetAccount(accounts_pb2.GetAccountRequest(account_id=merchant_account_id), timeout=CALL_TIMEOUT_SECONDS)
+    report.check(
+        account.collecting_minor == 0 and account.balance_minor == expected_minor,
+        f"merchant: after the sweeps settle (at most {SWEEP_SETTLE_SECONDS_MAX:.0f} s), balance alone equals them",
+        f"balance {account.balance_minor}, collecting {account.collecting_minor}, expected {expected_minor}"
+        + ("" if account.collect_on_every_shard else "; NOTE: the server did not mark it collect_on_every_shard"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("prefix", help="the run's report prefix: PREFIX-setup.json and PREFIX-transfers.csv")
+    arguments = parser.parse_args(argv)
+    setup = json.loads(pathlib.Path(f"{arguments.prefix}-setup.json").read_text())
+    accounts = AccountSet.from_json(json.dumps(setup["accounts"]))
+    sent = read_transfers(pathlib.Path(f"{arguments.prefix}-transfers.csv"))
+    samples = read_merchant_samples(pathlib.Path(f"{arguments.prefix}-merchant.csv"))
+    violations = check_run(load_cluster().raw, accounts, sent, setup["scenario"], merchant_samples=samples)
+    print("invariants hold" if not violations else f"{len(violations)} VIOLATION(S)")
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Merchants that collect on every shard: the flash-sale design.
+
+In a flash sale thousands of buyers on every shard pay one merchant. Credited
+directly, the merchant's row would take one lock, one transaction, one fsync at
+a time, and most payments would cross shards. Instead such a merchant
+(`collect_on_every_shard`, id prefix `hot_`) has a collection sub-account on
+every shard. A payment credits the sub-account on the payer's shard: a
+same-shard transfer, so group commit applies a whole batch of payments to that
+row as one update. The coordinator processes sweep each sub-account into the
+merchant at every recovery scan (RECOVERY_SCAN_INTERVAL_SECONDS, 1 s), with an ordinary transfer whose id is
+derived from the sub-account's state, so a retried or duplicated sweep cannot
+move the same money twice.
+
+What the merchant has is always exact: balance_minor (swept) plus
+collecting_minor (the sub-accounts' posted balances); every payment is a
+transfer row that names the buyer, the merchant, and the sub-account it
+credited; refunds debit the merchant's swept balance like any transfer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+from services.ledger import errors, ids
+from services.ledger.transfers import TransferRequest
+from sharding.shard_map import ShardMap
+
+SWEEPS_PER_SHARD_MAX = 200
+COLLECTION_ID_CANDIDATES_MAX = 100_000
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=65_536)
+def collection_account_id(shard_map: ShardMap, shard_name: str, merchant_id: str) -> str:
+    """The merchant's sub-account on a shard: the first numbered id that hashes there."""
+    body = merchant_id[len(ids.COLLECTING_ACCOUNT_ID_PREFIX):]
+    for number in range(COLLECTION_ID_CANDIDATES_MAX):
+        candidate = f"{ids.COLLECTION_ACCOUNT_ID_PREFIX}{body}_{number}"
+        if shard_map.shard_name_for_key(candidate) == shard_name:
+            return candidate
+    raise AssertionError(f"no collection account id hashes to {shard_name}")
+
+
+def routed(request: TransferRequest, shard_map: ShardMap) -> TransferRequest:
+    """A payment to a collecting merchant credits its sub-account on the payer's shard.
+
+    Sweeps (from the merchant's own sub-accounts) go to the merchant itself.
+    """
+    if not ids.is_collecting_account(request.credit_account_id) or ids.collection_parent(request.debit_account_id) == request.credit_account_id:
+        return request
+    payer_shard = shard_map.shard_name_for_key(request.debit_account_id)
+    return dataclasses.replace(
+        request, credited_account_id=collection_account_id(shard_map, payer_shard, request.credit_account_id)
+    )
+
+
+def sweep_id(sub_account_id: str, debits_so_far_minor: int) -> str:
+    return f"sw:{sub_account_id[len(ids.COLLECTION_ACCOUNT_ID_PREFIX):]}:{debits_so_far_minor}"
+
+
+async def sweep_once(ledger, timeout_seconds: float) -> int:
+    """Sweep every sub-account with money into its merchant; the number of sweeps posted."""
+    posted = 0
+    for store in ledger.router.handles():
+        try:
+            sweepable = await store.sweepable(SWEEPS_PER_SHARD_MAX, timeout_seconds)
+        except errors.LedgerError as error:
+            log.info("sweep scan of %s failed: %s", store.shard_name, error)
+            continue
+        for sub_account_id, merchant_id, currency, amount_minor, debits_so_far_minor in sweepable:
+            request = TransferRequest(
+                sweep_id(sub_account_id, debits_so_far_minor), sub_account_id, merchant_id, amount_minor, currency, "sweep"
+            )
+            try:
+                await ledger.transfer(request, timeout_seconds)
+                posted += 1
+            except errors.IdempotencyConflict:
+                pass  # another coordinator swept the same money first (its amount was read earlier)
+            except errors.LedgerError as error:
+                log.info("sweep %s failed: %s", request.transfer_id, error)
+    return posted
