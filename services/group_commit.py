@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from services.api import metrics
 from services.ledger import errors
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import TransferRequest
@@ -22,8 +23,11 @@ from services.storage.batch_posting import Outcome, post_chains
 from services.storage.shard_store import ShardStore
 
 # Transfers waiting per shard in this process. Past it, callers get OVERLOADED at once,
-# so memory and latency stay bounded at any peak (a queued transfer is a few hundred bytes).
+# so memory stays bounded at any peak (a queued transfer is a few hundred bytes).
 QUEUE_TRANSFERS_MAX = 20_000
+# And latency: once the oldest queued transfer has waited this long, the shard is
+# behind its load, and new callers get OVERLOADED at once instead of a longer wait.
+QUEUE_WAIT_SECONDS_MAX = 0.5
 BATCH_TRANSFERS_MAX = 1_000
 # Batches of one shard in flight at once from this process: one filling while one commits.
 BATCHES_IN_FLIGHT_MAX = 2
@@ -39,18 +43,20 @@ class _Job:
     size: int
     deadline: float  # event-loop time
     future: asyncio.Future
+    queued_at: float = 0.0  # event-loop time
 
 
 class GroupCommitter:
     def __init__(
         self, shard_name: str, store: Callable[[], ShardStore], limits: TierLimits,
-        post=post_chains, queue_transfers_max: int = QUEUE_TRANSFERS_MAX,
+        post=post_chains, queue_transfers_max: int = QUEUE_TRANSFERS_MAX, queue_wait_seconds_max: float = QUEUE_WAIT_SECONDS_MAX,
     ) -> None:
         self.shard_name = shard_name
         self._store = store  # looked up per batch: a new shard map may replace the pool
         self._limits = limits
         self._post = post  # batch_posting.post_chains; unit tests pass a stand-in
         self._queue_transfers_max = queue_transfers_max
+        self._queue_wait_seconds_max = queue_wait_seconds_max
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_transfers = 0
         self._wake = asyncio.Event()
@@ -63,10 +69,12 @@ class GroupCommitter:
     async def submit(self, chains: list[list[TransferRequest]], deadline: float) -> list[list[Outcome]]:
         """Outcomes per chain, in order. Chains are never split across transactions."""
         size = sum(len(chain) for chain in chains)
-        if self._queued_transfers + size > self._queue_transfers_max:
+        waited_seconds = asyncio.get_running_loop().time() - self._queue[0].queued_at if self._queue else 0.0
+        if self._queued_transfers + size > self._queue_transfers_max or waited_seconds > self._queue_wait_seconds_max:
+            metrics.OVERLOADED.labels(self.shard_name).inc()
             raise errors.Overloaded(
-                f"{self.shard_name}: {self._queued_transfers} transfers already queued; retry with backoff",
-                shard=self.shard_name, queued=self._queued_transfers,
+                f"{self.shard_name}: {self._queued_transfers} transfers queued, the oldest for {waited_seconds:.2f}s;"
+                " retry with backoff", shard=self.shard_name, queued=self._queued_transfers,
             )
         jobs = [self._enqueue(part, deadline) for part in _parts(chains)]
         self._start_workers()
@@ -80,7 +88,8 @@ class GroupCommitter:
         return [outcome for result in results for outcome in result]
 
     def _enqueue(self, chains: list[list[TransferRequest]], deadline: float) -> _Job:
-        job = _Job(chains, sum(len(chain) for chain in chains), deadline, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(chains, sum(len(chain) for chain in chains), deadline, loop.create_future(), loop.time())
         self._queue.append(job)
         self._queued_transfers += job.size
         self._wake.set()
@@ -116,6 +125,7 @@ class GroupCommitter:
                     live.append(job)
             if not live:
                 continue
+            metrics.BATCH_TRANSFERS.observe(sum(job.size for job in live))
             timeout_seconds = min(max(job.deadline for job in live) - now, BATCH_TIMEOUT_SECONDS_MAX)
             try:
                 outcomes = await self._post(

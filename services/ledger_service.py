@@ -24,6 +24,9 @@ REQUEST_TIMEOUT_SECONDS_MAX = 10.0
 CREATE_TRANSFERS_BATCH_SIZE_MAX = 5_000
 # Transfers between shards of one CreateTransfers call driven at once.
 CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 64
+# Transfers between shards in flight in this process; past it, new ones get OVERLOADED
+# at once (same-shard transfers are bounded by their group-commit queues).
+CROSS_SHARD_IN_FLIGHT_MAX = 1_000
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
@@ -42,6 +45,7 @@ class LedgerService:
         # Drives outlive the request that started them (a client deadline does not stop a transfer).
         self._drives: set[asyncio.Task] = set()
         self._committers: dict[str, GroupCommitter] = {}
+        self._cross_shard_in_flight = 0
 
     def committer(self, shard_name: str) -> GroupCommitter:
         if shard_name not in self._committers:
@@ -242,6 +246,17 @@ class LedgerService:
         return transfer
 
     async def _transfer_between_shards(
+        self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float
+    ) -> Transfer:
+        if self._cross_shard_in_flight >= CROSS_SHARD_IN_FLIGHT_MAX:
+            raise errors.Overloaded(f"{self._cross_shard_in_flight} transfers between shards in flight; retry with backoff")
+        self._cross_shard_in_flight += 1
+        try:
+            return await self._coordinate(request, debit_shard, credit_shard, timeout_seconds)
+        finally:
+            self._cross_shard_in_flight -= 1
+
+    async def _coordinate(
         self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float
     ) -> Transfer:
         deadline = asyncio.get_running_loop().time() + timeout_seconds

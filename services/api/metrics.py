@@ -28,3 +28,8 @@ def split_method(full_method: str) -> tuple[str, str]:
     """'/corebank.v1.Payments/Transfer' -> ('corebank.v1.Payments', 'Transfer')."""
     service, _, method = full_method.lstrip("/").partition("/")
     return service, method
+BATCH_TRANSFERS = Histogram(
+    "corebank_group_commit_batch_transfers", "Transfers per group-commit transaction",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+OVERLOADED = Counter("corebank_overloaded", "Calls refused with OVERLOADED because a shard's queue was full or slow", ["shard"])

@@ -93,3 +93,22 @@ def test_a_caller_whose_deadline_passes_gets_deadline_exceeded():
         database.release.set()
 
     asyncio.run(scenario())
+
+
+def test_a_queue_that_has_waited_too_long_refuses_new_callers_at_once():
+    async def scenario():
+        database = SlowDatabase()
+        shard = GroupCommitter("shard-0", lambda: None, TierLimits.load(), post=database.post, queue_wait_seconds_max=0.05)
+        deadline = asyncio.get_running_loop().time() + 10
+        in_flight = []
+        for worker in range(BATCHES_IN_FLIGHT_MAX + 1):  # the last one stays queued
+            in_flight.append(asyncio.create_task(shard.submit([[request(worker)]], deadline)))
+            await asyncio.sleep(0.01)
+        accepted_while_fresh = asyncio.create_task(shard.submit([[request(50)]], deadline))
+        await asyncio.sleep(0.1)  # the oldest queued transfer has now waited past the bound
+        with pytest.raises(errors.Overloaded):
+            await shard.submit([[request(99)]], deadline)
+        database.release.set()
+        await asyncio.gather(*in_flight, accepted_while_fresh)
+
+    asyncio.run(scenario())
