@@ -1,6 +1,7 @@
 """The TCC coordinator processes (`python -m services.coordinator`).
 
-They recover in-doubt cross-shard transfers (issue 3). Each has its own
+They recover in-doubt transfers between shards and sweep collecting merchants'
+sub-accounts (services/coordinator/recovery.py). Each has its own
 metrics port, which is also how we tell that it is up: it serves no gRPC.
 """
 
@@ -12,7 +13,6 @@ import pathlib
 from deploy import processes
 from deploy.grpc_worker import metrics_answer
 
-HOST = "127.0.0.1"
 COORDINATOR_MODULE = "services.coordinator"
 
 
@@ -24,22 +24,12 @@ class Coordinator(processes.PythonModuleProcess):
     log_path: pathlib.Path
     pid_path: pathlib.Path
 
-    @property
-    def name(self) -> str:
-        return f"coordinator-{self.index}"
-
-    @property
-    def metrics_endpoint(self) -> str:
-        return f"{HOST}:{self.metrics_port}"
+    module = COORDINATOR_MODULE
+    name_prefix = "coordinator"
 
     @property
     def endpoint(self) -> str:
         return self.metrics_endpoint
-
-    module = COORDINATOR_MODULE
-
-    def _markers(self) -> list[str]:
-        return [COORDINATOR_MODULE, self.name, self.metrics_endpoint]
 
     def is_healthy(self) -> bool:
         return self.is_running() and metrics_answer(self.metrics_endpoint)

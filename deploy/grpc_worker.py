@@ -52,22 +52,13 @@ class GrpcWorker(processes.PythonModuleProcess):
     log_path: pathlib.Path
     pid_path: pathlib.Path
 
-    @property
-    def name(self) -> str:
-        return f"grpc-{self.index}"
+    module = SERVER_MODULE
+    name_prefix = "grpc"
 
     @property
     def endpoint(self) -> str:
         return f"{HOST}:{self.grpc_port}"
 
-    @property
-    def metrics_endpoint(self) -> str:
-        return f"{HOST}:{self.metrics_port}"
-
-    module = SERVER_MODULE
-
-    def _markers(self) -> list[str]:
-        return [SERVER_MODULE, self.name, self.metrics_endpoint]
 
     def is_healthy(self) -> bool:
         return self.is_running() and metrics_answer(self.metrics_endpoint) and grpc_is_serving(self.endpoint)

@@ -238,13 +238,29 @@ REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
 
 
 class PythonModuleProcess(PidFileProcess):
-    """A detached `python -m <module> <arguments>` of ours (gRPC workers, coordinators).
+    """A detached `python -m <module> <arguments>` of ours (gRPC workers, coordinators), named
+    `<name_prefix>-<index>`, each with its own metrics port.
 
-    Subclasses provide `module`, `arguments()` and `is_healthy()`.
+    Subclasses provide `module`, `name_prefix`, the fields `index` and `metrics_port`,
+    `arguments()` and `is_healthy()`.
     """
 
     module: str
+    name_prefix: str
+    index: int
+    metrics_port: int
     start_timeout_seconds: float = 60
+
+    @property
+    def name(self) -> str:
+        return f"{self.name_prefix}-{self.index}"
+
+    @property
+    def metrics_endpoint(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    def _markers(self) -> list[str]:
+        return [self.module, self.name, self.metrics_endpoint]
 
     def arguments(self) -> list[str]:
         raise NotImplementedError
