@@ -123,11 +123,6 @@ class ShardStore:
         except psycopg.OperationalError as error:
             raise errors.ShardUnavailable(f"{self.shard_name}: {error}", shard=self.shard_name) from error
 
-    async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer | None:
-        async with self.session(timeout_seconds) as session:
-            (found,) = await session.run(session.begin(SELECT_TRANSFER, COMMIT), [transfer_id])
-        return transfer_from_row(found[0]) if found else None
-
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         async with self.session(timeout_seconds) as session:
             inserted, existing = await session.run(
