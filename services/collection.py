@@ -8,8 +8,8 @@ every shard. A payment credits the sub-account on the payer's shard: a
 same-shard transfer, so group commit applies a whole batch of payments to that
 row as one update. The coordinator processes sweep each sub-account into the
 merchant at every recovery scan (RECOVERY_SCAN_INTERVAL_SECONDS, 1 s), with an ordinary transfer whose id is
-derived from the sub-account's state, so a retried or duplicated sweep cannot
-move the same money twice.
+derived from the sub-account's state (see sweep_id), until every collected amount
+has arrived exactly once.
 
 What the merchant has is always exact: balance_minor (swept) plus
 collecting_minor (the sub-accounts' posted balances); every payment is a
@@ -19,8 +19,10 @@ credited; refunds debit the merchant's swept balance like any transfer.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
+import hashlib
 import logging
 
 from services.ledger import errors, ids
@@ -28,6 +30,8 @@ from services.ledger.transfers import TransferRequest
 from sharding.shard_map import ShardMap
 
 SWEEPS_PER_SHARD_MAX = 200
+SWEEP_ID_PREFIX = ids.RESERVED_TRANSFER_ID_PREFIX + "sw:"
+SWEEP_REFERENCE = "sweep"
 COLLECTION_ID_CANDIDATES_MAX = 100_000
 
 log = logging.getLogger(__name__)
@@ -57,8 +61,18 @@ def routed(request: TransferRequest, shard_map: ShardMap) -> TransferRequest:
     )
 
 
-def sweep_id(sub_account_id: str, debits_so_far_minor: int) -> str:
-    return f"sw:{sub_account_id[len(ids.COLLECTION_ACCOUNT_ID_PREFIX):]}:{debits_so_far_minor}"
+def sweep_id(sub_account_id: str, debits_so_far_minor: int, failed_sweeps: int, amount_minor: int) -> str:
+    """In the ledger's own namespace (clients cannot choose it), and derived from the
+    sub-account's state, so two coordinators that read the same state make the same id
+    and only one moves the money. A failed (refused or voided) sweep's id is final;
+    counting failures in the id gives the next try of the same money a new one. The
+    amount is part of it too: an id registered by a sweeper that died before posting
+    must not block a later sweep of a larger amount (the sub-account's funds, not the
+    id, keep two sweeps read at different moments from moving the same money twice)."""
+    digest = hashlib.blake2b(
+        f"{sub_account_id}:{debits_so_far_minor}:{failed_sweeps}:{amount_minor}".encode(), digest_size=16, person=b"corebank.sweep"
+    ).digest()
+    return SWEEP_ID_PREFIX + base64.b32encode(digest).decode("ascii").rstrip("=").lower()
 
 
 async def sweep_once(ledger, timeout_seconds: float) -> int:
@@ -70,15 +84,18 @@ async def sweep_once(ledger, timeout_seconds: float) -> int:
         except errors.LedgerError as error:
             log.info("sweep scan of %s failed: %s", store.shard_name, error)
             continue
-        for sub_account_id, merchant_id, currency, amount_minor, debits_so_far_minor in sweepable:
+        for sub_account_id, merchant_id, currency, amount_minor, debits_so_far_minor, failed_sweeps in sweepable:
             request = TransferRequest(
-                sweep_id(sub_account_id, debits_so_far_minor), sub_account_id, merchant_id, amount_minor, currency, "sweep"
+                sweep_id(sub_account_id, debits_so_far_minor, failed_sweeps, amount_minor), sub_account_id, merchant_id, amount_minor,
+                currency, SWEEP_REFERENCE,
             )
             try:
-                await ledger.transfer(request, timeout_seconds)
+                await ledger.sweep(request, timeout_seconds)
                 posted += 1
             except errors.IdempotencyConflict:
                 pass  # another coordinator swept the same money first (its amount was read earlier)
             except errors.LedgerError as error:
+                # Refused or voided: the money stays in the sub-account, and the next scan
+                # tries again under a new id (see sweep_id).
                 log.info("sweep %s failed: %s", request.transfer_id, error)
     return posted

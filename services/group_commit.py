@@ -131,16 +131,36 @@ class GroupCommitter:
                 outcomes = await self._post(
                     self._store(), [chain for job in live for chain in job.chains], self._limits, timeout_seconds
                 )
-            except Exception as error:  # the whole batch shares its transaction's fate
-                if not isinstance(error, errors.LedgerError):
-                    log.exception("batch on %s failed", self.shard_name)
+            except errors.LedgerError as error:
+                if error.transient or len(live) == 1:
+                    # An outage: each job alone would have met it too.
+                    for job in live:
+                        job.future.set_exception(error)
+                else:
+                    # A permanent fault may be one caller's doing: no caller's request may
+                    # fail another's, so each job is tried again alone and fails on its own.
+                    await self._post_each_alone(live, loop)
+                continue
+            except Exception as error:  # noqa: BLE001 (a bug: loud, and no caller is left waiting)
+                log.exception("batch on %s failed", self.shard_name)
                 for job in live:
-                    job.future.set_exception(error)
+                    job.future.set_exception(errors.InternalFault(f"{self.shard_name}: batch failed ({type(error).__name__})"))
                 continue
             position = 0
             for job in live:
                 job.future.set_result(outcomes[position : position + len(job.chains)])
                 position += len(job.chains)
+
+    async def _post_each_alone(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        for job in jobs:
+            remaining_seconds = min(job.deadline - loop.time(), BATCH_TIMEOUT_SECONDS_MAX)
+            if remaining_seconds <= 0:
+                job.future.set_exception(errors.DeadlineExceeded("the deadline passed while the batch was retried"))
+                continue
+            try:
+                job.future.set_result(await self._post(self._store(), job.chains, self._limits, remaining_seconds))
+            except errors.LedgerError as error:
+                job.future.set_exception(error)
 
 
 def _parts(chains: list[list[TransferRequest]]) -> list[list[list[TransferRequest]]]:

@@ -9,12 +9,14 @@ import asyncio
 
 from services import collection
 from services.coordinator.driver import TransferDriver, outcome
-from services.coordinator.state_machine import FINAL_STATES
+from services.ledger.coordination import FINAL_STATES
 from services.group_commit import GroupCommitter
 from services.ledger import errors, ids, paging
-from services.ledger.accounts import Account, OpenAccountRequest
+from services.ledger.accounts import Account, AccountStatus, OpenAccountRequest, check_status_change, closed_status
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Transfer, TransferRequest
+from services.storage import id_registry
+from services.storage.id_registry import Registration
 from services.storage.shard_store import ShardStore
 from services.storage.tcc_store import TccStore
 from sharding.router import ShardRouter
@@ -27,6 +29,15 @@ CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 64
 # Transfers between shards in flight in this process; past it, new ones get OVERLOADED
 # at once (same-shard transfers are bounded by their group-commit queues).
 CROSS_SHARD_IN_FLIGHT_MAX = 1_000
+# A retry of a transfer another process drives polls its record at most this long (a
+# caller's own deadline is usually shorter); after that it is recovery's to finish.
+WAIT_FOR_OTHER_DRIVER_SECONDS_MAX = 60.0
+# At shutdown, in-flight drives get this long to finish; recovery takes over the rest.
+DRAIN_SECONDS_MAX = 5.0
+# Drives (and waits on another driver) that outlive the requests that started them: one
+# per transfer id at most, and at most this many in the process. Past it, new transfers
+# between shards get OVERLOADED; recovery finishes whatever a full process leaves.
+DRIVES_IN_FLIGHT_MAX = 2_000
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
@@ -42,9 +53,11 @@ class LedgerService:
         self.router = router
         self.limits = limits
         self.driver = driver
-        # Drives outlive the request that started them (a client deadline does not stop a transfer).
-        self._drives: set[asyncio.Task] = set()
+        # Drives outlive the request that started them (a client deadline does not stop a
+        # transfer); keyed by transfer id, so retries of one transfer share one task.
+        self._drives: dict[str, asyncio.Task] = {}
         self._committers: dict[str, GroupCommitter] = {}
+        self._registrars: dict[str, GroupCommitter] = {}
         self._cross_shard_in_flight = 0
 
     def committer(self, shard_name: str) -> GroupCommitter:
@@ -52,13 +65,56 @@ class LedgerService:
             self._committers[shard_name] = GroupCommitter(shard_name, lambda: self.router.handle(shard_name), self.limits)
         return self._committers[shard_name]
 
+    def registrar(self, shard_name: str) -> GroupCommitter:
+        """Registrations of ids to one shard's registry share a transaction, like transfers."""
+        if shard_name not in self._registrars:
+            self._registrars[shard_name] = GroupCommitter(
+                shard_name, lambda: self.router.handle(shard_name), self.limits, post=id_registry.register
+            )
+        return self._registrars[shard_name]
+
+    async def _register(self, registrations: list[Registration], deadline: float) -> list[dict | errors.LedgerError]:
+        """Register ids bank-wide, each on the shard its hash picks: per id, the fields of its
+        first use, or the error that kept its shard from answering."""
+        first_uses: list[dict | errors.LedgerError | None] = [None] * len(registrations)
+        by_shard: dict[str, list[int]] = {}
+        for index, registration in enumerate(registrations):
+            by_shard.setdefault(self.router.shard_name_for(registration.id), []).append(index)
+
+        async def register_on(shard_name: str, indexes: list[int]) -> None:
+            try:
+                outcomes = await self.registrar(shard_name).submit([[registrations[i]] for i in indexes], deadline)
+            except errors.LedgerError as error:
+                for index in indexes:
+                    first_uses[index] = error
+                return
+            for index, (fields,) in zip(indexes, outcomes):
+                first_uses[index] = fields
+
+        await asyncio.gather(*(register_on(shard_name, indexes) for shard_name, indexes in by_shard.items()))
+        return first_uses  # type: ignore[return-value]
+
+    async def _claim_transfer_id(self, request: TransferRequest, deadline: float) -> None:
+        """The transfer_id names this transfer bank-wide from now on, or it is a conflict."""
+        (first_use,) = await self._register([_transfer_registration(request)], deadline)
+        _raise_on_conflict(request, first_use)
+
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         request.validated(self.limits)
-        sibling = await self.router.handle_for(request.sibling_account_id).get_account(request.sibling_account_id, timeout_seconds)
-        if sibling is not None:
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        # Registered bank-wide first: two racing OpenAccount calls with one request_id and
+        # different fields (collect_on_every_shard picks another id, maybe on another shard)
+        # can never both open an account.
+        (first_use,) = await self._register(
+            [Registration(ids.IdNamespace.ACCOUNT_REQUEST, request.request_id, request.registry_fields())], deadline
+        )
+        if isinstance(first_use, errors.LedgerError):
+            raise first_use
+        conflicts = ids.conflicting_fields(first_use, request.registry_fields())
+        if conflicts:
             raise errors.IdempotencyConflict(
-                f"request_id {request.request_id} opened an account with other collect_on_every_shard",
-                conflicting_fields="collect_on_every_shard",
+                f"request_id {request.request_id} opened an account with other {', '.join(conflicts)}",
+                conflicting_fields=",".join(conflicts),
             )
         account, created = await self.router.handle_for(request.account_id).open_account(request, timeout_seconds)
         conflicts = [] if created else account.conflicting_fields(request)
@@ -79,7 +135,7 @@ class LedgerService:
 
     async def get_account(self, account_id: str, timeout_seconds: float) -> tuple[Account, int]:
         """The account, and what it is collecting on every shard and has not swept in yet."""
-        ids.validate_id(account_id, "account_id")
+        ids.validate_client_account_id(account_id, "account_id")
         store = self.router.handle_for(account_id)
         if ids.is_collecting_account(account_id):
             account, swept_in_minor = await store.get_account_and_swept_in(account_id, timeout_seconds)
@@ -105,32 +161,51 @@ class LedgerService:
         return sum(collected) - swept_in_minor
 
     async def update_account_status(self, account_id: str, status: int, timeout_seconds: float) -> tuple[Account, int]:
-        ids.validate_id(account_id, "account_id")
-        account = await self.router.handle_for(account_id).update_account_status(account_id, status, timeout_seconds)
-        if account.collect_on_every_shard:  # its sub-accounts refuse or accept payments with it
-            await asyncio.gather(
-                *(store.set_collection_status(account_id, account.status, timeout_seconds) for store in self.router.handles())
-            )
+        ids.validate_client_account_id(account_id, "account_id")
+
+        async def to_sub_accounts(account: Account, new_status: AccountStatus) -> None:
+            # Under the merchant's row lock, before its own row changes: once this call
+            # returns FROZEN, no sub-account accepts a payment. Always sent, so a change
+            # that died halfway is completed by the next one.
+            if account.collect_on_every_shard:
+                await asyncio.gather(
+                    *(store.set_collection_status(account_id, new_status, timeout_seconds) for store in self.router.handles())
+                )
+
+        await self.router.handle_for(account_id).change_status(
+            account_id, lambda account: check_status_change(account, status), to_sub_accounts, timeout_seconds
+        )
         return await self.get_account(account_id, timeout_seconds)
 
     async def close_account(self, account_id: str, timeout_seconds: float) -> Account:
-        ids.validate_id(account_id, "account_id")
-        account, collecting = await self.get_account(account_id, timeout_seconds)
-        if collecting:
+        ids.validate_client_account_id(account_id, "account_id")
+
+        async def close_sub_accounts(account: Account, new_status: AccountStatus) -> None:
+            # Each shard closes its sub-accounts only if they hold nothing, under their row
+            # locks: a payment in flight either committed before (then the close is refused,
+            # the money is swept in) or is refused after. None is ever stranded in a closed one.
+            if not account.collect_on_every_shard:
+                return
+            stores = self.router.handles()
+            closed = await asyncio.gather(
+                *(store.close_collection_accounts(account_id, timeout_seconds) for store in stores)
+            )
+            if all(closed):
+                return
+            await asyncio.gather(*(
+                store.set_collection_status(account_id, account.status, timeout_seconds)
+                for store, was_closed in zip(stores, closed) if was_closed
+            ))
             raise errors.AccountBalanceNotZero(
-                f"account {account_id} is still collecting {collecting} on other shards", account_id=account_id
+                f"account {account_id} is still collecting on other shards; retry once it is swept in", account_id=account_id
             )
-        closed = await self.router.handle_for(account_id).close_account(account_id, timeout_seconds)
-        if closed.collect_on_every_shard:
-            await asyncio.gather(
-                *(store.set_collection_status(account_id, closed.status, timeout_seconds) for store in self.router.handles())
-            )
-        return closed
+
+        return await self.router.handle_for(account_id).change_status(account_id, closed_status, close_sub_accounts, timeout_seconds)
 
     async def list_account_transfers(
         self, account_id: str, page_size: int, page_token: str, timeout_seconds: float
     ) -> tuple[list[Transfer], str]:
-        ids.validate_id(account_id, "account_id")
+        ids.validate_client_account_id(account_id, "account_id")
         limit = paging.validate_page_size(page_size)
         before_seq = paging.decode_page_token(page_token, account_id)
         # One row more than asked tells whether another page exists.
@@ -143,8 +218,15 @@ class LedgerService:
         return page, paging.encode_page_token(account_id, page[-1].seq)
 
     async def transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
-        """The final transfer; a refusal is raised after it is recorded."""
-        request = collection.routed(request.validated(), self.router.shard_map)
+        """A client's transfer: the final transfer; a refusal is raised after it is recorded."""
+        return await self._transfer(collection.routed(request.validated(), self.router.shard_map), timeout_seconds)
+
+    async def sweep(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
+        """A collecting merchant's sweep, made by the ledger itself (services/collection.py)."""
+        return await self._transfer(request.validated_sweep(), timeout_seconds)
+
+    async def _transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
+        await self._claim_transfer_id(request, asyncio.get_running_loop().time() + timeout_seconds)
         debit_shard = self.router.shard_name_for(request.debit_account_id)
         credit_shard = self.router.shard_name_for(request.credited)
         if debit_shard != credit_shard:
@@ -161,13 +243,29 @@ class LedgerService:
             raise errors.BatchTooLarge(
                 f"at most {CREATE_TRANSFERS_BATCH_SIZE_MAX} transfers per call", limit=CREATE_TRANSFERS_BATCH_SIZE_MAX
             )
+        _refuse_duplicate_ids(requests)
         deadline = asyncio.get_running_loop().time() + timeout_seconds
         answers: list[Transfer | errors.LedgerError | None] = [None] * len(requests)
-        same_shard: dict[str, list[list[int]]] = {}  # shard -> chains of request indexes
-        between_shards: list[int] = []
+        routed_chains = []  # (chain of request indexes, (debit shard, credit shard))
         for chain in _chains(linked):
             shard = self._route_chain(requests, chain, linked, answers)
-            if shard is None:
+            if shard is not None:
+                routed_chains.append((chain, shard))
+        # Every id is claimed bank-wide before anything is applied; a chain with a member
+        # whose id names another transfer is refused whole, and nothing of it is recorded.
+        indexes = [index for chain, _ in routed_chains for index in chain]
+        first_uses = dict(zip(indexes, await self._register([_transfer_registration(requests[i]) for i in indexes], deadline)))
+        same_shard: dict[str, list[list[int]]] = {}  # shard -> chains of request indexes
+        between_shards: list[int] = []
+        for chain, shard in routed_chains:
+            failure = None
+            for index in chain:
+                try:
+                    _raise_on_conflict(requests[index], first_uses[index])
+                except errors.LedgerError as error:
+                    failure = failure or (index, error)
+            if failure is not None:
+                _fail_chain(requests, chain, *failure, answers)
                 continue
             if shard[0] == shard[1]:
                 same_shard.setdefault(shard[0], []).append(chain)
@@ -222,17 +320,13 @@ class LedgerService:
                 failure = (chain[0], errors.LinkedChainSpansShards("a linked chain must keep all its accounts on one shard"))
             else:
                 return next(iter(shards))
-        failed_index, error = failure
-        for index in chain:
-            answers[index] = error if index == failed_index or isinstance(error, errors.LinkedChainSpansShards) else errors.LinkedTransferFailed(
-                f"transfer {requests[failed_index].transfer_id} of the same chain was refused", failed_transfer_id=requests[failed_index].transfer_id
-            )
+        _fail_chain(requests, chain, *failure, answers)
         return None
 
     @staticmethod
     def _answer(request: TransferRequest, transfer: Transfer, fresh_refusal: errors.LedgerError | None) -> Transfer:
         if fresh_refusal is not None:
-            fresh_refusal.metadata["transfer_id"] = transfer.transfer_id
+            fresh_refusal.metadata["transfer_id"] = request.transfer_id
             raise fresh_refusal
         conflicts = transfer.conflicting_fields(request)
         if conflicts:
@@ -248,8 +342,10 @@ class LedgerService:
     async def _transfer_between_shards(
         self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float
     ) -> Transfer:
-        if self._cross_shard_in_flight >= CROSS_SHARD_IN_FLIGHT_MAX:
-            raise errors.Overloaded(f"{self._cross_shard_in_flight} transfers between shards in flight; retry with backoff")
+        if self._cross_shard_in_flight >= CROSS_SHARD_IN_FLIGHT_MAX or len(self._drives) >= DRIVES_IN_FLIGHT_MAX:
+            raise errors.Overloaded(
+                f"{self._cross_shard_in_flight} transfers between shards in flight, {len(self._drives)} drives; retry with backoff"
+            )
         self._cross_shard_in_flight += 1
         try:
             return await self._coordinate(request, debit_shard, credit_shard, timeout_seconds)
@@ -267,12 +363,16 @@ class LedgerService:
         if not begun.created or begun.fresh_refusal is not None:
             self._answer(request, record.as_transfer(), begun.fresh_refusal)  # raises on conflict or refusal
         if record.state not in FINAL_STATES:
-            if begun.created:
-                drive = asyncio.create_task(self.driver.drive(record))
-            else:  # a retry while the first attempt is still in flight: wait for its driver
-                drive = asyncio.create_task(self.driver.wait_until_final(record.transfer_id, debit_shard))
-            self._drives.add(drive)
-            drive.add_done_callback(self._drives.discard)
+            drive = self._drives.get(record.transfer_id)
+            if drive is None:
+                if begun.created:
+                    drive = asyncio.create_task(self.driver.drive(record))
+                else:  # a retry while the first attempt is still in flight: wait for its driver
+                    drive = asyncio.create_task(
+                        asyncio.wait_for(self.driver.wait_until_final(record.transfer_id, debit_shard), WAIT_FOR_OTHER_DRIVER_SECONDS_MAX)
+                    )
+                self._drives[record.transfer_id] = drive
+                drive.add_done_callback(lambda _, transfer_id=record.transfer_id: self._drives.pop(transfer_id, None))
             try:
                 async with asyncio.timeout_at(deadline):
                     record = await asyncio.shield(drive)
@@ -288,7 +388,7 @@ class LedgerService:
     async def drain(self) -> None:
         """Let in-flight drives finish (shutdown); recovery would take them over otherwise."""
         if self._drives:
-            await asyncio.wait(self._drives, timeout=5.0)
+            await asyncio.wait(list(self._drives.values()), timeout=DRAIN_SECONDS_MAX)
 
     async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer:
         """Ask every shard at once and answer as soon as the one that holds it does, so a
@@ -331,6 +431,49 @@ def _chains(linked: list[bool]) -> list[list[int]]:
     if current:
         chains.append(current)  # left open: _route_chain answers it with LINKED_CHAIN_OPEN
     return chains
+
+
+def _transfer_registration(request: TransferRequest) -> Registration:
+    return Registration(ids.IdNamespace.TRANSFER, request.transfer_id, request.registry_fields())
+
+
+def _raise_on_conflict(request: TransferRequest, first_use: dict | errors.LedgerError) -> None:
+    if isinstance(first_use, errors.LedgerError):
+        raise first_use
+    conflicts = ids.conflicting_fields(first_use, request.registry_fields())
+    if conflicts:
+        raise errors.IdempotencyConflict(
+            f"transfer_id {request.transfer_id} names another transfer (other {', '.join(conflicts)})",
+            conflicting_fields=",".join(conflicts), transfer_id=request.transfer_id,
+        )
+
+
+def _refuse_duplicate_ids(requests: list[TransferRequest]) -> None:
+    seen: set[str] = set()
+    for request in requests:
+        if not request.transfer_id:
+            continue  # answered MISSING_FIELD on its own
+        if request.transfer_id in seen:
+            raise errors.DuplicateTransferId(
+                f"transfer_id {request.transfer_id[:64]!r} appears twice in one call", transfer_id=request.transfer_id[:64]
+            )
+        seen.add(request.transfer_id)
+
+
+def _fail_chain(
+    requests: list[TransferRequest], chain: list[int], failed_index: int, error: errors.LedgerError, answers: list
+) -> None:
+    """Answer every member of a chain that is refused before anything of it is applied:
+    the failing member with its error, the others with LINKED_TRANSFER_FAILED; an error
+    that is about the whole chain (it spans shards, or its shard did not answer) to all."""
+    for index in chain:
+        if index == failed_index or error.transient or isinstance(error, errors.LinkedChainSpansShards) or len(chain) == 1:
+            answers[index] = error
+        else:
+            answers[index] = errors.LinkedTransferFailed(
+                f"transfer {requests[failed_index].transfer_id} of the same chain was refused",
+                failed_transfer_id=requests[failed_index].transfer_id,
+            )
 
 
 def _answer_or_error(answer) -> Transfer | errors.LedgerError:

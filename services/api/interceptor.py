@@ -16,12 +16,30 @@ from services.ledger import errors
 log = logging.getLogger(__name__)
 
 
+# The one place where an error's category becomes a gRPC status code.
+STATUS_CODE_BY_CATEGORY: dict[errors.Category, grpc.StatusCode] = {
+    errors.Category.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Category.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    errors.Category.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    errors.Category.REFUSED: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Category.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Category.VOIDED: grpc.StatusCode.ABORTED,
+    errors.Category.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    errors.Category.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Category.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code_of(error: errors.LedgerError) -> grpc.StatusCode:
+    return STATUS_CODE_BY_CATEGORY[error.category]
+
+
 def status_message(error: errors.LedgerError) -> status_pb2.Status:
     """The google.rpc.Status of a domain error: the call's status, or one result of CreateTransfers."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=errors.ERROR_DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    return status_pb2.Status(code=status_code_of(error).value[0], message=error.message, details=[detail])
 
 
 def status_for(error: errors.LedgerError) -> grpc.Status:
@@ -74,16 +92,18 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
                     raise errors.Overloaded(f"{self._in_flight_calls} calls in progress; retry with backoff")
                 return await behaviour(request, context)
             except errors.LedgerError as error:
-                code = error.code
+                code = status_code_of(error)
                 status = status_for(error)
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
+            except Exception as error:  # noqa: BLE001 (a bug: logged whole here, answered with a reason, no internals)
                 log.exception("%s failed", full_method)
-                raise
+                fault = errors.InternalFault(f"{full_method} failed inside corebank ({type(error).__name__}); see the service log")
+                code = status_code_of(fault)
+                status = status_for(fault)
+                await context.abort(status.code, status.details, status.trailing_metadata)
             finally:
                 if admitted:
                     self._in_flight_calls -= 1

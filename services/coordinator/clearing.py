@@ -11,6 +11,7 @@ first of a numbered series that does.
 
 import functools
 
+from services.ledger.ids import CLEARING_ACCOUNT_ID_PREFIX
 from sharding.shard_map import ShardMap
 from sharding.slots import slot_of
 
@@ -25,7 +26,7 @@ def clearing_account_id(shard_map: ShardMap, shard_name: str, currency: str, tra
 @functools.lru_cache(maxsize=4096)
 def _clearing_account_id(shard_map: ShardMap, shard_name: str, currency: str, lane: int) -> str:
     for number in range(CLEARING_ID_CANDIDATES_MAX):
-        candidate = f"clr_{currency.lower()}_{lane}_{number}"
+        candidate = f"{CLEARING_ACCOUNT_ID_PREFIX}{currency.lower()}_{lane}_{number}"
         if shard_map.shard_name_for_key(candidate) == shard_name:
             return candidate
     raise AssertionError(f"no clearing account id hashes to {shard_name}")

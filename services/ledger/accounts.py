@@ -52,16 +52,26 @@ class OpenAccountRequest:
         limits.validate_tier(self.tier, self.currency)
         if self.collect_on_every_shard and self.kind != AccountKind.MERCHANT:
             raise errors.InvalidField("only MERCHANT accounts collect on every shard", field="collect_on_every_shard")
+        if self.collect_on_every_shard and limits.limit(self.tier, self.currency).balance_cap_minor is not None:
+            # A balance cap must hold for the merchant's whole balance, collecting included; its
+            # sub-accounts on every shard are credited without coordination, so no shard could
+            # enforce it. Collecting is for verified businesses, whose tiers have no balance cap.
+            raise errors.InvalidField(
+                f"collect_on_every_shard needs a tier without a balance cap; tier {self.tier} has one for {self.currency}",
+                field="collect_on_every_shard",
+            )
         return self
+
+    def registry_fields(self) -> dict:
+        """What the request_id is registered with bank-wide: a reuse with other fields is a conflict."""
+        return {
+            "owner_id": self.owner_id, "currency": self.currency, "kind": self.kind, "tier": self.tier,
+            "collect_on_every_shard": self.collect_on_every_shard,
+        }
 
     @property
     def account_id(self) -> str:
         return ids.account_id_for_request(self.request_id, self.collect_on_every_shard)
-
-    @property
-    def sibling_account_id(self) -> str:
-        """The id the same request_id would give with the other collect_on_every_shard."""
-        return ids.account_id_for_request(self.request_id, not self.collect_on_every_shard)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +116,13 @@ def check_status_change(account: Account, status: int) -> AccountStatus:
     if account.status == AccountStatus.CLOSED:
         raise errors.AccountClosed(f"account {account.account_id} is closed", account_id=account.account_id)
     return AccountStatus(status)
+
+
+def closed_status(account: Account) -> AccountStatus:
+    """CloseAccount's rule: CLOSED again is a retry; otherwise only at zero with nothing pending."""
+    if account.status != AccountStatus.CLOSED:
+        check_closable(account)
+    return AccountStatus.CLOSED
 
 
 def check_closable(account: Account) -> None:

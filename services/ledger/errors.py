@@ -1,27 +1,44 @@
 """One error hierarchy for the whole service.
 
-Each class declares its gRPC status code and its machine-readable reason (a
-name from corebank.v1.ErrorReason); the API layer turns any of them into a
-google.rpc.Status with an ErrorInfo, in one place. Errors register themselves
-by reason, so a stored rejection reason maps back to its class.
+Each class declares a transport-free category and its machine-readable reason
+(a name from corebank.v1.ErrorReason); the API layer alone maps categories to
+gRPC status codes and builds the google.rpc.Status with an ErrorInfo. Errors
+register themselves by reason, so a stored rejection reason maps back to its
+class. `transient` says whether retrying the same operation may succeed (the
+outcome is unknown); every other error is final for that request.
 """
 
 from __future__ import annotations
 
-import grpc
+import enum
 
 ERROR_DOMAIN = "corebank.v1"
+
+
+class Category(enum.Enum):
+    """What kind of failure: the API layer maps each to one gRPC status code."""
+
+    INVALID_ARGUMENT = "invalid_argument"  # malformed request; nothing recorded
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"  # an idempotency key names something else
+    REFUSED = "refused"  # a business rule said no; the refusal is recorded
+    OVERLOADED = "overloaded"  # nothing recorded; retry with backoff
+    VOIDED = "voided"  # the system cancelled the transfer; final
+    UNAVAILABLE = "unavailable"  # outcome unknown; retry with the same ids
+    DEADLINE = "deadline"  # outcome unknown; retry with the same ids
+    INTERNAL = "internal"  # a bug or a broken invariant; never retried
 
 _error_class_by_reason: dict[str, type[LedgerError]] = {}
 
 
 class LedgerError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    category: Category = Category.INTERNAL
     reason: str = ""
+    transient: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.reason:
+        if "reason" in cls.__dict__ and cls.reason:
             assert cls.reason not in _error_class_by_reason, f"reason {cls.reason} registered twice"
             _error_class_by_reason[cls.reason] = cls
 
@@ -41,7 +58,7 @@ def registered_reasons() -> set[str]:
 
 # Malformed requests. Nothing is recorded.
 class InvalidArgument(LedgerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    category = Category.INVALID_ARGUMENT
 
 
 class MissingField(InvalidArgument):
@@ -96,9 +113,27 @@ class InvalidStatus(InvalidArgument):
     reason = "INVALID_STATUS"
 
 
+class InternalAccount(InvalidArgument):
+    """Clearing and collection sub-accounts belong to the ledger itself: no client names them."""
+
+    reason = "INTERNAL_ACCOUNT"
+
+
+class ReservedId(InvalidArgument):
+    """Ids in the ledger's own namespace (sweeps) cannot be chosen by a client."""
+
+    reason = "RESERVED_ID"
+
+
+class DuplicateTransferId(InvalidArgument):
+    """One CreateTransfers call names the same transfer_id twice."""
+
+    reason = "DUPLICATE_TRANSFER_ID"
+
+
 # Unknown entities.
 class NotFound(LedgerError):
-    code = grpc.StatusCode.NOT_FOUND
+    category = Category.NOT_FOUND
 
 
 class AccountNotFound(NotFound):
@@ -111,13 +146,21 @@ class TransferNotFound(NotFound):
 
 # Idempotency.
 class IdempotencyConflict(LedgerError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    category = Category.ALREADY_EXISTS
     reason = "IDEMPOTENCY_CONFLICT"
+
+
+class TransferExists(LedgerError):
+    """A linked chain names a transfer that already exists while others of the chain are new:
+    the chain is refused whole, since its existing member cannot be part of it."""
+
+    category = Category.ALREADY_EXISTS
+    reason = "TRANSFER_EXISTS"
 
 
 # Business refusals. A refused transfer is recorded as REJECTED with the reason.
 class Refusal(LedgerError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    category = Category.REFUSED
 
 
 class InsufficientFunds(Refusal):
@@ -170,23 +213,33 @@ class LinkedChainSpansShards(Refusal):
 
 # The service's queues are full: nothing was recorded, retry with backoff.
 class Overloaded(LedgerError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    category = Category.OVERLOADED
     reason = "OVERLOADED"
 
 
 # The system cancelled the transfer: final, like a refusal, but not the client's doing.
 class TransferVoided(LedgerError):
-    code = grpc.StatusCode.ABORTED
+    category = Category.VOIDED
     reason = "TRANSFER_VOIDED"
 
 
 # Operating errors: the outcome may be unknown; retrying with the same
 # idempotency key is always safe.
 class ShardUnavailable(LedgerError):
-    code = grpc.StatusCode.UNAVAILABLE
+    category = Category.UNAVAILABLE
     reason = "SHARD_UNAVAILABLE"
+    transient = True
 
 
 class DeadlineExceeded(LedgerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    category = Category.DEADLINE
     reason = "DEADLINE_EXCEEDED"
+    transient = True
+
+
+# A bug or a broken invariant (a constraint the service's own checks should have kept,
+# a configuration error): never retried, logged loudly where it happens. The message
+# a client sees names no SQL and no internals.
+class InternalFault(LedgerError):
+    category = Category.INTERNAL
+    reason = "INTERNAL_FAULT"

@@ -1,6 +1,7 @@
 """Client-chosen ids and server-derived account ids."""
 
 import base64
+import enum
 import hashlib
 import re
 
@@ -14,6 +15,26 @@ ACCOUNT_ID_PREFIX = "acc_"
 COLLECTING_ACCOUNT_ID_PREFIX = "hot_"
 # Its collection sub-accounts, one per shard: "sub_<merchant id body>_<n>".
 COLLECTION_ACCOUNT_ID_PREFIX = "sub_"
+# Each shard's clearing (suspense) accounts for transfers between shards: "clr_<currency>_<lane>_<n>".
+CLEARING_ACCOUNT_ID_PREFIX = "clr_"
+# Accounts that belong to the ledger itself: no client debits, credits or reads them.
+INTERNAL_ACCOUNT_ID_PREFIXES = (COLLECTION_ACCOUNT_ID_PREFIX, CLEARING_ACCOUNT_ID_PREFIX)
+# Transfer ids the ledger makes for itself (sweeps). Clients cannot choose them, so no
+# client id can ever collide with the ledger's own transfers.
+RESERVED_TRANSFER_ID_PREFIX = "sys:"
+
+
+class IdNamespace(enum.IntEnum):
+    """id_registry.namespace: each kind of idempotency key is unique bank-wide within its namespace."""
+
+    TRANSFER = 1
+    ACCOUNT_REQUEST = 2
+
+
+def conflicting_fields(registered: dict, requested: dict) -> list[str]:
+    """The fields where a reused idempotency key differs from its first use, in the request's order."""
+    names = list(requested) + [name for name in registered if name not in requested]
+    return [name for name in names if registered.get(name) != requested.get(name)]
 
 
 def validate_id(value: str, field: str) -> str:
@@ -23,6 +44,27 @@ def validate_id(value: str, field: str) -> str:
         raise errors.InvalidId(f"{field} is longer than {ID_LENGTH_MAX} characters", field=field)
     if not _ID_PATTERN.fullmatch(value):
         raise errors.InvalidId(f"{field} may hold only A-Z a-z 0-9 . _ : -", field=field)
+    return value
+
+
+def is_internal_account(account_id: str) -> bool:
+    return account_id.startswith(INTERNAL_ACCOUNT_ID_PREFIXES)
+
+
+def validate_client_account_id(value: str, field: str) -> str:
+    """An account id a client may name: well formed, and not one of the ledger's own accounts."""
+    validate_id(value, field)
+    if is_internal_account(value):
+        raise errors.InternalAccount(f"{field} names an internal account of the ledger", field=field, account_id=value)
+    return value
+
+
+def validate_client_transfer_id(value: str) -> str:
+    validate_id(value, "transfer_id")
+    if value.startswith(RESERVED_TRANSFER_ID_PREFIX):
+        raise errors.ReservedId(
+            f"transfer ids starting {RESERVED_TRANSFER_ID_PREFIX!r} are the ledger's own", field="transfer_id"
+        )
     return value
 
 

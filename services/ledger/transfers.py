@@ -25,6 +25,15 @@ class TransferStatus(enum.IntEnum):
     REJECTED = 4
 
 
+class Branch(enum.IntEnum):
+    """transfers.branch: which part of a transfer a stored row is."""
+
+    SAME_SHARD = 0  # the whole transfer: both accounts on this shard
+    DEBIT = 1  # between shards, on the debit shard: debits the payer, credits clearing
+    CREDIT = 2  # between shards, on the credit shard: debits clearing, credits the payee
+    COLLECTED = 3  # a payment to a collecting merchant: credits its sub-account on this shard
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferRequest:
     transfer_id: str
@@ -41,11 +50,34 @@ class TransferRequest:
     def credited(self) -> str:
         return self.credited_account_id or self.credit_account_id
 
+    def registry_fields(self) -> dict:
+        """What the transfer_id is registered with bank-wide: a reuse with other fields is a conflict."""
+        return {
+            "debit_account_id": self.debit_account_id, "credit_account_id": self.credit_account_id,
+            "amount_minor": self.amount_minor, "currency": self.currency, "reference": self.reference,
+        }
+
+    @property
+    def is_sweep(self) -> bool:
+        """A collecting merchant's own money moving from one of its sub-accounts into it.
+
+        Only the ledger makes these: clients cannot name sub-accounts or choose sweep ids.
+        """
+        return ids.collection_parent(self.debit_account_id) == self.credit_account_id
+
     def validated(self) -> TransferRequest:
-        """Checks that need no account; a failure records nothing."""
-        ids.validate_id(self.transfer_id, "transfer_id")
-        ids.validate_id(self.debit_account_id, "debit_account_id")
-        ids.validate_id(self.credit_account_id, "credit_account_id")
+        """A client's request: checks that need no account; a failure records nothing."""
+        ids.validate_client_transfer_id(self.transfer_id)
+        ids.validate_client_account_id(self.debit_account_id, "debit_account_id")
+        ids.validate_client_account_id(self.credit_account_id, "credit_account_id")
+        return self._validated_fields()
+
+    def validated_sweep(self) -> TransferRequest:
+        """A sweep the ledger made itself: its ids are in the ledger's own namespaces."""
+        assert self.is_sweep and self.transfer_id.startswith(ids.RESERVED_TRANSFER_ID_PREFIX), f"not a sweep: {self}"
+        return self._validated_fields()
+
+    def _validated_fields(self) -> TransferRequest:
         money.validate_amount(self.amount_minor)
         money.validate_currency(self.currency)
         ids.validate_reference(self.reference)
@@ -67,14 +99,12 @@ class Transfer:
     seq: int = 0
     created_at: datetime.datetime | None = None
     finalized_at: datetime.datetime | None = None
-    # 0 for a same-shard transfer; 1 or 2 for the debit or credit branch of one between
-    # shards; 3 for a payment collected for a merchant on the payer's shard.
-    branch: int = 0
+    branch: Branch = Branch.SAME_SHARD
 
     @property
     def is_half_of_a_cross_shard_transfer(self) -> bool:
         """A branch row: the whole transfer is its coordinator's record on the debit shard."""
-        return self.branch in (1, 2)
+        return self.branch in (Branch.DEBIT, Branch.CREDIT)
 
     def conflicting_fields(self, request: TransferRequest) -> list[str]:
         """Fields where a retried Transfer differs from the one that created this transfer."""
@@ -107,6 +137,16 @@ def debit_side_refusal(request: TransferRequest, debit: Account | None, limits: 
     them on the debit shard, when it reserves the debit."""
     if debit is None:
         return errors.AccountNotFound(f"account {request.debit_account_id} not found", account_id=request.debit_account_id)
+    if request.is_sweep:
+        # Money the merchant already accepted, moving between its own accounts: no one-way
+        # block and no per-transfer cap stops it (a sweep refused for those would strand it);
+        # a frozen or closed account still does, and funds and int64 range always apply.
+        return (
+            _currency_refusal(request, debit)
+            or _status_refusal(debit, None, errors.AccountDebitBlocked)
+            or _funds_refusal(request, debit)
+            or _overflow_refusal(request.amount_minor, debit.debits_posted_minor, debit.debits_pending_minor)
+        )
     return (
         _currency_refusal(request, debit)
         or _status_refusal(debit, AccountStatus.BLOCK_DEBIT, errors.AccountDebitBlocked)
@@ -120,6 +160,14 @@ def credit_side_refusal(request: TransferRequest, credit: Account | None, limits
     """The rules of the receiving account, in a fixed order (on the credit shard, between shards)."""
     if credit is None:
         return errors.AccountNotFound(f"account {request.credit_account_id} not found", account_id=request.credit_account_id)
+    if request.is_sweep:
+        # The merchant's balance cap was applied when the payments were accepted (collecting
+        # merchants have uncapped tiers); a sweep only moves that money in.
+        return (
+            _currency_refusal(request, credit)
+            or _status_refusal(credit, None, errors.AccountCreditBlocked)
+            or _overflow_refusal(request.amount_minor, credit.credits_posted_minor, credit.credits_pending_minor)
+        )
     return (
         _currency_refusal(request, credit)
         or _status_refusal(credit, AccountStatus.BLOCK_CREDIT, errors.AccountCreditBlocked)
@@ -127,6 +175,14 @@ def credit_side_refusal(request: TransferRequest, credit: Account | None, limits
         or _overflow_refusal(request.amount_minor, credit.credits_posted_minor, credit.credits_pending_minor)
         or _balance_cap_refusal(request, credit, limits)
     )
+
+
+def clearing_refusal(request: TransferRequest, clearing: Account, credited: bool) -> errors.LedgerError | None:
+    """A shard's clearing account takes one side of every branch between shards: it must
+    stay in the int64 range once this branch posts (a SYSTEM account: no other rule)."""
+    if credited:
+        return _overflow_refusal(request.amount_minor, clearing.credits_posted_minor, clearing.credits_pending_minor)
+    return _overflow_refusal(request.amount_minor, clearing.debits_posted_minor, clearing.debits_pending_minor)
 
 
 def _currency_refusal(request: TransferRequest, account: Account) -> errors.Refusal | None:
@@ -175,7 +231,7 @@ def _balance_cap_refusal(request: TransferRequest, credit: Account, limits: Tier
 
 
 def _status_refusal(
-    account: Account, one_way_block: AccountStatus, one_way_error: type[errors.Refusal]
+    account: Account, one_way_block: AccountStatus | None, one_way_error: type[errors.Refusal]
 ) -> errors.Refusal | None:
     if account.status == AccountStatus.CLOSED:
         return errors.AccountClosed(f"account {account.account_id} is closed", account_id=account.account_id)

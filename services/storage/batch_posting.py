@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import psycopg.errors
-
 from services.ledger import errors
 from services.ledger.accounts import Account
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import Transfer, TransferRequest, TransferStatus, decide
-from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, TRANSFER_COLUMNS, ShardStore, account_from_row
+from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus, decide
+from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, KEY_RACE_ATTEMPTS_MAX, TRANSFER_COLUMNS, KeyTaken, ShardStore
+from services.storage.shard_store import account_from_row
 from services.storage.shard_store import batch, transfer_from_row
 
 LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE"
@@ -30,7 +29,6 @@ INSERT_TRANSFERS = f"""
     SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],
                                 %s::smallint[], %s::text[], %s::smallint[], %s::text[])
     RETURNING {TRANSFER_COLUMNS}"""
-COLLECTED_BRANCH = 3
 APPLY_BALANCE_CHANGES = """
     UPDATE accounts SET debits_posted_minor = debits_posted_minor + change.debits,
                         credits_posted_minor = credits_posted_minor + change.credits, updated_at = now()
@@ -40,10 +38,13 @@ APPLY_BALANCE_CHANGES = """
 
 @dataclasses.dataclass
 class Outcome:
-    """One transfer's answer: the stored transfer, and the refusal if this batch just rejected it."""
+    """One transfer's answer: the stored transfer (None if nothing was recorded), and the
+    refusal if this batch just rejected it."""
 
     transfer: Transfer | None = None
     fresh_refusal: errors.LedgerError | None = None
+
+
 
 
 async def post_chains(
@@ -53,35 +54,43 @@ async def post_chains(
 
     A chain of one is an ordinary transfer; a longer chain is all or nothing.
     """
+    for _ in range(KEY_RACE_ATTEMPTS_MAX):
+        try:
+            return await _post_once(store, chains, limits, timeout_seconds)
+        except KeyTaken:
+            continue
+    if len(chains) > 1:
+        # One chain per transaction, so that whichever chain keeps racing fails alone.
+        return [(await post_chains(store, [chain], limits, timeout_seconds))[0] for chain in chains]
+    raise errors.ShardUnavailable(
+        f"{store.shard_name}: transfer ids kept racing with another copy of this request; retry with the same ids",
+        shard=store.shard_name,
+    )
+
+
+async def _post_once(
+    store: ShardStore, chains: list[list[TransferRequest]], limits: TierLimits, timeout_seconds: float
+) -> list[list[Outcome]]:
     requests = [request for chain in chains for request in chain]
     account_ids = sorted({i for r in requests for i in (r.debit_account_id, r.credited)})
-    try:
-        async with store.session(timeout_seconds) as session:
-            locked, earlier = await session.run(
-                session.begin(LOCK_ACCOUNTS, SELECT_TRANSFERS), [account_ids, [r.transfer_id for r in requests]]
-            )
-            plan = _Plan({row[0]: account_from_row(row) for row in locked}, {row[0]: transfer_from_row(row) for row in earlier})
-            outcomes = [plan.add_chain(chain, limits) for chain in chains]
-            if plan.new_rows:
-                statements, params = [INSERT_TRANSFERS], [list(column) for column in zip(*plan.new_rows)]
-                changes = plan.balance_changes()
-                if changes:
-                    statements.append(APPLY_BALANCE_CHANGES)
-                    params += [list(column) for column in zip(*changes)]
-                (inserted,) = await session.run(batch(*statements, COMMIT), params)
-                stored = {row[0]: transfer_from_row(row) for row in inserted}
-                for outcome in (o for chain in outcomes for o in chain):
-                    if outcome.transfer is None:
-                        raise AssertionError("a planned transfer has no stored row")
-                    if outcome.transfer.transfer_id in stored and outcome.transfer.seq == 0:
-                        outcome.transfer = stored[outcome.transfer.transfer_id]
-        return outcomes
-    except psycopg.errors.UniqueViolation:
-        if len(chains) == 1:
-            # The id was stored by another process meanwhile; this time the SELECT finds it.
-            return await post_chains(store, chains, limits, timeout_seconds)
-        # Fall back to one chain per transaction, so its neighbours are not failed by it.
-        return [(await post_chains(store, [chain], limits, timeout_seconds))[0] for chain in chains]
+    async with store.session(timeout_seconds) as session:
+        locked, earlier = await session.run(
+            session.begin(LOCK_ACCOUNTS, SELECT_TRANSFERS), [account_ids, [r.transfer_id for r in requests]]
+        )
+        plan = _Plan({row[0]: account_from_row(row) for row in locked}, {row[0]: transfer_from_row(row) for row in earlier})
+        outcomes = [plan.add_chain(chain, limits) for chain in chains]
+        if plan.new_rows:
+            statements, params = [INSERT_TRANSFERS], [list(column) for column in zip(*plan.new_rows)]
+            changes = plan.balance_changes()
+            if changes:
+                statements.append(APPLY_BALANCE_CHANGES)
+                params += [list(column) for column in zip(*changes)]
+            (inserted,) = await session.run(batch(*statements, COMMIT), params)
+            stored = {row[0]: transfer_from_row(row) for row in inserted}
+            for outcome in (o for chain in outcomes for o in chain):
+                if outcome.transfer is not None and outcome.transfer.transfer_id in stored and outcome.transfer.seq == 0:
+                    outcome.transfer = stored[outcome.transfer.transfer_id]
+    return outcomes
 
 
 class _Plan:
@@ -94,30 +103,25 @@ class _Plan:
         self._changes: dict[str, list[int]] = {}  # account_id -> [debits, credits]
 
     def add_chain(self, chain: list[TransferRequest], limits: TierLimits) -> list[Outcome]:
+        known = [self.known.get(request.transfer_id) for request in chain]
+        if all(transfer is not None for transfer in known):
+            # A retry (or a repeat within this batch): the service compares fields and answers.
+            return [Outcome(transfer) for transfer in known]
+        if any(transfer is not None for transfer in known):
+            return _refused_for_existing_ids(chain, known)
         tentative = dict(self.accounts)
-        decisions: list[Transfer | errors.LedgerError | None] = []  # known transfer, refusal, or None: post
-        first_refused: int | None = None
-        for index, request in enumerate(chain):
-            if request.transfer_id in self.known:
-                # A retry (or a repeat within this batch): the service compares fields and answers.
-                decisions.append(self.known[request.transfer_id])
-                continue
+        refusals: list[errors.LedgerError | None] = []
+        for request in chain:
             refusal = decide(request, tentative.get(request.debit_account_id), tentative.get(request.credited), limits)
             if refusal is None:
                 _apply(tentative, request)
-            elif first_refused is None:
-                first_refused = index
-            decisions.append(refusal)
-        chain_failed = len(chain) > 1 and first_refused is not None
-        if not chain_failed:
+            refusals.append(refusal)
+        first_refused = next((index for index, refusal in enumerate(refusals) if refusal is not None), None)
+        if first_refused is None:
             self.accounts = tentative
         outcomes = []
-        for index, (request, decision) in enumerate(zip(chain, decisions)):
-            if isinstance(decision, Transfer):
-                outcomes.append(Outcome(decision))
-                continue
-            refusal = decision
-            if chain_failed and index != first_refused:
+        for index, (request, refusal) in enumerate(zip(chain, refusals)):
+            if first_refused is not None and index != first_refused:
                 # All or nothing: the refused one keeps its reason, the others name it.
                 refusal = errors.LinkedTransferFailed(
                     f"transfer {chain[first_refused].transfer_id} of the same chain was refused",
@@ -135,7 +139,7 @@ class _Plan:
         self.new_rows.append((
             request.transfer_id, request.debit_account_id, request.credit_account_id, request.amount_minor,
             request.currency, request.reference, int(status), reason,
-            COLLECTED_BRANCH if request.credited_account_id else 0, request.credited_account_id or None,
+            int(Branch.COLLECTED if request.credited_account_id else Branch.SAME_SHARD), request.credited_account_id or None,
         ))
         planned = Transfer(
             request.transfer_id, request.debit_account_id, request.credit_account_id, request.amount_minor,
@@ -146,6 +150,25 @@ class _Plan:
 
     def balance_changes(self) -> list[tuple[str, int, int]]:
         return [(account_id, debits, credits) for account_id, (debits, credits) in sorted(self._changes.items())]
+
+
+def _refused_for_existing_ids(chain: list[TransferRequest], known: list[Transfer | None]) -> list[Outcome]:
+    """A linked chain that mixes existing transfers with new ones is refused whole, and
+    nothing of it is recorded: its existing members cannot become part of it, and a
+    retry of the same call gets the same answer as long as they exist."""
+    existing_id = next(transfer.transfer_id for transfer in known if transfer is not None)
+    outcomes = []
+    for request, transfer in zip(chain, known):
+        if transfer is not None:
+            refusal: errors.LedgerError = errors.TransferExists(
+                f"transfer {request.transfer_id} already exists; a linked chain cannot include it", transfer_id=request.transfer_id
+            )
+        else:
+            refusal = errors.LinkedTransferFailed(
+                f"transfer {existing_id} of the same chain already exists", failed_transfer_id=existing_id
+            )
+        outcomes.append(Outcome(None, refusal))
+    return outcomes
 
 
 def _apply(accounts: dict[str, Account], request: TransferRequest) -> None:

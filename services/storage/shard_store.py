@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 import psycopg.errors
@@ -21,8 +22,9 @@ from psycopg.pq import ExecStatus, TransactionStatus
 
 from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
-from services.ledger.accounts import check_closable, check_status_change
-from services.ledger.transfers import Transfer, TransferStatus
+from services.ledger.transfers import Branch, Transfer, TransferStatus
+
+log = logging.getLogger(__name__)
 
 # A request never waits longer than this for a pooled connection, whatever its
 # deadline: a shard that cannot hand out a connection in this time is unavailable.
@@ -60,16 +62,28 @@ COLLECTED_SO_FAR = "SELECT coalesce(sum(credits_posted_minor), 0) FROM accounts 
 # same transaction as its balance, so one snapshot of both is consistent.
 RECEIVED_FROM_SWEEPS = f"""
     SELECT coalesce(sum(amount_minor), 0) FROM transfers
-    WHERE credit_account_id = %s AND status = 2 AND branch IN (0, 2)
+    WHERE credit_account_id = %s AND status = {int(TransferStatus.POSTED)}
+      AND branch IN ({int(Branch.SAME_SHARD)}, {int(Branch.CREDIT)})
       AND starts_with(debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')"""
-# What each collection sub-account can sweep now, and the sweep's id part: the debits
-# so far, which only sweeps move, so a retried sweep of the same money has the same id.
-SWEEPABLE = """
+# What each collection sub-account can sweep now, and the parts of the sweep's id: the
+# debits so far (only sweeps move them) and the sweeps that failed so far (refused or
+# voided: a failed sweep's id is final, so the next try of the same money needs a new one).
+# Two coordinators reading the same state make the same id, so they cannot both move it.
+# A frozen or closed sub-account is skipped: its sweep would only be refused.
+SWEEPABLE = f"""
     SELECT account_id, parent_account_id, currency, credits_posted_minor - debits_posted_minor - debits_pending_minor,
-           debits_posted_minor + debits_pending_minor
+           debits_posted_minor + debits_pending_minor,
+           (SELECT count(*) FROM transfers t WHERE t.debit_account_id = accounts.account_id
+              AND t.status IN ({int(TransferStatus.VOIDED)}, {int(TransferStatus.REJECTED)})
+              AND starts_with(t.debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}'))
     FROM accounts WHERE parent_account_id IS NOT NULL
+      AND status NOT IN ({int(AccountStatus.FROZEN)}, {int(AccountStatus.CLOSED)})
       AND credits_posted_minor - debits_posted_minor - debits_pending_minor > 0
     LIMIT %s"""
+# A collecting merchant's sub-accounts on one shard, locked, with whether each holds anything.
+LOCK_COLLECTION_ACCOUNTS = """
+    SELECT account_id, credits_posted_minor <> debits_posted_minor OR debits_pending_minor <> 0 OR credits_pending_minor <> 0
+    FROM accounts WHERE parent_account_id = %s ORDER BY account_id FOR UPDATE"""
 # Newest first: each side's index gives its newest rows; merge the two.
 LIST_ACCOUNT_TRANSFERS = f"""
     SELECT {TRANSFER_COLUMNS} FROM (
@@ -93,7 +107,54 @@ def account_from_row(row: tuple) -> Account:
 
 
 def transfer_from_row(row: tuple) -> Transfer:
-    return Transfer(*row[:6], TransferStatus(row[6]), *row[7:])
+    return Transfer(*row[:6], TransferStatus(row[6]), *row[7:11], Branch(row[11]))
+
+
+# SQLSTATE classes and codes after which the same operation may succeed when sent again:
+# the connection or the server went away, or the server chose this transaction as a victim.
+# Every operation is idempotent or rolled back whole, so the outcome is unknown, never half.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08"})  # connection exception
+TRANSIENT_SQLSTATES = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available
+    "57P01",  # admin_shutdown
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now
+    "53300",  # too_many_connections
+    "53400",  # configuration_limit_exceeded
+})
+QUERY_CANCELED_SQLSTATE = "57014"  # statement_timeout: our own deadline passed
+
+
+# Another process may store one of an operation's keys between its read and its write
+# (two copies of one request racing). The operation then plans again and sees that row;
+# a race that repeats this often is answered as an outage (retry with the same ids).
+KEY_RACE_ATTEMPTS_MAX = 3
+
+
+class KeyTaken(errors.InternalFault):
+    """A unique key another transaction stored first (SQLSTATE 23505). Where a racing copy of
+    the same request can cause it (batches, a transfer's begin), the operation plans again
+    and sees the stored row; anywhere else it is what its base class says: a fault."""
+
+
+def database_error(shard_name: str, error: psycopg.Error) -> errors.LedgerError:
+    """The one mapping of database errors: transient (retry), deadline, or a permanent fault.
+
+    A permanent fault is a bug or a broken invariant: it is logged here with the
+    database's words, and the client's message names no SQL.
+    """
+    sqlstate = error.sqlstate or ""
+    if isinstance(error, psycopg.errors.UniqueViolation):
+        log.info("%s: unique key taken by a racing transaction: %s", shard_name, error.diag.message_detail)
+        return KeyTaken(f"{shard_name}: a key of this operation was stored by another one meanwhile", shard=shard_name)
+    if sqlstate == QUERY_CANCELED_SQLSTATE:
+        return errors.DeadlineExceeded(f"{shard_name}: deadline passed; the outcome may be unknown")
+    if (isinstance(error, psycopg.OperationalError) and not sqlstate) or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES:
+        return errors.ShardUnavailable(f"{shard_name} unavailable ({type(error).__name__})", shard=shard_name)
+    log.error("%s: permanent database error %s: %s", shard_name, sqlstate or type(error).__name__, error)
+    return errors.InternalFault(f"{shard_name} refused the operation ({sqlstate or 'no SQLSTATE'}); nothing was applied", shard=shard_name)
 
 
 class ShardStore:
@@ -118,10 +179,10 @@ class ShardStore:
                     await session.release()
         except psycopg_pool.PoolTimeout as error:
             raise errors.ShardUnavailable(f"{self.shard_name}: no connection ({error})", shard=self.shard_name) from error
-        except (TimeoutError, psycopg.errors.QueryCanceled) as error:
+        except TimeoutError as error:
             raise errors.DeadlineExceeded(f"{self.shard_name}: deadline passed; the outcome may be unknown") from error
-        except psycopg.OperationalError as error:
-            raise errors.ShardUnavailable(f"{self.shard_name}: {error}", shard=self.shard_name) from error
+        except psycopg.Error as error:
+            raise database_error(self.shard_name, error) from error
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         async with self.session(timeout_seconds) as session:
@@ -160,8 +221,38 @@ class ShardStore:
             )
         return (account_from_row(found[0]) if found else None), int(received[0][0])
 
-    async def sweepable(self, limit: int, timeout_seconds: float) -> list[tuple[str, str, str, int, int]]:
-        """(sub-account, merchant, currency, amount to sweep, debits so far) with money to sweep."""
+    async def close_collection_accounts(self, merchant_id: str, timeout_seconds: float) -> bool:
+        """Close the merchant's sub-accounts on this shard if none holds anything; False (and no
+        change) if one does. Locked first, so a payment either committed before or is refused."""
+        async with self.session(timeout_seconds) as session:
+            (subs,) = await session.run(session.begin(LOCK_COLLECTION_ACCOUNTS), [merchant_id])
+            if any(holds for _, holds in subs):
+                return False
+            await session.run(batch(SET_COLLECTION_STATUS, COMMIT), [AccountStatus.CLOSED, merchant_id])
+        return True
+
+    async def change_status(
+        self, account_id: str, rule: Callable[[Account], AccountStatus], before_commit: Callable[[Account, AccountStatus], Awaitable[None]],
+        timeout_seconds: float,
+    ) -> Account:
+        """Set an account's status under its row lock, held while `before_commit` runs.
+
+        `rule` checks the change (raising its refusal) and names the new status;
+        `before_commit` applies it elsewhere first (a collecting merchant's sub-accounts
+        on every shard). Holding the row lock serialises every status change of one
+        account, so two changes never interleave on its sub-accounts.
+        """
+        async with self.session(timeout_seconds) as session:
+            account = await self.lock_account(session, account_id)
+            new_status = rule(account)
+            await before_commit(account, new_status)
+            if new_status == account.status:
+                return account
+            (updated,) = await session.run(batch(SET_STATUS, COMMIT), [new_status, account_id])
+        return account_from_row(updated[0])
+
+    async def sweepable(self, limit: int, timeout_seconds: float) -> list[tuple[str, str, str, int, int, int]]:
+        """(sub-account, merchant, currency, amount to sweep, debits so far, failed sweeps so far)."""
         async with self.session(timeout_seconds) as session:
             (rows,) = await session.run(session.begin(SWEEPABLE, COMMIT), [limit])
         return rows
@@ -170,24 +261,6 @@ class ShardStore:
         async with self.session(timeout_seconds) as session:
             (found,) = await session.run(session.begin(SELECT_ACCOUNT, COMMIT), [account_id])
         return account_from_row(found[0]) if found else None
-
-    async def update_account_status(self, account_id: str, status: int, timeout_seconds: float) -> Account:
-        async with self.session(timeout_seconds) as session:
-            account = await self.lock_account(session, account_id)
-            new_status = check_status_change(account, status)
-            if new_status == account.status:
-                return account
-            (updated,) = await session.run(batch(SET_STATUS, COMMIT), [new_status, account_id])
-        return account_from_row(updated[0])
-
-    async def close_account(self, account_id: str, timeout_seconds: float) -> Account:
-        async with self.session(timeout_seconds) as session:
-            account = await self.lock_account(session, account_id)
-            if account.status == AccountStatus.CLOSED:
-                return account
-            check_closable(account)
-            (updated,) = await session.run(batch(SET_STATUS, COMMIT), [AccountStatus.CLOSED, account_id])
-        return account_from_row(updated[0])
 
     async def list_account_transfers(
         self, account_id: str, before_seq: int, limit: int, timeout_seconds: float

@@ -112,3 +112,48 @@ def test_a_queue_that_has_waited_too_long_refuses_new_callers_at_once():
         await asyncio.gather(*in_flight, accepted_while_fresh)
 
     asyncio.run(scenario())
+
+
+def test_a_permanent_fault_of_one_callers_batch_fails_that_caller_alone():
+    """Issue 7, finding 6: no error in one caller's request may fail its neighbours in a shared batch."""
+
+    class PoisonedDatabase(SlowDatabase):
+        async def post(self, store, chains, limits, timeout_seconds):
+            await super().post(store, chains, limits, timeout_seconds)
+            if any(r.transfer_id == "t-poison" for chain in chains for r in chain):
+                raise errors.InternalFault("a constraint the rules should have kept")
+            return [[Outcome() for _ in chain] for chain in chains]
+
+    async def scenario():
+        database = PoisonedDatabase()
+        database.release.set()
+        shard = committer(database)
+        deadline = asyncio.get_running_loop().time() + 10
+        poisoned = asyncio.create_task(shard.submit([[TransferRequest("t-poison", "acc_a", "acc_b", 1, "USD")]], deadline))
+        healthy = [asyncio.create_task(shard.submit([[request(n)]], deadline)) for n in range(20)]
+        return await asyncio.gather(poisoned, *healthy, return_exceptions=True), database.batches
+
+    (poisoned, *healthy), batches = asyncio.run(scenario())
+    assert isinstance(poisoned, errors.InternalFault)
+    assert all(isinstance(result, list) for result in healthy), healthy
+    assert any(len(batch) > 1 and any(r.transfer_id == "t-poison" for c in batch for r in c) for batch in batches), (
+        "the poisoned transfer never shared a batch: the test proves nothing"
+    )
+
+
+def test_an_outage_fails_the_whole_batch_without_retrying_each_job():
+    class DownDatabase(SlowDatabase):
+        async def post(self, store, chains, limits, timeout_seconds):
+            self.batches.append(chains)
+            raise errors.ShardUnavailable("shard-0 is down")
+
+    async def scenario():
+        database = DownDatabase()
+        shard = committer(database)
+        deadline = asyncio.get_running_loop().time() + 10
+        results = await asyncio.gather(*(shard.submit([[request(n)]], deadline) for n in range(10)), return_exceptions=True)
+        return results, database.batches
+
+    results, batches = asyncio.run(scenario())
+    assert all(isinstance(result, errors.ShardUnavailable) for result in results)
+    assert sum(len(batch) for batch in batches) == 10  # each transfer was sent once, not once more alone

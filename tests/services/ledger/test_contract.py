@@ -28,6 +28,17 @@ def test_domain_enums_match_proto_enums():
 
 def test_each_reason_maps_back_to_its_class():
     assert errors.error_class_for_reason("INSUFFICIENT_FUNDS") is errors.InsufficientFunds
-    assert errors.InsufficientFunds.code.name == "FAILED_PRECONDITION"
-    assert errors.AccountNotFound.code.name == "NOT_FOUND"
-    assert errors.IdempotencyConflict.code.name == "ALREADY_EXISTS"
+
+
+
+def test_every_category_maps_to_a_grpc_code_in_the_api_layer_only():
+    from services.api.interceptor import STATUS_CODE_BY_CATEGORY
+
+    assert set(STATUS_CODE_BY_CATEGORY) == set(errors.Category)
+    assert STATUS_CODE_BY_CATEGORY[errors.InsufficientFunds.category].name == "FAILED_PRECONDITION"
+    assert STATUS_CODE_BY_CATEGORY[errors.AccountNotFound.category].name == "NOT_FOUND"
+    assert STATUS_CODE_BY_CATEGORY[errors.IdempotencyConflict.category].name == "ALREADY_EXISTS"
+    assert STATUS_CODE_BY_CATEGORY[errors.InternalFault.category].name == "INTERNAL"
+    assert [cls.__name__ for cls in (errors.ShardUnavailable, errors.DeadlineExceeded) if cls.transient] == [
+        "ShardUnavailable", "DeadlineExceeded"
+    ]

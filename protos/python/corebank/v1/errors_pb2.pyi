@@ -21,9 +21,13 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BATCH_TOO_LARGE: _ClassVar[ErrorReason]
     LINKED_CHAIN_OPEN: _ClassVar[ErrorReason]
     INVALID_FIELD: _ClassVar[ErrorReason]
+    INTERNAL_ACCOUNT: _ClassVar[ErrorReason]
+    RESERVED_ID: _ClassVar[ErrorReason]
+    DUPLICATE_TRANSFER_ID: _ClassVar[ErrorReason]
     ACCOUNT_NOT_FOUND: _ClassVar[ErrorReason]
     TRANSFER_NOT_FOUND: _ClassVar[ErrorReason]
     IDEMPOTENCY_CONFLICT: _ClassVar[ErrorReason]
+    TRANSFER_EXISTS: _ClassVar[ErrorReason]
     INSUFFICIENT_FUNDS: _ClassVar[ErrorReason]
     ACCOUNT_FROZEN: _ClassVar[ErrorReason]
     ACCOUNT_DEBIT_BLOCKED: _ClassVar[ErrorReason]
@@ -41,6 +45,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OVERLOADED: _ClassVar[ErrorReason]
     SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
     DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    INTERNAL_FAULT: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 MISSING_FIELD: ErrorReason
 INVALID_ID: ErrorReason
@@ -55,9 +60,13 @@ FIELD_TOO_LONG: ErrorReason
 BATCH_TOO_LARGE: ErrorReason
 LINKED_CHAIN_OPEN: ErrorReason
 INVALID_FIELD: ErrorReason
+INTERNAL_ACCOUNT: ErrorReason
+RESERVED_ID: ErrorReason
+DUPLICATE_TRANSFER_ID: ErrorReason
 ACCOUNT_NOT_FOUND: ErrorReason
 TRANSFER_NOT_FOUND: ErrorReason
 IDEMPOTENCY_CONFLICT: ErrorReason
+TRANSFER_EXISTS: ErrorReason
 INSUFFICIENT_FUNDS: ErrorReason
 ACCOUNT_FROZEN: ErrorReason
 ACCOUNT_DEBIT_BLOCKED: ErrorReason
@@ -75,3 +84,4 @@ LINKED_CHAIN_SPANS_SHARDS: ErrorReason
 OVERLOADED: ErrorReason
 SHARD_UNAVAILABLE: ErrorReason
 DEADLINE_EXCEEDED: ErrorReason
+INTERNAL_FAULT: ErrorReason

@@ -1,0 +1,56 @@
+"""The durable states of a transfer between shards, and what a participant's barrier records.
+
+Pure names, shared by the coordinator's state machine (services/coordinator),
+the storage adapter that persists them (services/storage) and the audit, so
+that no lower layer imports an upper one and no number stands alone in SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class CoordinatorState(enum.IntEnum):
+    """Stored in tcc_transfers.state."""
+
+    TRYING = 1  # debit reserved; credit try outstanding; no decision yet
+    CONFIRMING = 2  # decided to confirm; debit posted; credit confirm outstanding
+    CANCELLING = 3  # decided to cancel; debit released; credit cancel outstanding
+    POSTED = 4
+    REJECTED = 5  # a business rule refused it (reason names the rule)
+    VOIDED = 6  # the system cancelled it (reason names the cause)
+    # Not stored: this driver lost its lease and must stop; another owns the transfer.
+    ABANDONED = 7
+
+
+FINAL_STATES = frozenset({CoordinatorState.POSTED, CoordinatorState.REJECTED, CoordinatorState.VOIDED})
+
+
+class CancelCause(enum.StrEnum):
+    """Causes of a cancel that are not business refusals: the transfer ends VOIDED, not REJECTED."""
+
+    PENDING_TIMEOUT = "PENDING_TIMEOUT"  # not confirmed within the pending timeout
+    OPERATOR = "OPERATOR"
+    # A participant failed permanently before the decision (a bug, a broken constraint):
+    # cancelling is always safe then, and the fault is logged loudly.
+    PARTICIPANT_FAULT = "PARTICIPANT_FAULT"
+
+
+SYSTEM_CANCEL_CAUSES = frozenset(CancelCause)
+
+
+class BarrierOperation(enum.StrEnum):
+    """tcc_barriers.operation: one row per (transfer, branch, operation)."""
+
+    TRY = "try"
+    CONFIRM = "confirm"
+    CANCEL = "cancel"
+
+
+class TryOutcome(enum.StrEnum):
+    """tcc_barriers.outcome of a 'try' row (a refused try also stores its reason, in `reason`)."""
+
+    APPLIED = "applied"
+    REFUSED = "refused"
+    BLOCKED_BY_CANCEL = "blocked_by_cancel"  # a cancel arrived first: the try may never apply
+    DONE = "done"  # confirm and cancel rows
