@@ -35,23 +35,35 @@ def test_the_other_shards_keep_serving_while_one_is_down(cluster, cluster_contro
     elsewhere, stranded = ledger.open(shard=second), ledger.open(shard=down)
     earlier = ledger.transfer(payer.account_id, payee.account_id, 100)
     outage_context = faults.shard_crashed if outage == "crashed" else faults.shard_frozen
+    up_id = ledger.unique_id_on  # an id registered (bank-wide uniqueness) on a shard that is up
     with outage_context(cluster_control, down):
         # Same-shard and between-shard work that does not touch the down shard goes on.
-        assert ledger.transfer(payer.account_id, payee.account_id, 200, timeout=CALL_TIMEOUT_SECONDS).status == transfers_pb2.POSTED
-        assert ledger.transfer(payer.account_id, elsewhere.account_id, 300, timeout=CALL_TIMEOUT_SECONDS).status == transfers_pb2.POSTED
+        assert ledger.transfer(
+            payer.account_id, payee.account_id, 200, transfer_id=up_id("same", first), timeout=CALL_TIMEOUT_SECONDS
+        ).status == transfers_pb2.POSTED
+        assert ledger.transfer(
+            payer.account_id, elsewhere.account_id, 300, transfer_id=up_id("between", second), timeout=CALL_TIMEOUT_SECONDS
+        ).status == transfers_pb2.POSTED
+        # A transfer whose id is registered on the down shard cannot be checked for reuse now:
+        # it is refused as an outage and leaves nothing behind (a retry later completes it).
+        registered_down = ledger.unique_id_on("registered-down", down)
+        with pytest.raises(grpc.RpcError) as refused:
+            ledger.transfer(payer.account_id, payee.account_id, 50, transfer_id=registered_down, timeout=2.0)
+        assert refused.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
         read = ledger.accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=payer.account_id), timeout=CALL_TIMEOUT_SECONDS)
         assert read.balance_minor == 5_000 - 600
         found = ledger.payments.GetTransfer(payments_pb2.GetTransferRequest(transfer_id=earlier.transfer_id), timeout=CALL_TIMEOUT_SECONDS)
         assert found.status == transfers_pb2.POSTED
         # A transfer to the down shard cannot finish now: its outcome is unknown to the client.
-        stranded_id = ledger.unique_id("stranded")
+        stranded_id = up_id("stranded", first)
         with pytest.raises(grpc.RpcError) as raised:
             ledger.transfer(payer.account_id, stranded.account_id, 400, transfer_id=stranded_id, timeout=2.0)
         assert raised.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    assert ledger.transfer(payer.account_id, payee.account_id, 50, transfer_id=registered_down).status == transfers_pb2.POSTED
     final = wait_until_final(ledger, stranded_id)
     # Back in time it posts; past the pending timeout it is voided. Either way, all or nothing.
     assert final.status in (transfers_pb2.POSTED, transfers_pb2.VOIDED)
-    expected_payer = 5_000 - 600 - (400 if final.status == transfers_pb2.POSTED else 0)
+    expected_payer = 5_000 - 650 - (400 if final.status == transfers_pb2.POSTED else 0)
     assert ledger.get(payer.account_id).balance_minor == expected_payer
     assert ledger.get(payer.account_id).debits_pending_minor == 0
     assert ledger.get(stranded.account_id).balance_minor == (400 if final.status == transfers_pb2.POSTED else 0)
