@@ -8,6 +8,8 @@
 #   make bench     up, then pgbench's baseline against corebank's figures (JSON under the state folder's reports/)
 #   make loadtest  a locust scenario against the running cluster, then the invariants (SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
+#   make sim       the coordinator's deterministic simulation, no cluster needed (SEEDS=100000 make sim; SEED=42 make sim replays one with its trace)
+#   make hostile   the hostile-client suite, long form, on a cluster of its own (HOSTILE_EXAMPLES=500 SEED=7 make hostile)
 #   make protos    regenerate protos/python after editing protos/
 #
 # SHARDS, COREBANK_STATE_DIR, COREBANK_PORT_BASE, GRPC_WORKERS and COORDINATORS pass through the
@@ -26,7 +28,7 @@ PYTHON := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 PG_BIN_DIR := /usr/lib/postgresql/15/bin
 
-.PHONY: help venv deps up down status clean test protos bench chaos loadtest
+.PHONY: help venv deps up down status clean test protos bench chaos loadtest sim hostile
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -88,3 +90,22 @@ CROSS_SHARD_SHARE ?= 0.5
 chaos: deps venv
 	$(PYTHON) -m tests.chaos.bank --minutes $(MINUTES) --cross-shard-share $(CROSS_SHARD_SHARE) \
 	  $(if $(SEED),--seed $(SEED)) $(if $(CLIENTS),--clients $(CLIENTS)) $(if $(FAULTS),--faults $(FAULTS))
+
+# The real TransferDriver and Recovery over in-memory shards on a virtual clock, with crashes,
+# transient and permanent failures, delays and zombies drawn from each seed
+# (services/coordinator/simulation.py). SEEDS (default 10000) from FIRST_SEED; SEED=N replays one.
+SEEDS ?= 10000
+FIRST_SEED ?= 0
+
+sim: venv
+	$(PYTHON) -m services.coordinator.simulation $(if $(SEED),--seed $(SEED) --trace,--seeds $(SEEDS) --first-seed $(FIRST_SEED))
+
+# tests/hostile: random API sequences by a hostile client judged from the databases, and one
+# regression test per money-safety finding. HOSTILE_EXAMPLES (default 200), SEED (default 7,
+# printed: replay a failure with it), HOSTILE_STEPS (steps per sequence, default 20); failures
+# are shrunk (HOSTILE_SHRINK=1). The test cluster's ports come from COREBANK_TEST_PORT_BASE.
+HOSTILE_EXAMPLES ?= 200
+
+hostile: deps venv
+	HOSTILE_EXAMPLES=$(HOSTILE_EXAMPLES) SEED=$(or $(SEED),7) HOSTILE_SHRINK=$(or $(HOSTILE_SHRINK),1) \
+	  $(PYTHON) -m pytest tests/hostile -s
