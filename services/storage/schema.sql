@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS transfers (
 
 CREATE INDEX IF NOT EXISTS transfers_by_debit_account ON transfers (debit_account_id, seq DESC);
 CREATE INDEX IF NOT EXISTS transfers_by_credit_account ON transfers (credit_account_id, seq DESC);
+-- Sweeps that failed (VOIDED 3, REJECTED 4): their count is part of the next sweep's id.
+CREATE INDEX IF NOT EXISTS transfers_failed_sweeps ON transfers (debit_account_id)
+    WHERE status IN (3, 4) AND starts_with(debit_account_id, 'sub_');
 
 -- Transfers are never deleted, and never changed once final (POSTED 2, VOIDED 3,
 -- REJECTED 4). A PENDING transfer may only change status and finalized_at.
@@ -87,6 +90,18 @@ DROP TRIGGER IF EXISTS transfers_are_never_truncated ON transfers;
 CREATE TRIGGER transfers_are_never_truncated BEFORE TRUNCATE ON transfers
     FOR EACH STATEMENT EXECUTE FUNCTION transfers_are_immutable();
 
+-- The bank-wide registry of idempotency keys: a transfer_id (namespace 1) or an
+-- OpenAccount request_id (namespace 2) is registered on the shard its own hash picks,
+-- before it is used, with the fields it was first used for. So an id names one thing
+-- bank-wide, wherever its accounts live (services.ledger.ids.IdNamespace). Insert-only.
+CREATE TABLE IF NOT EXISTS id_registry (
+    namespace  smallint NOT NULL CHECK (namespace IN (1, 2)),
+    id         text NOT NULL,
+    fields     jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (namespace, id)
+);
+
 -- The TCC coordinator's record of a transfer between shards. It lives on the
 -- debit account's shard and is written in the same local transaction as the
 -- debit branch's try. Every change is a compare-and-set on (state, lease_epoch):
@@ -113,6 +128,11 @@ CREATE TABLE IF NOT EXISTS tcc_transfers (
     finalized_at       timestamptz
 );
 CREATE INDEX IF NOT EXISTS tcc_transfers_in_doubt ON tcc_transfers (lease_expires_at) WHERE finalized_at IS NULL;
+-- A permanent fault met while driving a transfer that could not be cancelled any more
+-- (services/coordinator/driver.py): recovery skips a faulted record instead of looping on
+-- it; `python -m services.coordinator.operator list` shows it, `retry` clears it.
+ALTER TABLE tcc_transfers ADD COLUMN IF NOT EXISTS fault text NOT NULL DEFAULT '';
+ALTER TABLE tcc_transfers ADD COLUMN IF NOT EXISTS faulted_at timestamptz;
 
 -- The participant's barrier: one insert-only row per (transfer, branch, operation),
 -- written inside the operation's own local transaction. A repeated operation finds
@@ -128,3 +148,49 @@ CREATE TABLE IF NOT EXISTS tcc_barriers (
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (transfer_id, branch, operation)
 );
+
+-- Rows that are history are never deleted: an account that disappears takes its
+-- counters out of its shard's sums, so the audit could no longer see that money
+-- went missing; a coordinator record or a barrier row that disappears lets a late
+-- or repeated TCC operation apply twice. The audit (services/storage/audit.py)
+-- relies on all of them staying.
+CREATE OR REPLACE FUNCTION rows_are_never_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% rows are never deleted', TG_TABLE_NAME USING ERRCODE = 'restrict_violation';
+END;
+$$;
+
+DROP TRIGGER IF EXISTS accounts_are_never_deleted ON accounts;
+CREATE TRIGGER accounts_are_never_deleted BEFORE DELETE ON accounts
+    FOR EACH ROW EXECUTE FUNCTION rows_are_never_deleted();
+DROP TRIGGER IF EXISTS accounts_are_never_truncated ON accounts;
+CREATE TRIGGER accounts_are_never_truncated BEFORE TRUNCATE ON accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION rows_are_never_deleted();
+DROP TRIGGER IF EXISTS tcc_transfers_are_never_deleted ON tcc_transfers;
+CREATE TRIGGER tcc_transfers_are_never_deleted BEFORE DELETE ON tcc_transfers
+    FOR EACH ROW EXECUTE FUNCTION rows_are_never_deleted();
+DROP TRIGGER IF EXISTS tcc_transfers_are_never_truncated ON tcc_transfers;
+CREATE TRIGGER tcc_transfers_are_never_truncated BEFORE TRUNCATE ON tcc_transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION rows_are_never_deleted();
+DROP TRIGGER IF EXISTS tcc_barriers_are_never_deleted ON tcc_barriers;
+CREATE TRIGGER tcc_barriers_are_never_deleted BEFORE DELETE ON tcc_barriers
+    FOR EACH ROW EXECUTE FUNCTION rows_are_never_deleted();
+DROP TRIGGER IF EXISTS tcc_barriers_are_never_truncated ON tcc_barriers;
+CREATE TRIGGER tcc_barriers_are_never_truncated BEFORE TRUNCATE ON tcc_barriers
+    FOR EACH STATEMENT EXECUTE FUNCTION rows_are_never_deleted();
+
+-- The id registry (when this schema has it): an id, once registered, names its first
+-- use for ever. Guarded, so that this file applies to a schema without the table too.
+DO $$
+BEGIN
+    IF to_regclass('id_registry') IS NOT NULL THEN
+        DROP TRIGGER IF EXISTS id_registry_is_never_deleted ON id_registry;
+        CREATE TRIGGER id_registry_is_never_deleted BEFORE DELETE ON id_registry
+            FOR EACH ROW EXECUTE FUNCTION rows_are_never_deleted();
+        DROP TRIGGER IF EXISTS id_registry_is_never_truncated ON id_registry;
+        CREATE TRIGGER id_registry_is_never_truncated BEFORE TRUNCATE ON id_registry
+            FOR EACH STATEMENT EXECUTE FUNCTION rows_are_never_deleted();
+    END IF;
+END;
+$$;
