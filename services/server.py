@@ -27,7 +27,7 @@ from corebank.v1 import payments_pb2, payments_pb2_grpc
 from services.api.interceptor import LedgerInterceptor
 from services.api.servicers import AccountsServicer, ClearingServicer, PaymentsServicer
 from services.bootstrap import ShardConnections
-from services.coordinator.driver import TransferDriver
+from services.coordinator import wiring
 from services.ledger.limits import TierLimits
 from services.ledger_service import LedgerService
 
@@ -52,7 +52,7 @@ async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: Ti
     prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
 
     shards = await ShardConnections.open(etcd_endpoint)
-    ledger = LedgerService(shards.router, limits, TransferDriver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
+    ledger = LedgerService(shards.router, limits, wiring.transfer_driver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
     server = grpc.aio.server(
         interceptors=[LedgerInterceptor()],
         maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,

@@ -5,29 +5,31 @@ finishes in one request); coordinator processes (recovery.py) take over any
 transfer whose lease has expired. Every participant operation is idempotent and
 every record change is a compare-and-set on the lease epoch, so a driver that
 wakes up after its lease was taken over changes nothing.
+
+The driver sees the shards only through ports (ports.py): a TCC store per shard
+name and a clock, injected. Failures are judged by kind, never by type of driver:
+a transient error (`error.transient`: outcome unknown) repeats the same idempotent
+action with capped exponential backoff, a bounded number of times per drive; a
+permanent one is a PARTICIPANT_FAULT for the state machine (cancel before the
+decision, record the fault after it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import datetime
 import logging
 import os
-import time
-
-import psycopg
+from collections.abc import Callable
 
 from services.coordinator import crash_points, metrics
-from services.coordinator.clearing import clearing_account_id
+from services.coordinator.ports import SYSTEM_CLOCK, Clock, TccPort
 from services.coordinator.state_machine import Action, CoordinatorState, Event, FINAL_STATES, Step
 from services.coordinator.state_machine import final_state_after_cancel, transition
 from services.ledger import errors
+from services.ledger.coordination import TryOutcome, parse_try_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Transfer, TransferRequest
-from services.storage.shard_store import ShardStore
-from services.storage.tcc_store import TccRecord, TccStore
-from sharding.router import ShardRouter
+from services.storage.tcc_store import Begun, TccRecord
 
 # A driver owns a transfer for this long without renewing; a dead driver's
 # transfers are taken over at most LEASE_SECONDS + recovery's scan interval later.
@@ -38,99 +40,154 @@ PENDING_TIMEOUT_SECONDS = float(os.environ.get("COREBANK_PENDING_TIMEOUT_SECONDS
 PARTICIPANT_CALL_TIMEOUT_SECONDS = 2.0
 RETRY_DELAY_SECONDS_MIN = 0.05
 RETRY_DELAY_SECONDS_MAX = 2.0
-# Waiting on a transfer another driver owns: poll its record this often at most.
+# Transient failures one drive rides out (about 20 s of backoff, longer than most shard
+# fail-overs) before it stops. It then holds no state worth keeping: the record is durable,
+# its lease expires, and a coordinator's recovery scan claims it and drives it again
+# (LEASE_SECONDS + RECOVERY_SCAN_INTERVAL_SECONDS later). So no drive retries forever.
+DRIVE_TRANSIENT_FAILURES_MAX = 16
+# Permanent failures one drive meets before it stops: a failed try or confirm decision, a
+# failed cancel decision, a failed attempt to record the fault. Past that not even the
+# fault can be written; the drive stops, loudly, and the lease expires as above.
+DRIVE_FAULTS_MAX = 3
+# Waiting on a transfer another driver owns: poll its record this often at most...
 POLL_INTERVAL_SECONDS_MAX = 0.5
+# ... and this long at most. A request waits no longer than its own deadline anyway
+# (services/ledger_service.py); this bounds the background wait it leaves behind.
+FINAL_WAIT_SECONDS_MAX = 60.0
 
-# Failures after which the outcome is unknown: retry the same (idempotent) operation.
-RETRYABLE = (errors.ShardUnavailable, errors.DeadlineExceeded, psycopg.Error, KeyError)
+# Unknown outcome of an action: which event tells the state machine (None: do the same action again).
+_TRANSIENT_EVENTS = {Action.TRY_CREDIT: Event.CREDIT_TRY_FAILED, Action.CONFIRM_CREDIT: Event.CREDIT_FINISH_FAILED,
+                     Action.CANCEL_CREDIT: Event.CREDIT_FINISH_FAILED}
+# The outcome of an action this driver could not learn: do it again after a backoff.
+_RETRY_EVENTS = frozenset({None, Event.CREDIT_TRY_FAILED, Event.CREDIT_FINISH_FAILED})
 
 log = logging.getLogger(__name__)
 
+TccForShard = Callable[[str], TccPort]
+# (shard name, currency, transfer id) -> the clearing account of that shard's branch.
+ClearingAccountIdFor = Callable[[str, str, str], str]
+
 
 class TransferDriver:
-    def __init__(self, router: ShardRouter[ShardStore], limits: TierLimits, owner: str) -> None:
-        self.router = router
+    def __init__(
+        self, tcc_for_shard: TccForShard, shard_name_for: Callable[[str], str], clearing_account_id_for: ClearingAccountIdFor,
+        limits: TierLimits, owner: str, clock: Clock = SYSTEM_CLOCK, pending_timeout_seconds: float = PENDING_TIMEOUT_SECONDS,
+    ) -> None:
+        self.tcc = tcc_for_shard  # raises a permanent LedgerError for a shard name it does not know
+        self.shard_name_for = shard_name_for  # account id -> shard name
+        self.clearing_account_id_for = clearing_account_id_for
         self.limits = limits
         self.owner = owner
+        self.clock = clock
+        self.pending_timeout_seconds = pending_timeout_seconds
 
-    def tcc(self, shard_name: str) -> TccStore:
-        return TccStore(self.router.handle(shard_name))
-
-    async def begin(self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float):
-        clearing = clearing_account_id(self.router.shard_map, debit_shard, request.currency, request.transfer_id)
+    async def begin(self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float) -> Begun:
+        clearing = self.clearing_account_id_for(debit_shard, request.currency, request.transfer_id)
         begun = await self.tcc(debit_shard).begin(
-            request, credit_shard, clearing, self.limits, self.owner, LEASE_SECONDS, PENDING_TIMEOUT_SECONDS, timeout_seconds
+            request, credit_shard, clearing, self.limits, self.owner, LEASE_SECONDS, self.pending_timeout_seconds, timeout_seconds
         )
         crash_points.reached(crash_points.AFTER_BEGIN)
         return begun
 
     async def drive(self, record: TccRecord) -> TccRecord:
-        """Run the protocol until the transfer is final, or until another driver owns it."""
-        started = time.monotonic()
+        """Run the protocol until the transfer is final, another driver owns it, it is faulted,
+        or the drive's failure budget is spent; the record as this driver last knew it."""
+        started = self.clock.monotonic()
         step = transition(record.state, record.reason, Event.RESUMED)
-        failures = 0
-        lease_renewed_at = time.monotonic()
+        transient_failures = transient_failures_in_a_row = faults = 0
+        fault = ""
+        lease_renewed_at = started
         while step.action is not None:
-            event, event_reason, record = await self._perform(step, record)
-            if event in (Event.CREDIT_TRY_FAILED, Event.CREDIT_FINISH_FAILED) or (event is None):
-                failures += 1
-                await asyncio.sleep(min(RETRY_DELAY_SECONDS_MIN * 2**failures, RETRY_DELAY_SECONDS_MAX))
-                if time.monotonic() - lease_renewed_at > LEASE_SECONDS / 2:
-                    if not await self._renew(record):
-                        event = Event.LEASE_LOST
-                    lease_renewed_at = time.monotonic()
-                if event is None:
-                    continue  # the action itself failed before an answer: do it again
+            event, event_reason, record = await self._perform(step, record, fault)
+            if event is Event.PARTICIPANT_FAULT:
+                faults += 1
+                fault = event_reason
+                if faults > DRIVE_FAULTS_MAX:
+                    log.error("transfer %s: %d permanent faults in one drive, stopping (%s)", record.transfer_id, faults, fault)
+                    break
+            if event in _RETRY_EVENTS:
+                transient_failures += 1
+                transient_failures_in_a_row += 1
+                if transient_failures >= DRIVE_TRANSIENT_FAILURES_MAX:
+                    # Recovery takes it over once the lease expires (see DRIVE_TRANSIENT_FAILURES_MAX).
+                    log.warning("transfer %s: %d transient failures, leaving it to recovery", record.transfer_id, transient_failures)
+                    metrics.DRIVES_STOPPED.inc()
+                    break
+                await self.clock.sleep(min(RETRY_DELAY_SECONDS_MIN * 2**transient_failures_in_a_row, RETRY_DELAY_SECONDS_MAX))
             else:
-                failures = 0
-            step = transition(step.state, step.reason, event, event_reason)
+                transient_failures_in_a_row = 0
+            if event is not None:  # None: the action failed before an answer; do it again
+                step = transition(step.state, step.reason, event, event_reason)
+            # Slow but healthy drives renew too, so that recovery does not take them over midway.
+            if step.action is not None and self.clock.monotonic() - lease_renewed_at > LEASE_SECONDS / 2:
+                if not await self._renew(record):
+                    step = transition(step.state, step.reason, Event.LEASE_LOST)
+                lease_renewed_at = self.clock.monotonic()
         metrics.DRIVES.labels(step.state.name).inc()
-        metrics.DRIVE_DURATION.observe(time.monotonic() - started)
-        return record  # not final when abandoned: the caller waits for the new owner
+        metrics.DRIVE_DURATION.observe(self.clock.monotonic() - started)
+        return record  # not final when abandoned, faulted or stopped: the caller waits for the next owner
 
-    async def _perform(self, step: Step, record: TccRecord) -> tuple[Event | None, str, TccRecord]:
-        """Do one action; return the event it produced (None: failed with unknown outcome, retry)."""
+    async def _perform(self, step: Step, record: TccRecord, fault: str) -> tuple[Event | None, str, TccRecord]:
+        """Do one action; the event it produced, with its reason (for PARTICIPANT_FAULT: the fault)."""
         action = step.action
         try:
-            if action is Action.TRY_CREDIT:
-                if record.pending_expires_at <= datetime.datetime.now(datetime.timezone.utc):
-                    return Event.PENDING_EXPIRED, "", record
-                clearing = clearing_account_id(self.router.shard_map, record.credit_shard, record.currency, record.transfer_id)
-                try:
-                    outcome = await self.tcc(record.credit_shard).try_credit(
-                        record, clearing, self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS
-                    )
-                except RETRYABLE as error:
-                    log.info("try of %s on %s failed: %s", record.transfer_id, record.credit_shard, error)
-                    return Event.CREDIT_TRY_FAILED, "", record
-                crash_points.reached(crash_points.AFTER_CREDIT_TRY)
-                if outcome == "applied":
-                    return Event.CREDIT_TRY_APPLIED, "", record
-                if outcome.startswith("refused:"):
-                    return Event.CREDIT_TRY_REFUSED, outcome.removeprefix("refused:"), record
-                return Event.CREDIT_TRY_BLOCKED, "", record
-            if action in (Action.DECIDE_CONFIRM, Action.DECIDE_CANCEL):
-                return await self._decide(record, action is Action.DECIDE_CONFIRM, step.reason)
-            if action in (Action.CONFIRM_CREDIT, Action.CANCEL_CREDIT):
-                confirm = action is Action.CONFIRM_CREDIT
-                try:
-                    result = await self.tcc(record.credit_shard).finish_credit(record, confirm, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-                except RETRYABLE as error:
-                    log.info("%s of %s failed: %s", action.value, record.transfer_id, error)
-                    return Event.CREDIT_FINISH_FAILED, "", record
-                # A confirm that wrote its barrier must have found the reserved credit branch.
-                assert not (confirm and result.barrier_new and not result.moved), f"credit branch of {record.transfer_id} was not pending"
-                crash_points.reached(crash_points.AFTER_CREDIT_FINISH)
-                return (Event.CREDIT_CONFIRMED if confirm else Event.CREDIT_CANCELLED), "", record
-            if action is Action.FINISH:
-                final_state = CoordinatorState.POSTED if record.state is CoordinatorState.CONFIRMING else final_state_after_cancel(record.reason)
-                finished = await self.tcc(self._debit_shard(record)).finish_record(record, final_state, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-                if finished is None:
-                    return Event.LEASE_LOST, "", record
-                return Event.FINISHED, "", finished
-        except RETRYABLE as error:
-            log.info("%s of %s failed: %s", action.value, record.transfer_id, error)
-            return None, "", record
+            return await self._act(step, record, fault)
+        except errors.LedgerError as error:
+            if error.transient:
+                log.info("%s of %s failed, outcome unknown: %s", action.value, record.transfer_id, error)
+                return _TRANSIENT_EVENTS.get(action), "", record
+            metrics.FAULTS.labels(action.value).inc()
+            decided = step.state is not CoordinatorState.TRYING
+            log.error(
+                "transfer %s: %s failed permanently in %s (%s: %s); %s", record.transfer_id, action.value, step.state.name,
+                error.reason or type(error).__name__, error, "recording the fault" if decided else "cancelling it",
+            )
+            return Event.PARTICIPANT_FAULT, f"{action.value}: {error.reason or type(error).__name__}: {error}", record
+
+    async def _act(self, step: Step, record: TccRecord, fault: str) -> tuple[Event, str, TccRecord]:
+        action = step.action
+        if action is Action.TRY_CREDIT:
+            if record.pending_expires_at <= self.clock.now():
+                return Event.PENDING_EXPIRED, "", record
+            clearing = self.clearing_account_id_for(record.credit_shard, record.currency, record.transfer_id)
+            outcome = await self.tcc(record.credit_shard).try_credit(record, clearing, self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+            crash_points.reached(crash_points.AFTER_CREDIT_TRY)
+            try_outcome, reason = parse_try_outcome(outcome)
+            if try_outcome is TryOutcome.APPLIED:
+                return Event.CREDIT_TRY_APPLIED, "", record
+            if try_outcome is TryOutcome.REFUSED:
+                return Event.CREDIT_TRY_REFUSED, reason, record
+            return Event.CREDIT_TRY_BLOCKED, "", record
+        if action in (Action.DECIDE_CONFIRM, Action.DECIDE_CANCEL):
+            return await self._decide(record, action is Action.DECIDE_CONFIRM, step.reason)
+        if action in (Action.CONFIRM_CREDIT, Action.CANCEL_CREDIT):
+            confirm = action is Action.CONFIRM_CREDIT
+            result = await self.tcc(record.credit_shard).finish_credit(record, confirm, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+            if confirm and result.barrier_new and not result.moved:
+                # A confirm that wrote its barrier must have found the reserved credit branch:
+                # the decided transfer cannot be applied. A bug; recorded as a fault.
+                raise errors.InternalFault(f"credit branch of {record.transfer_id} was not pending when confirmed")
+            crash_points.reached(crash_points.AFTER_CREDIT_FINISH)
+            return (Event.CREDIT_CONFIRMED if confirm else Event.CREDIT_CANCELLED), "", record
+        if action is Action.FINISH:
+            final_state = CoordinatorState.POSTED if record.state is CoordinatorState.CONFIRMING else final_state_after_cancel(record.reason)
+            debit = self.tcc(self._debit_shard(record))
+            finished = await debit.finish_record(record, final_state, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+            if finished is None:
+                # An earlier attempt of ours may have committed before its answer was lost.
+                current = await debit.get_record(record.transfer_id, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+                if current is not None and current.lease_epoch == record.lease_epoch and current.state is final_state:
+                    return Event.FINISHED, "", current
+                return Event.LEASE_LOST, "", current or record
+            return Event.FINISHED, "", finished
+        if action is Action.RECORD_FAULT:
+            if not await self.tcc(self._debit_shard(record)).mark_faulted(record, fault, PARTICIPANT_CALL_TIMEOUT_SECONDS):
+                return Event.LEASE_LOST, "", record
+            log.error(
+                "transfer %s is FAULTED in %s (%s): recovery skips it; fix the cause, then "
+                "`python -m services.coordinator.operator retry %s`", record.transfer_id, record.state.name, fault, record.transfer_id,
+            )
+            return Event.FAULT_RECORDED, "", dataclasses.replace(record, fault=fault)
         raise AssertionError(f"no handler for {action}")
 
     async def _decide(self, record: TccRecord, confirm: bool, reason: str) -> tuple[Event, str, TccRecord]:
@@ -140,7 +197,8 @@ class TransferDriver:
             # Lost the compare-and-set: an earlier attempt of ours may have committed,
             # the pending timeout may have passed, or another driver owns it now.
             current = await debit.get_record(record.transfer_id, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-            assert current is not None
+            if current is None:
+                raise errors.InternalFault(f"the record of {record.transfer_id} vanished from {self._debit_shard(record)}")
             if current.lease_epoch != record.lease_epoch or current.state in FINAL_STATES:
                 return Event.LEASE_LOST, "", current
             if current.state is CoordinatorState.TRYING:
@@ -155,25 +213,37 @@ class TransferDriver:
         return Event.DECIDED_CANCEL, record.reason, record
 
     async def _renew(self, record: TccRecord) -> bool:
+        """False only when the record is no longer ours; a failure to ask says True: the next CAS will tell."""
         try:
             return await self.tcc(self._debit_shard(record)).renew_lease(record, LEASE_SECONDS, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-        except RETRYABLE:
-            return True  # could not reach the shard: the next compare-and-set will tell
+        except errors.LedgerError as error:
+            if not error.transient:
+                metrics.FAULTS.labels("renew_lease").inc()
+                log.error("transfer %s: renewing the lease failed permanently: %s", record.transfer_id, error)
+            return True
 
     def _debit_shard(self, record: TccRecord) -> str:
-        return self.router.shard_name_for(record.debit_account_id)
+        return self.shard_name_for(record.debit_account_id)
 
     async def wait_until_final(self, transfer_id: str, debit_shard: str) -> TccRecord:
-        """For a transfer another driver owns: poll its record until final."""
+        """For a transfer another driver owns: poll its record until final, FINAL_WAIT_SECONDS_MAX at most
+        (then the record as last seen, not final)."""
+        started = self.clock.monotonic()
         delay_seconds = RETRY_DELAY_SECONDS_MIN
+        record = None
         while True:
             try:
                 record = await self.tcc(debit_shard).get_record(transfer_id, PARTICIPANT_CALL_TIMEOUT_SECONDS)
                 if record is not None and record.state in FINAL_STATES:
                     return record
-            except RETRYABLE:
-                pass
-            await asyncio.sleep(delay_seconds)
+            except errors.LedgerError as error:
+                if not error.transient:
+                    raise
+            if self.clock.monotonic() - started > FINAL_WAIT_SECONDS_MAX:
+                if record is None:
+                    raise errors.DeadlineExceeded(f"transfer {transfer_id} not readable for {FINAL_WAIT_SECONDS_MAX}s")
+                return record
+            await self.clock.sleep(delay_seconds)
             delay_seconds = min(delay_seconds * 2, POLL_INTERVAL_SECONDS_MAX)
 
 

@@ -7,6 +7,13 @@ DRIVE_DURATION = Histogram(
     "corebank_tcc_drive_duration_seconds", "From a driver's start on a transfer to its end",
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
 )
+# Exposed as corebank_tcc_faults_total. Any increase is a bug or a broken invariant: alert on it.
+# Before the decision the transfer was cancelled (VOIDED, PARTICIPANT_FAULT); after it the record
+# is marked faulted and waits for an operator (`python -m services.coordinator.operator list`).
+FAULTS = Counter("corebank_tcc_faults", "Permanent failures met while driving a transfer, by the step that failed", ["step"])
+DRIVES_STOPPED = Counter(
+    "corebank_tcc_drives_stopped", "Drives that stopped after DRIVE_TRANSIENT_FAILURES_MAX transient failures (left to recovery)"
+)
 RECOVERED = Counter("corebank_tcc_recovered", "Transfers taken over after their driver's lease expired")
 IN_DOUBT = Gauge("corebank_tcc_in_doubt", "Transfers between shards not yet final, at the last recovery scan", ["shard"])
 OLDEST_IN_DOUBT_SECONDS = Gauge(

@@ -6,6 +6,13 @@ each decision (confirm or cancel) is written in the same local transaction as
 the debit branch's confirm or cancel. So the only remote branch is the credit
 one, and after any crash the next action follows from the durable state alone
 (`transition(state, reason, Event.RESUMED)`).
+
+Failures come in two kinds. A transient one (shard unavailable, deadline) leaves
+the outcome unknown: the same idempotent action is done again
+(CREDIT_TRY_FAILED, CREDIT_FINISH_FAILED). A permanent one (a bug, a broken
+constraint) is PARTICIPANT_FAULT: before the decision the transfer is cancelled,
+which is always safe; once decided it cannot be undone, so the fault is recorded
+on the durable record (RECORD_FAULT), for an operator, and the driver stops.
 """
 
 from __future__ import annotations
@@ -13,23 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-
-class CoordinatorState(enum.IntEnum):
-    """Stored in tcc_transfers.state."""
-
-    TRYING = 1  # debit reserved; credit try outstanding; no decision yet
-    CONFIRMING = 2  # decided to confirm; debit posted; credit confirm outstanding
-    CANCELLING = 3  # decided to cancel; debit released; credit cancel outstanding
-    POSTED = 4
-    REJECTED = 5  # a business rule refused it (reason names the rule)
-    VOIDED = 6  # the system cancelled it (reason names the cause)
-    # Not stored: this driver lost its lease and must stop; another owns the transfer.
-    ABANDONED = 7
-
-
-FINAL_STATES = frozenset({CoordinatorState.POSTED, CoordinatorState.REJECTED, CoordinatorState.VOIDED})
-# Causes of a cancel that are not business refusals: the transfer ends VOIDED, not REJECTED.
-SYSTEM_CANCEL_CAUSES = frozenset({"PENDING_TIMEOUT", "OPERATOR"})
+from services.ledger.coordination import FINAL_STATES, SYSTEM_CANCEL_CAUSES, CancelCause, CoordinatorState
 
 
 class Event(enum.Enum):
@@ -46,6 +37,8 @@ class Event(enum.Enum):
     CREDIT_FINISH_FAILED = "credit_finish_failed"  # confirm or cancel: outcome unknown, retry
     FINISHED = "finished"
     LEASE_LOST = "lease_lost"  # a compare-and-set found another owner or state
+    PARTICIPANT_FAULT = "participant_fault"  # an action failed permanently (not worth doing again)
+    FAULT_RECORDED = "fault_recorded"  # the record is marked faulted: recovery leaves it to an operator
 
 
 class Action(enum.Enum):
@@ -55,6 +48,7 @@ class Action(enum.Enum):
     CONFIRM_CREDIT = "confirm_credit"
     CANCEL_CREDIT = "cancel_credit"
     FINISH = "finish"  # CAS to the final state
+    RECORD_FAULT = "record_fault"  # mark the record faulted (CAS on the lease epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +65,19 @@ class InvalidTransition(AssertionError):
 def transition(state: CoordinatorState, reason: str, event: Event, event_reason: str = "") -> Step:
     if event is Event.LEASE_LOST:
         return Step(CoordinatorState.ABANDONED, reason, None)
+    if state in IN_DOUBT_STATES:
+        if event is Event.FAULT_RECORDED:
+            # The durable state stays as it is (no money moves); an operator's retry resumes it.
+            return Step(state, reason, None)
+        if event is Event.PARTICIPANT_FAULT:
+            if state is CoordinatorState.TRYING and reason != CancelCause.PARTICIPANT_FAULT:
+                # No decision yet: cancelling is always safe. The cause replaces any
+                # earlier reason, so a cancel that itself fails permanently is not tried
+                # a third time.
+                return Step(state, CancelCause.PARTICIPANT_FAULT, Action.DECIDE_CANCEL)
+            # Decided (or even the cancel cannot be written): nothing safe is left to
+            # do automatically. Make it loud and durable.
+            return Step(state, reason, Action.RECORD_FAULT)
     if state in FINAL_STATES or state is CoordinatorState.ABANDONED:
         if event is Event.RESUMED:
             return Step(state, reason, None)
@@ -84,7 +91,7 @@ def transition(state: CoordinatorState, reason: str, event: Event, event_reason:
                 return Step(state, event_reason, Action.DECIDE_CANCEL)
             case Event.CREDIT_TRY_BLOCKED | Event.PENDING_EXPIRED:
                 # Blocked means someone already cancelled; our CAS will then find out.
-                return Step(state, "PENDING_TIMEOUT", Action.DECIDE_CANCEL)
+                return Step(state, CancelCause.PENDING_TIMEOUT, Action.DECIDE_CANCEL)
             case Event.DECIDED_CONFIRM:
                 return Step(CoordinatorState.CONFIRMING, reason, Action.CONFIRM_CREDIT)
             case Event.DECIDED_CANCEL:
@@ -107,6 +114,10 @@ def transition(state: CoordinatorState, reason: str, event: Event, event_reason:
             case Event.FINISHED:
                 return Step(final_state_after_cancel(reason), reason, None)
     raise InvalidTransition(f"{event.name} cannot happen in {state.name}")
+
+
+# Stored and not final: the states a transfer can be in doubt in.
+IN_DOUBT_STATES = frozenset({CoordinatorState.TRYING, CoordinatorState.CONFIRMING, CoordinatorState.CANCELLING})
 
 
 def final_state_after_cancel(reason: str) -> CoordinatorState:

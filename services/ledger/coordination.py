@@ -48,9 +48,23 @@ class BarrierOperation(enum.StrEnum):
 
 
 class TryOutcome(enum.StrEnum):
-    """tcc_barriers.outcome of a 'try' row (a refused try also stores its reason, in `reason`)."""
+    """tcc_barriers.outcome of a row. A refused try stores "refused:<REASON>" (see refused_outcome)."""
 
     APPLIED = "applied"
     REFUSED = "refused"
     BLOCKED_BY_CANCEL = "blocked_by_cancel"  # a cancel arrived first: the try may never apply
     DONE = "done"  # confirm and cancel rows
+
+
+_REASON_SEPARATOR = ":"
+
+
+def refused_outcome(reason: str) -> str:
+    """The stored outcome of a refused try: it keeps the refusal's reason for the decision."""
+    return f"{TryOutcome.REFUSED}{_REASON_SEPARATOR}{reason}"
+
+
+def parse_try_outcome(stored: str) -> tuple[TryOutcome, str]:
+    """(outcome, refusal reason or '') of a stored try outcome."""
+    outcome, _, reason = stored.partition(_REASON_SEPARATOR)
+    return TryOutcome(outcome), reason

@@ -13,16 +13,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
-from services.coordinator.state_machine import CoordinatorState
-from services.ledger import errors
+from services.ledger.accounts import AccountKind, AccountStatus
+from services.ledger.coordination import BarrierOperation, CoordinatorState, TryOutcome, refused_outcome
+from services.ledger import errors, ids
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import Transfer, TransferRequest, TransferStatus
-from services.ledger.transfers import credit_side_refusal, debit_side_refusal
-from services.storage.shard_store import COMMIT, LOCK_ACCOUNT, SELECT_TRANSFER, Session, ShardStore, account_from_row, batch
+from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus
+from services.ledger.transfers import clearing_refusal, credit_side_refusal, debit_side_refusal
+from services.storage.shard_store import KEY_RACE_ATTEMPTS_MAX, COMMIT, LOCK_ACCOUNT, SELECT_TRANSFER, KeyTaken, Session, ShardStore, account_from_row, batch
 from services.storage.shard_store import transfer_from_row
 
-DEBIT_BRANCH = 1
-CREDIT_BRANCH = 2
+DEBIT_BRANCH = int(Branch.DEBIT)
+CREDIT_BRANCH = int(Branch.CREDIT)
 
 TCC_COLUMNS = (
     "transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference, credit_shard, state,"
@@ -31,9 +32,10 @@ TCC_COLUMNS = (
 )
 SELECT_RECORD = f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s"
 LOCK_ACCOUNT_NAMED = "SELECT 1 FROM accounts WHERE account_id = %(account)s FOR UPDATE"
-ENSURE_CLEARING_ACCOUNT = """
+ENSURE_CLEARING_ACCOUNT = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
-    VALUES (%s, %s, 'corebank-clearing', %s, 3, 0, 1) ON CONFLICT (account_id) DO NOTHING"""
+    VALUES (%s, %s, '{ids.CLEARING_OWNER_ID}', %s, {int(AccountKind.SYSTEM)}, 0, {int(AccountStatus.ACTIVE)})
+    ON CONFLICT (account_id) DO NOTHING"""
 INSERT_RECORD = f"""
     INSERT INTO tcc_transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                                credit_shard, state, reason, lease_owner, lease_expires_at, pending_expires_at, finalized_at)
@@ -52,14 +54,15 @@ RESERVE = """
         credits_pending_minor = credits_pending_minor + CASE WHEN account_id = %s THEN %s ELSE 0 END,
         updated_at = now()
     WHERE account_id IN (%s, %s)"""
-TRY_CREDIT_APPLY = """
+TRY_CREDIT_APPLY = f"""
     WITH barrier AS (
-        INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, 2, 'try', 'applied')
+        INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.APPLIED}')
         ON CONFLICT DO NOTHING RETURNING transfer_id
     ), branch AS (
         INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                                status, branch, clearing_account_id)
-        SELECT transfer_id, %(debit)s, %(credit)s, %(amount)s, %(currency)s, %(reference)s, 1, 2, %(clearing)s FROM barrier
+        SELECT transfer_id, %(debit)s, %(credit)s, %(amount)s, %(currency)s, %(reference)s,
+               {int(TransferStatus.PENDING)}, {CREDIT_BRANCH}, %(clearing)s FROM barrier
         RETURNING transfer_id
     ), reserved AS (
         UPDATE accounts SET
@@ -70,13 +73,15 @@ TRY_CREDIT_APPLY = """
         RETURNING account_id
     )
     SELECT count(*) FROM barrier"""
-TRY_CREDIT_REFUSE = """
-    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, 2, 'try', %(outcome)s)
+TRY_CREDIT_REFUSE = f"""
+    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', %(outcome)s)
     ON CONFLICT DO NOTHING RETURNING transfer_id"""
-SELECT_CREDIT_TRY_OUTCOME = "SELECT outcome FROM tcc_barriers WHERE transfer_id = %(id)s AND branch = 2 AND operation = 'try'"
+SELECT_CREDIT_TRY_OUTCOME = (
+    f"SELECT outcome FROM tcc_barriers WHERE transfer_id = %(id)s AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'"
+)
 # A cancel that arrives before its try writes the try's barrier row itself, so the try never applies.
-BLOCK_LATE_CREDIT_TRY = """
-    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, 2, 'try', 'blocked_by_cancel')
+BLOCK_LATE_CREDIT_TRY = f"""
+    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.BLOCKED_BY_CANCEL}')
     ON CONFLICT DO NOTHING"""
 FINISH_RECORD = f"""
     UPDATE tcc_transfers SET state = %s, finalized_at = now(), updated_at = now()
@@ -105,31 +110,52 @@ IN_DOUBT_SUMMARY = """
 LIST_IN_DOUBT = f"""
     SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""
 
+# Faults (services/coordinator/driver.py): a decided transfer that cannot be applied is marked,
+# so that recovery stops claiming it and an operator sees it; `operator retry` clears the mark.
+TCC_COLUMNS_WITH_FAULT = f"{TCC_COLUMNS}, fault"
+MARK_FAULTED = """
+    UPDATE tcc_transfers SET fault = %s, faulted_at = now(), updated_at = now()
+    WHERE transfer_id = %s AND lease_epoch = %s AND finalized_at IS NULL RETURNING transfer_id"""
+CLAIM_EXPIRED_UNFAULTED = f"""
+    UPDATE tcc_transfers SET lease_owner = %s, lease_epoch = lease_epoch + 1, updated_at = now(),
+                             lease_expires_at = now() + make_interval(secs => %s)
+    WHERE transfer_id IN (SELECT transfer_id FROM tcc_transfers
+                          WHERE finalized_at IS NULL AND lease_expires_at < now() AND faulted_at IS NULL
+                          ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED)
+    RETURNING {TCC_COLUMNS}"""
+CLAIM_NOW_CLEARING_FAULT = f"""
+    UPDATE tcc_transfers SET lease_owner = %s, lease_epoch = lease_epoch + 1, updated_at = now(),
+                             lease_expires_at = now() + make_interval(secs => %s), fault = '', faulted_at = NULL
+    WHERE transfer_id = %s AND finalized_at IS NULL
+    RETURNING {TCC_COLUMNS}"""
+LIST_IN_DOUBT_WITH_FAULTS = f"""
+    SELECT {TCC_COLUMNS_WITH_FAULT} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""
 
-def finish_branch_sql(branch: int, operation: str, guarded: bool) -> str:
+
+def finish_branch_sql(branch: int, operation: BarrierOperation, guarded: bool) -> str:
     """Confirm (post) or cancel (release) one branch's reservation, once: only if its barrier row is new.
 
     `guarded`: the barrier row is only written if the coordinator's compare-and-set
     (the first CTE, `guard`) wins: decision and debit branch commit together.
     """
-    moved_status = TransferStatus.POSTED if operation == "confirm" else TransferStatus.VOIDED
-    posts = "true" if operation == "confirm" else "false"
+    moved_status = TransferStatus.POSTED if operation is BarrierOperation.CONFIRM else TransferStatus.VOIDED
+    posts = "true" if operation is BarrierOperation.CONFIRM else "false"
     debited = "debit_account_id" if branch == DEBIT_BRANCH else "clearing_account_id"
     credited = "clearing_account_id" if branch == DEBIT_BRANCH else "credit_account_id"
     guard = (
-        """guard AS (
+        f"""guard AS (
             UPDATE tcc_transfers SET state = %(decided_state)s, reason = %(reason)s, updated_at = now()
-            WHERE transfer_id = %(id)s AND state = 1 AND lease_epoch = %(epoch)s
-              AND (%(decided_state)s = 3 OR pending_expires_at > now())
+            WHERE transfer_id = %(id)s AND state = {int(CoordinatorState.TRYING)} AND lease_epoch = %(epoch)s
+              AND (%(decided_state)s = {int(CoordinatorState.CANCELLING)} OR pending_expires_at > now())
             RETURNING transfer_id
         ), """
         if guarded
         else ""
     )
     barrier_source = (
-        f"SELECT transfer_id, {branch}, '{operation}', 'done' FROM guard"
+        f"SELECT transfer_id, {branch}, '{operation}', '{TryOutcome.DONE}' FROM guard"
         if guarded
-        else f"VALUES (%(id)s, {branch}, '{operation}', 'done')"
+        else f"VALUES (%(id)s, {branch}, '{operation}', '{TryOutcome.DONE}')"
     )
     guard_count = "(SELECT count(*) FROM guard)" if guarded else "1"
     return f"""
@@ -174,6 +200,9 @@ class TccRecord:
     created_at: datetime.datetime
     updated_at: datetime.datetime
     finalized_at: datetime.datetime | None
+    # A permanent fault met while driving it (tcc_transfers.fault); only the queries that
+    # select it (TCC_COLUMNS_WITH_FAULT) fill it in, the others leave it empty.
+    fault: str = ""
 
     @property
     def request(self) -> TransferRequest:
@@ -233,18 +262,42 @@ class TccStore:
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
         owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
     ) -> Begun:
-        """Create the coordinator record and try the debit branch, in one local transaction."""
+        """Create the coordinator record and try the debit branch, in one local transaction.
+
+        Two copies of one request racing here both find no record; the slower one's insert
+        meets the faster one's key and rolls back, and its next attempt finds the record.
+        """
+        for _ in range(KEY_RACE_ATTEMPTS_MAX):
+            try:
+                return await self._begin_once(
+                    request, credit_shard, clearing_account_id, limits, owner, lease_seconds, pending_timeout_seconds, timeout_seconds
+                )
+            except KeyTaken:
+                continue
+        raise errors.ShardUnavailable(
+            f"{self.shard_name}: transfer {request.transfer_id} kept racing with another copy of it; retry", shard=self.shard_name
+        )
+
+    async def _begin_once(
+        self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
+        owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+    ) -> Begun:
         async with self.store.session(timeout_seconds) as session:
             await self._ensure_clearing(session, clearing_account_id, request.currency)
-            locked, record, local = await session.run(
-                session.begin(LOCK_ACCOUNT, SELECT_RECORD, SELECT_TRANSFER),
-                [request.debit_account_id, request.transfer_id, request.transfer_id],
+            # The customer row before the clearing row, as every transaction locks them.
+            locked, clearing, record, local = await session.run(
+                session.begin(LOCK_ACCOUNT, LOCK_ACCOUNT, SELECT_RECORD, SELECT_TRANSFER),
+                [request.debit_account_id, clearing_account_id, request.transfer_id, request.transfer_id],
             )
             if record:
                 return Begun(record_from_row(record[0]), created=False)
             if local:
                 return Begun(None, created=False, same_shard_transfer=transfer_from_row(local[0]))
-            refusal = debit_side_refusal(request, account_from_row(locked[0]) if locked else None, limits)
+            # Everything that could refuse this branch is checked now, the clearing account
+            # (credited here) included, so that its confirm can never fail for a business reason.
+            refusal = debit_side_refusal(request, account_from_row(locked[0]) if locked else None, limits) or (
+                clearing_refusal(request, account_from_row(clearing[0]), credited=True)
+            )
             refused = refusal is not None
             state = CoordinatorState.REJECTED if refused else CoordinatorState.TRYING
             reason = refusal.reason if refused else ""
@@ -253,7 +306,7 @@ class TccStore:
             params = [
                 request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
                 request.reference, credit_shard, state, reason, owner, lease_seconds, pending_timeout_seconds, refused,
-                request.transfer_id, DEBIT_BRANCH, "try", f"refused:{reason}" if refused else "applied",
+                request.transfer_id, DEBIT_BRANCH, BarrierOperation.TRY, refused_outcome(reason) if refused else TryOutcome.APPLIED,
                 request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
                 request.reference, TransferStatus.REJECTED if refused else TransferStatus.PENDING, reason, DEBIT_BRANCH,
                 clearing_account_id, refused,
@@ -267,16 +320,18 @@ class TccStore:
     async def try_credit(
         self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float
     ) -> str:
-        """The credit branch's try: its barrier outcome ('applied', 'refused:REASON' or 'blocked_by_cancel')."""
+        """The credit branch's try: its stored barrier outcome (TryOutcome, a refusal with its reason)."""
         request = record.request
         async with self.store.session(timeout_seconds) as session:
             await self._ensure_clearing(session, clearing_account_id, record.currency)
             credit = await ShardStore.lock_account(session, record.credit_account_id, must_exist=False)
-            refusal = credit_side_refusal(request, credit, limits)
+            clearing = await ShardStore.lock_account(session, clearing_account_id)
+            # The clearing account (debited here) is checked too: confirm can then never fail.
+            refusal = credit_side_refusal(request, credit, limits) or clearing_refusal(request, clearing, credited=False)
             params = {
                 "id": record.transfer_id, "debit": record.debit_account_id, "credit": record.credit_account_id,
                 "amount": record.amount_minor, "currency": record.currency, "reference": record.reference,
-                "clearing": clearing_account_id, "outcome": f"refused:{refusal.reason}" if refusal else "applied",
+                "clearing": clearing_account_id, "outcome": refused_outcome(refusal.reason) if refusal else TryOutcome.APPLIED,
             }
             # Either way the barrier row decides: if it was already there, its outcome stands.
             (_, outcome) = await session.run(
@@ -290,7 +345,7 @@ class TccStore:
             _, counts = await session.run(
                 session.begin(
                     LOCK_ACCOUNT_NAMED,  # the customer row before the clearing row, as every transaction does
-                    finish_branch_sql(DEBIT_BRANCH, "confirm" if confirm else "cancel", guarded=True),
+                    finish_branch_sql(DEBIT_BRANCH, BarrierOperation.CONFIRM if confirm else BarrierOperation.CANCEL, guarded=True),
                     COMMIT,
                 ),
                 {
@@ -305,7 +360,7 @@ class TccStore:
         statements = [LOCK_ACCOUNT_NAMED]
         if not confirm:
             statements.append(BLOCK_LATE_CREDIT_TRY)
-        statements.append(finish_branch_sql(CREDIT_BRANCH, "confirm" if confirm else "cancel", guarded=False))
+        statements.append(finish_branch_sql(CREDIT_BRANCH, BarrierOperation.CONFIRM if confirm else BarrierOperation.CANCEL, guarded=False))
         async with self.store.session(timeout_seconds) as session:
             _, counts = await session.run(
                 session.begin(*statements, COMMIT), {"id": record.transfer_id, "account": record.credit_account_id}
@@ -358,4 +413,30 @@ class TccStore:
     async def list_in_doubt(self, limit: int, timeout_seconds: float) -> list[TccRecord]:
         async with self.store.session(timeout_seconds) as session:
             (rows,) = await session.run(session.begin(LIST_IN_DOUBT, COMMIT), [limit])
+        return [record_from_row(row) for row in rows]
+
+    async def mark_faulted(self, record: TccRecord, fault: str, timeout_seconds: float) -> bool:
+        """Record a permanent fault; False if this driver no longer owns the record."""
+        async with self.store.session(timeout_seconds) as session:
+            (marked,) = await session.run(session.begin(MARK_FAULTED, COMMIT), [fault, record.transfer_id, record.lease_epoch])
+        return bool(marked)
+
+    async def claim_expired_unfaulted(
+        self, owner: str, lease_seconds: float, batch_size: int, timeout_seconds: float
+    ) -> list[TccRecord]:
+        """Like claim_expired, but never a faulted record: recovery must not loop on one silently."""
+        async with self.store.session(timeout_seconds) as session:
+            (claimed,) = await session.run(session.begin(CLAIM_EXPIRED_UNFAULTED, COMMIT), [owner, lease_seconds, batch_size])
+        return [record_from_row(row) for row in claimed]
+
+    async def claim_now_clearing_fault(
+        self, transfer_id: str, owner: str, lease_seconds: float, timeout_seconds: float
+    ) -> TccRecord | None:
+        async with self.store.session(timeout_seconds) as session:
+            (claimed,) = await session.run(session.begin(CLAIM_NOW_CLEARING_FAULT, COMMIT), [owner, lease_seconds, transfer_id])
+        return record_from_row(claimed[0]) if claimed else None
+
+    async def list_in_doubt_with_faults(self, limit: int, timeout_seconds: float) -> list[TccRecord]:
+        async with self.store.session(timeout_seconds) as session:
+            (rows,) = await session.run(session.begin(LIST_IN_DOUBT_WITH_FAULTS, COMMIT), [limit])
         return [record_from_row(row) for row in rows]

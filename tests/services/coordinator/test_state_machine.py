@@ -31,6 +31,13 @@ TRANSITIONS = [
     (S.POSTED, E.RESUMED, "", S.POSTED, "R0", None),
     (S.REJECTED, E.RESUMED, "", S.REJECTED, "R0", None),
     (S.VOIDED, E.RESUMED, "", S.VOIDED, "R0", None),
+    # Permanent failures: before the decision, cancel (always safe); after it, record the fault.
+    (S.TRYING, E.PARTICIPANT_FAULT, "try_credit: INTERNAL_FAULT", S.TRYING, "PARTICIPANT_FAULT", Action.DECIDE_CANCEL),
+    (S.CONFIRMING, E.PARTICIPANT_FAULT, "confirm_credit: INTERNAL_FAULT", S.CONFIRMING, "R0", Action.RECORD_FAULT),
+    (S.CANCELLING, E.PARTICIPANT_FAULT, "cancel_credit: INTERNAL_FAULT", S.CANCELLING, "R0", Action.RECORD_FAULT),
+    (S.TRYING, E.FAULT_RECORDED, "", S.TRYING, "R0", None),
+    (S.CONFIRMING, E.FAULT_RECORDED, "", S.CONFIRMING, "R0", None),
+    (S.CANCELLING, E.FAULT_RECORDED, "", S.CANCELLING, "R0", None),
 ]
 
 
@@ -40,7 +47,10 @@ def test_each_transition(state, event, event_reason, next_state, reason, action)
     assert (step.state, step.reason, step.action) == (next_state, reason, action)
 
 
-@pytest.mark.parametrize("reason, final", [("PENDING_TIMEOUT", S.VOIDED), ("OPERATOR", S.VOIDED), ("INSUFFICIENT_FUNDS", S.REJECTED)])
+@pytest.mark.parametrize(
+    "reason, final",
+    [("PENDING_TIMEOUT", S.VOIDED), ("OPERATOR", S.VOIDED), ("PARTICIPANT_FAULT", S.VOIDED), ("INSUFFICIENT_FUNDS", S.REJECTED)],
+)
 def test_a_cancel_ends_voided_when_the_system_cancelled_and_rejected_when_a_rule_refused(reason, final):
     assert transition(S.CANCELLING, reason, E.FINISHED).state is final
 
@@ -59,6 +69,25 @@ def test_every_other_pair_is_a_programmer_error():
         if (state, event) not in listed:
             with pytest.raises(InvalidTransition):
                 transition(state, "", event)
+
+
+def test_a_cancel_that_itself_fails_permanently_records_the_fault_instead_of_looping():
+    step = transition(S.TRYING, "", E.PARTICIPANT_FAULT)
+    assert (step.reason, step.action) == ("PARTICIPANT_FAULT", Action.DECIDE_CANCEL)
+    step = transition(step.state, step.reason, E.PARTICIPANT_FAULT)
+    assert (step.state, step.reason, step.action) == (S.TRYING, "PARTICIPANT_FAULT", Action.RECORD_FAULT)
+    # A refusal's cancel that fails is tried once more, as a fault, then recorded.
+    step = transition(S.TRYING, "ACCOUNT_FROZEN", E.PARTICIPANT_FAULT)
+    assert (step.reason, step.action) == ("PARTICIPANT_FAULT", Action.DECIDE_CANCEL)
+
+
+def test_a_fault_after_the_decision_never_changes_the_decision():
+    for state in (S.CONFIRMING, S.CANCELLING):
+        step = transition(state, "R0", E.PARTICIPANT_FAULT)
+        assert (step.state, step.action) == (state, Action.RECORD_FAULT)
+        assert transition(step.state, step.reason, E.FAULT_RECORDED) == type(step)(state, "R0", None)
+        # An operator's retry resumes it where it was, with the same decision.
+        assert transition(state, "R0", E.RESUMED).action in (Action.CONFIRM_CREDIT, Action.CANCEL_CREDIT)
 
 
 def test_a_confirmed_transfer_is_never_cancelled():

@@ -1,0 +1,114 @@
+"""What the coordinator needs from the world, as protocols: one shard's TCC store, and a clock.
+
+The driver and recovery are written against these alone. Production wires
+services.storage.tcc_store.TccStore (PostgreSQL) and the system clock
+(services/coordinator/wiring.py); the simulation (services/coordinator/simulation.py)
+wires in-memory stores with the same semantics and a virtual clock, so the real
+protocol code runs under injected crashes, transient and permanent failures, delays
+and frozen zombies, deterministically from a seed.
+
+Errors: every method raises only services.ledger.errors.LedgerError subclasses.
+`error.transient` says the outcome is unknown and the same call may be sent again
+(every operation is idempotent or rolled back whole); any other error is permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from typing import Protocol
+
+from services.ledger.coordination import CoordinatorState
+from services.ledger.limits import TierLimits
+from services.ledger.transfers import TransferRequest
+# The records these ports exchange are plain frozen dataclasses defined beside their SQL.
+from services.storage.tcc_store import Begun, BranchResult, TccRecord
+
+
+class TccPort(Protocol):
+    """The TCC operations of one shard: the coordinator record (on the debit shard) and the
+    participant branches, each guarded by the insert-only barrier (see tcc_store.py)."""
+
+    shard_name: str
+
+    async def begin(
+        self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
+        owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+    ) -> Begun:
+        """Create the record and try the debit branch in one local transaction (or find the existing one)."""
+        ...
+
+    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+        """The credit try's stored barrier outcome (services.ledger.coordination.parse_try_outcome reads it)."""
+        ...
+
+    async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
+        """CAS TRYING -> CONFIRMING/CANCELLING on the lease epoch (a confirm also needs the pending
+        timeout not passed), and confirm or cancel the debit branch, in one local transaction."""
+        ...
+
+    async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
+        """Confirm or cancel the credit branch once; a cancel before the try blocks the try for good."""
+        ...
+
+    async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
+        """CAS the record to its final state on (state, lease epoch); None if the CAS lost."""
+        ...
+
+    async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:
+        ...
+
+    async def get_record(self, transfer_id: str, timeout_seconds: float) -> TccRecord | None:
+        ...
+
+    async def mark_faulted(self, record: TccRecord, fault: str, timeout_seconds: float) -> bool:
+        """Record a permanent fault on a record this driver still owns (CAS on the lease epoch)."""
+        ...
+
+    async def claim_expired_unfaulted(
+        self, owner: str, lease_seconds: float, batch_size: int, timeout_seconds: float
+    ) -> list[TccRecord]:
+        """Take over records whose lease expired (bumping the epoch), skipping faulted ones."""
+        ...
+
+    async def claim_now_clearing_fault(
+        self, transfer_id: str, owner: str, lease_seconds: float, timeout_seconds: float
+    ) -> TccRecord | None:
+        """An operator's retry: take the lease whoever holds it, and clear any recorded fault."""
+        ...
+
+    async def in_doubt_summary(self, timeout_seconds: float) -> tuple[int, float]:
+        """How many records are not final, and the age in seconds of the oldest."""
+        ...
+
+    async def list_in_doubt_with_faults(self, limit: int, timeout_seconds: float) -> list[TccRecord]:
+        """Records not final, oldest first, with their recorded fault (TccRecord.fault)."""
+        ...
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float:
+        """Seconds, for durations and deadlines."""
+        ...
+
+    def now(self) -> datetime.datetime:
+        """Wall-clock time (UTC), to compare with the database's timestamps."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK = SystemClock()
