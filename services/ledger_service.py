@@ -6,6 +6,8 @@ No gRPC here: servicers translate messages, this layer speaks domain types.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 
 from services import collection
 from services.coordinator.driver import TransferDriver, outcome
@@ -21,14 +23,28 @@ from services.storage.shard_store import ShardStore
 from services.storage.tcc_store import TccStore
 from sharding.router import ShardRouter
 
+log = logging.getLogger(__name__)
+
 # When a client sends no deadline, no request holds a database connection longer than this.
 REQUEST_TIMEOUT_SECONDS_MAX = 10.0
+# The service stops a request's work this much before the client's deadline (a share of the
+# time left, at most the maximum), so it answers DEADLINE_EXCEEDED itself and cleans up
+# before gRPC cancels the call.
+DEADLINE_MARGIN_SHARE = 0.05
+DEADLINE_MARGIN_SECONDS_MAX = 0.1
 CREATE_TRANSFERS_BATCH_SIZE_MAX = 5_000
 # Transfers between shards of one CreateTransfers call driven at once.
 CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 64
 # Transfers between shards in flight in this process; past it, new ones get OVERLOADED
 # at once (same-shard transfers are bounded by their group-commit queues).
 CROSS_SHARD_IN_FLIGHT_MAX = 1_000
+# Status changes (and sub-account openings) of collecting merchants in progress at once in
+# a process. Each holds a connection to the merchant's shard and needs one more per shard:
+# far below POOL_SIZE_MAX (16), so the pools always have room for them and for transfers.
+COLLECTING_STATUS_CHANGES_MAX = 4
+# After a collecting merchant's status change failed halfway, setting its sub-accounts back
+# to its row's status gets this long (the request's own deadline has passed by then).
+RESYNC_TIMEOUT_SECONDS = 2.0
 # A retry of a transfer another process drives polls its record at most this long (a
 # caller's own deadline is usually shorter); after that it is recovery's to finish.
 WAIT_FOR_OTHER_DRIVER_SECONDS_MAX = 60.0
@@ -41,11 +57,14 @@ DRIVES_IN_FLIGHT_MAX = 2_000
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
+    """The time the service gives a request: the client's deadline less a margin, so that the
+    service's own timeouts end its work (and give back its connections) before gRPC cancels it."""
     if time_remaining_seconds is None:
         return REQUEST_TIMEOUT_SECONDS_MAX
-    if time_remaining_seconds <= 0:
+    margin_seconds = min(DEADLINE_MARGIN_SECONDS_MAX, time_remaining_seconds * DEADLINE_MARGIN_SHARE)
+    if time_remaining_seconds - margin_seconds <= 0:
         raise errors.DeadlineExceeded("the deadline passed before the request started")
-    return min(time_remaining_seconds, REQUEST_TIMEOUT_SECONDS_MAX)
+    return min(time_remaining_seconds - margin_seconds, REQUEST_TIMEOUT_SECONDS_MAX)
 
 
 class LedgerService:
@@ -59,6 +78,7 @@ class LedgerService:
         self._committers: dict[str, GroupCommitter] = {}
         self._registrars: dict[str, GroupCommitter] = {}
         self._cross_shard_in_flight = 0
+        self._collecting_status_changes = asyncio.Semaphore(COLLECTING_STATUS_CHANGES_MAX)
 
     def committer(self, shard_name: str) -> GroupCommitter:
         if shard_name not in self._committers:
@@ -97,7 +117,7 @@ class LedgerService:
     async def _claim_transfer_id(self, request: TransferRequest, deadline: float) -> None:
         """The transfer_id names this transfer bank-wide from now on, or it is a conflict."""
         (first_use,) = await self._register([_transfer_registration(request)], deadline)
-        _raise_on_conflict(request, first_use)
+        _raise_on_transfer_conflict(request, first_use)
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         request.validated(self.limits)
@@ -108,14 +128,7 @@ class LedgerService:
         (first_use,) = await self._register(
             [Registration(ids.IdNamespace.ACCOUNT_REQUEST, request.request_id, request.registry_fields())], deadline
         )
-        if isinstance(first_use, errors.LedgerError):
-            raise first_use
-        conflicts = ids.conflicting_fields(first_use, request.registry_fields())
-        if conflicts:
-            raise errors.IdempotencyConflict(
-                f"request_id {request.request_id} opened an account with other {', '.join(conflicts)}",
-                conflicting_fields=",".join(conflicts),
-            )
+        _raise_on_conflict("request_id", request.request_id, request.registry_fields(), first_use)
         account, created = await self.router.handle_for(request.account_id).open_account(request, timeout_seconds)
         conflicts = [] if created else account.conflicting_fields(request)
         if conflicts:
@@ -125,12 +138,18 @@ class LedgerService:
             )
         if account.collect_on_every_shard:
             # Every time, not only when created: a retry completes what a failed attempt left out.
-            await asyncio.gather(*(
-                self.router.handle(shard.name).open_collection_account(
-                    account, collection.collection_account_id(self.router.shard_map, shard.name, account.account_id), timeout_seconds
-                )
-                for shard in self.router.shard_map.shards
-            ))
+            # Under the merchant's row lock, with the status it holds then: a sub-account created
+            # late can never be ACTIVE under a merchant that was frozen or closed meanwhile.
+            async def open_sub_accounts(merchant: Account, status: AccountStatus) -> None:
+                await asyncio.gather(*(
+                    self.router.handle(shard.name).open_collection_account(
+                        dataclasses.replace(merchant, status=status),
+                        collection.collection_account_id(self.router.shard_map, shard.name, merchant.account_id), timeout_seconds,
+                    )
+                    for shard in self.router.shard_map.shards
+                ))
+
+            await self._change_status(account.account_id, lambda merchant: merchant.status, open_sub_accounts, timeout_seconds)
         return account, created
 
     async def get_account(self, account_id: str, timeout_seconds: float) -> tuple[Account, int]:
@@ -172,9 +191,7 @@ class LedgerService:
                     *(store.set_collection_status(account_id, new_status, timeout_seconds) for store in self.router.handles())
                 )
 
-        await self.router.handle_for(account_id).change_status(
-            account_id, lambda account: check_status_change(account, status), to_sub_accounts, timeout_seconds
-        )
+        await self._change_status(account_id, lambda account: check_status_change(account, status), to_sub_accounts, timeout_seconds)
         return await self.get_account(account_id, timeout_seconds)
 
     async def close_account(self, account_id: str, timeout_seconds: float) -> Account:
@@ -200,7 +217,54 @@ class LedgerService:
                 f"account {account_id} is still collecting on other shards; retry once it is swept in", account_id=account_id
             )
 
-        return await self.router.handle_for(account_id).change_status(account_id, closed_status, close_sub_accounts, timeout_seconds)
+        return await self._change_status(account_id, closed_status, close_sub_accounts, timeout_seconds)
+
+    async def _change_status(self, account_id: str, rule, before_commit, timeout_seconds: float) -> Account:
+        """A status change under the account's row lock (ShardStore.change_status).
+
+        A collecting merchant's change holds one pooled connection to its shard while it
+        takes more, on every shard, for its sub-accounts: an unbounded number of them at
+        once could hold every connection of a pool and wait for one more. So at most
+        COLLECTING_STATUS_CHANGES_MAX run at once in a process; the others wait here,
+        holding nothing.
+        """
+        store = self.router.handle_for(account_id)
+        if not ids.is_collecting_account(account_id):
+            return await store.change_status(account_id, rule, before_commit, timeout_seconds)
+        try:
+            return await self._change_collecting_status(store, account_id, rule, before_commit, timeout_seconds)
+        except BaseException:  # noqa: BLE001 (re-raised; a cancelled call included)
+            # It may have changed some sub-accounts and not the merchant's row: set them back to
+            # the row's status now, so that a frozen merchant never keeps a sub-account that takes
+            # payments. Idempotent, so also done after a refusal that touched nothing. Shielded:
+            # a cancelled caller must not leave it half done either.
+            await asyncio.shield(self._resync_sub_accounts(store, account_id))
+            raise
+
+    async def _resync_sub_accounts(self, store: ShardStore, account_id: str) -> None:
+        async def to_row_status(merchant: Account, status: AccountStatus) -> None:
+            await asyncio.gather(*(
+                handle.set_collection_status(account_id, status, RESYNC_TIMEOUT_SECONDS) for handle in self.router.handles()
+            ))
+
+        try:
+            await store.change_status(account_id, lambda merchant: merchant.status, to_row_status, RESYNC_TIMEOUT_SECONDS)
+        except errors.LedgerError as error:
+            # The next status change of this merchant sets them all again (it always does).
+            log.error("collecting merchant %s: sub-accounts may differ from its status until its next change: %s", account_id, error)
+
+    async def _change_collecting_status(self, store: ShardStore, account_id: str, rule, before_commit, timeout_seconds: float) -> Account:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._collecting_status_changes.acquire()
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"other status changes of collecting merchants held {account_id}'s turn") from None
+        try:
+            return await store.change_status(account_id, rule, before_commit, deadline - loop.time())
+        finally:
+            self._collecting_status_changes.release()
 
     async def list_account_transfers(
         self, account_id: str, page_size: int, page_token: str, timeout_seconds: float
@@ -261,7 +325,7 @@ class LedgerService:
             failure = None
             for index in chain:
                 try:
-                    _raise_on_conflict(requests[index], first_uses[index])
+                    _raise_on_transfer_conflict(requests[index], first_uses[index])
                 except errors.LedgerError as error:
                     failure = failure or (index, error)
             if failure is not None:
@@ -437,15 +501,19 @@ def _transfer_registration(request: TransferRequest) -> Registration:
     return Registration(ids.IdNamespace.TRANSFER, request.transfer_id, request.registry_fields())
 
 
-def _raise_on_conflict(request: TransferRequest, first_use: dict | errors.LedgerError) -> None:
+def _raise_on_conflict(field: str, key: str, requested: dict, first_use: dict | errors.LedgerError) -> None:
+    """An idempotency key whose first use (from the registry) had other fields names something else."""
     if isinstance(first_use, errors.LedgerError):
         raise first_use
-    conflicts = ids.conflicting_fields(first_use, request.registry_fields())
+    conflicts = ids.conflicting_fields(first_use, requested)
     if conflicts:
         raise errors.IdempotencyConflict(
-            f"transfer_id {request.transfer_id} names another transfer (other {', '.join(conflicts)})",
-            conflicting_fields=",".join(conflicts), transfer_id=request.transfer_id,
+            f"{field} {key} was first used with other {', '.join(conflicts)}", conflicting_fields=",".join(conflicts), **{field: key}
         )
+
+
+def _raise_on_transfer_conflict(request: TransferRequest, first_use: dict | errors.LedgerError) -> None:
+    _raise_on_conflict("transfer_id", request.transfer_id, request.registry_fields(), first_use)
 
 
 def _refuse_duplicate_ids(requests: list[TransferRequest]) -> None:

@@ -6,7 +6,7 @@ import logging
 import time
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -53,6 +53,28 @@ def status_for(error: errors.LedgerError) -> grpc.Status:
 IN_FLIGHT_CALLS_MAX = 256
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode, so the handler can answer it with a reason
+    (grpc would answer a failing deserializer with a bare UNKNOWN)."""
+
+    def __init__(self, type_name: str, problem: str) -> None:
+        self.type_name = type_name
+        self.problem = problem
+
+
+def _tolerant(deserializer):
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    type_name = type_name.full_name if type_name is not None else "message"
+
+    def deserialize(raw: bytes):
+        try:
+            return deserializer(raw)
+        except message.DecodeError as error:
+            return _Undecodable(type_name, str(error)[:200])
+
+    return deserialize
+
+
 class LedgerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, in_flight_calls_max: int = IN_FLIGHT_CALLS_MAX) -> None:
         # Wrapped handlers are built once per method, not once per call.
@@ -69,7 +91,7 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
             return handler  # health Watch and reflection streams pass through untouched
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
@@ -90,6 +112,8 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
                 if not admitted:
                     metrics.OVERLOADED.labels("process").inc()
                     raise errors.Overloaded(f"{self._in_flight_calls} calls in progress; retry with backoff")
+                if isinstance(request, _Undecodable):
+                    raise errors.MalformedRequest(f"the request is not a valid {request.type_name}: {request.problem}")
                 return await behaviour(request, context)
             except errors.LedgerError as error:
                 code = status_code_of(error)

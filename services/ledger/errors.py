@@ -125,6 +125,12 @@ class ReservedId(InvalidArgument):
     reason = "RESERVED_ID"
 
 
+class MalformedRequest(InvalidArgument):
+    """The request's bytes do not decode as the method's message."""
+
+    reason = "MALFORMED_REQUEST"
+
+
 class DuplicateTransferId(InvalidArgument):
     """One CreateTransfers call names the same transfer_id twice."""
 

@@ -17,6 +17,8 @@ COLLECTING_ACCOUNT_ID_PREFIX = "hot_"
 COLLECTION_ACCOUNT_ID_PREFIX = "sub_"
 # Each shard's clearing (suspense) accounts for transfers between shards: "clr_<currency>_<lane>_<n>".
 CLEARING_ACCOUNT_ID_PREFIX = "clr_"
+# The owner_id of every clearing account.
+CLEARING_OWNER_ID = "corebank-clearing"
 # Accounts that belong to the ledger itself: no client debits, credits or reads them.
 INTERNAL_ACCOUNT_ID_PREFIXES = (COLLECTION_ACCOUNT_ID_PREFIX, CLEARING_ACCOUNT_ID_PREFIX)
 # Transfer ids the ledger makes for itself (sweeps). Clients cannot choose them, so no

@@ -42,6 +42,7 @@ import psycopg
 
 from services.ledger.accounts import AccountKind
 from services.ledger.coordination import FINAL_STATES, CoordinatorState
+from services.ledger import ids
 from services.ledger.ids import IdNamespace
 from services.ledger.transfers import Branch, TransferStatus
 
@@ -67,7 +68,7 @@ CLUSTER_FILE_NAME = "cluster.json"
 # accounts of this owner; their ids start with the clearing prefix, which no client can
 # choose (OpenAccount ids start with acc_ or hot_), so a client account that happens to
 # name this owner is never mistaken for one.
-CLEARING_OWNER_ID = "corebank-clearing"
+CLEARING_OWNER_ID = ids.CLEARING_OWNER_ID
 CLEARING_ACCOUNT_ID_PREFIX = "clr_"
 
 # Branches that own a transfer id on their shard: a transfer's "home". A credit branch

@@ -65,6 +65,9 @@ RECEIVED_FROM_SWEEPS = f"""
     WHERE credit_account_id = %s AND status = {int(TransferStatus.POSTED)}
       AND branch IN ({int(Branch.SAME_SHARD)}, {int(Branch.CREDIT)})
       AND starts_with(debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')"""
+# A sub-account whose last sweep failed is tried again this long after, not at every scan:
+# a merchant that refuses credits would otherwise leave a failed sweep behind every second.
+SWEEP_RETRY_AFTER_FAILURE_SECONDS = 10
 # What each collection sub-account can sweep now, and the parts of the sweep's id: the
 # debits so far (only sweeps move them) and the sweeps that failed so far (refused or
 # voided: a failed sweep's id is final, so the next try of the same money needs a new one).
@@ -79,6 +82,10 @@ SWEEPABLE = f"""
     FROM accounts WHERE parent_account_id IS NOT NULL
       AND status NOT IN ({int(AccountStatus.FROZEN)}, {int(AccountStatus.CLOSED)})
       AND credits_posted_minor - debits_posted_minor - debits_pending_minor > 0
+      AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.debit_account_id = accounts.account_id
+                        AND t.status IN ({int(TransferStatus.VOIDED)}, {int(TransferStatus.REJECTED)})
+                        AND starts_with(t.debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')
+                        AND t.finalized_at > now() - make_interval(secs => {SWEEP_RETRY_AFTER_FAILURE_SECONDS}))
     LIMIT %s"""
 # A collecting merchant's sub-accounts on one shard, locked, with whether each holds anything.
 LOCK_COLLECTION_ACCOUNTS = """
@@ -299,12 +306,21 @@ class Session:
         self.cursor = psycopg.AsyncClientCursor(self.connection)
 
     async def release(self) -> None:
+        """Give the connection back to the pool, whatever interrupts the clean-up.
+
+        A cancellation (the caller's deadline, gRPC cancelling the call) may arrive while the
+        ROLLBACK is in flight; the connection must still go back, or the pool counts it as
+        lent for good and the process ends up with no connection to this shard. The pool
+        itself rolls back or discards a connection returned mid-transaction or broken.
+        """
         if self.connection is None:
             return
-        if self.connection.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            await self.connection.execute("ROLLBACK")
-        await self.pool.putconn(self.connection)  # the pool discards a broken or busy connection
-        self.connection = None
+        connection, self.connection = self.connection, None
+        try:
+            if connection.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                await connection.execute("ROLLBACK")
+        finally:
+            await asyncio.shield(self.pool.putconn(connection))
 
     def begin(self, *statements: str) -> str:
         """Open a transaction whose statements the server cancels when the deadline passes."""

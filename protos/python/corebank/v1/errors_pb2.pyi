@@ -24,6 +24,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERNAL_ACCOUNT: _ClassVar[ErrorReason]
     RESERVED_ID: _ClassVar[ErrorReason]
     DUPLICATE_TRANSFER_ID: _ClassVar[ErrorReason]
+    MALFORMED_REQUEST: _ClassVar[ErrorReason]
     ACCOUNT_NOT_FOUND: _ClassVar[ErrorReason]
     TRANSFER_NOT_FOUND: _ClassVar[ErrorReason]
     IDEMPOTENCY_CONFLICT: _ClassVar[ErrorReason]
@@ -63,6 +64,7 @@ INVALID_FIELD: ErrorReason
 INTERNAL_ACCOUNT: ErrorReason
 RESERVED_ID: ErrorReason
 DUPLICATE_TRANSFER_ID: ErrorReason
+MALFORMED_REQUEST: ErrorReason
 ACCOUNT_NOT_FOUND: ErrorReason
 TRANSFER_NOT_FOUND: ErrorReason
 IDEMPOTENCY_CONFLICT: ErrorReason
