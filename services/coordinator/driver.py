@@ -81,10 +81,13 @@ class TransferDriver:
         self.clock = clock
         self.pending_timeout_seconds = pending_timeout_seconds
 
-    async def begin(self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float) -> Begun:
+    async def begin(
+        self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float, register_id_here: bool = False
+    ) -> Begun:
         clearing = self.clearing_account_id_for(debit_shard, request.currency, request.transfer_id)
         begun = await self.tcc(debit_shard).begin(
-            request, credit_shard, clearing, self.limits, self.owner, LEASE_SECONDS, self.pending_timeout_seconds, timeout_seconds
+            request, credit_shard, clearing, self.limits, self.owner, LEASE_SECONDS, self.pending_timeout_seconds, timeout_seconds,
+            register_id_here,
         )
         crash_points.reached(crash_points.AFTER_BEGIN)
         return begun

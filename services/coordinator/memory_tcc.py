@@ -29,7 +29,7 @@ from services.ledger import errors
 from services.ledger.accounts import Account, AccountKind, AccountStatus
 from services.ledger.coordination import BarrierOperation, CoordinatorState, TryOutcome, refused_outcome
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import Branch, TransferRequest, TransferStatus, credit_side_refusal, debit_side_refusal
+from services.ledger.transfers import Branch, TransferRequest, TransferStatus, clearing_refusal, credit_side_refusal, debit_side_refusal
 from services.storage.tcc_store import Begun, BranchResult, TccRecord
 
 CLEARING_OWNER_ID = "corebank-clearing"
@@ -134,12 +134,16 @@ class MemoryTcc:
     async def begin(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
         owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+        register_id_here: bool = False,
     ) -> Begun:
+        del register_id_here  # the simulation drives transfers whose ids are unique by construction
         self._ensure_clearing(clearing_account_id, request.currency)
         existing = self.records.get(request.transfer_id)
         if existing is not None:
             return Begun(existing, created=False)
-        refusal = debit_side_refusal(request, self._account(request.debit_account_id), limits)
+        refusal = debit_side_refusal(request, self._account(request.debit_account_id), limits) or (
+            clearing_refusal(request, self._account(clearing_account_id), credited=True)
+        )
         refused = refusal is not None
         amount = request.amount_minor
         if not refused:
@@ -168,7 +172,9 @@ class MemoryTcc:
 
     async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
         self._ensure_clearing(clearing_account_id, record.currency)
-        refusal = credit_side_refusal(record.request, self._account(record.credit_account_id), limits)
+        refusal = credit_side_refusal(record.request, self._account(record.credit_account_id), limits) or (
+            clearing_refusal(record.request, self._account(clearing_account_id), credited=False)
+        )
         key = (record.transfer_id, Branch.CREDIT, BarrierOperation.TRY)
         if key not in self.barriers:  # ON CONFLICT DO NOTHING: an existing row's outcome stands
             if refusal is not None:

@@ -35,8 +35,10 @@ class TccPort(Protocol):
     async def begin(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
         owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+        register_id_here: bool = False,
     ) -> Begun:
-        """Create the record and try the debit branch in one local transaction (or find the existing one)."""
+        """Create the record and try the debit branch in one local transaction (or find the existing one);
+        `register_id_here`: this shard is the transfer id's registry home, register it in that transaction."""
         ...
 
     async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:

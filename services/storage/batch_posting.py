@@ -11,11 +11,13 @@ once per payment.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
-from services.ledger import errors
+from services.ledger import errors, ids
 from services.ledger.accounts import Account
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus, decide
+from services.storage import id_registry
 from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, KEY_RACE_ATTEMPTS_MAX, TRANSFER_COLUMNS, KeyTaken, ShardStore
 from services.storage.shard_store import account_from_row
 from services.storage.shard_store import batch, transfer_from_row
@@ -48,20 +50,23 @@ class Outcome:
 
 
 async def post_chains(
-    store: ShardStore, chains: list[list[TransferRequest]], limits: TierLimits, timeout_seconds: float
+    store: ShardStore, chains: list[list[TransferRequest]], limits: TierLimits, timeout_seconds: float,
+    registers_here: Callable[[str], bool] = lambda transfer_id: False,
 ) -> list[list[Outcome]]:
     """Apply chains of validated same-shard transfers in one transaction; outcomes in input order.
 
-    A chain of one is an ordinary transfer; a longer chain is all or nothing.
+    A chain of one is an ordinary transfer; a longer chain is all or nothing. The transfer ids
+    that `registers_here` names are registered bank-wide (id_registry.py) in the same
+    transaction, since this shard is their registry's home: no separate round trip for them.
     """
     for _ in range(KEY_RACE_ATTEMPTS_MAX):
         try:
-            return await _post_once(store, chains, limits, timeout_seconds)
+            return await _post_once(store, chains, limits, timeout_seconds, registers_here)
         except KeyTaken:
             continue
     if len(chains) > 1:
         # One chain per transaction, so that whichever chain keeps racing fails alone.
-        return [(await post_chains(store, [chain], limits, timeout_seconds))[0] for chain in chains]
+        return [(await post_chains(store, [chain], limits, timeout_seconds, registers_here))[0] for chain in chains]
     raise errors.ShardUnavailable(
         f"{store.shard_name}: transfer ids kept racing with another copy of this request; retry with the same ids",
         shard=store.shard_name,
@@ -69,15 +74,24 @@ async def post_chains(
 
 
 async def _post_once(
-    store: ShardStore, chains: list[list[TransferRequest]], limits: TierLimits, timeout_seconds: float
+    store: ShardStore, chains: list[list[TransferRequest]], limits: TierLimits, timeout_seconds: float,
+    registers_here: Callable[[str], bool],
 ) -> list[list[Outcome]]:
     requests = [request for chain in chains for request in chain]
     account_ids = sorted({i for r in requests for i in (r.debit_account_id, r.credited)})
+    registrations = [id_registry.transfer_registration(r) for r in requests if registers_here(r.transfer_id)]
+    statements, params = [LOCK_ACCOUNTS, SELECT_TRANSFERS], [account_ids, [r.transfer_id for r in requests]]
+    if registrations:
+        # After the account locks: a transaction that holds a registry key waits for no lock.
+        statements += [id_registry.REGISTER, id_registry.SELECT_REGISTERED]
+        params += id_registry.register_params(registrations)
     async with store.session(timeout_seconds) as session:
-        locked, earlier = await session.run(
-            session.begin(LOCK_ACCOUNTS, SELECT_TRANSFERS), [account_ids, [r.transfer_id for r in requests]]
+        locked, earlier, *registered = await session.run(session.begin(*statements), params)
+        first_uses = id_registry.first_uses(registered[0]) if registrations else {}
+        plan = _Plan(
+            {row[0]: account_from_row(row) for row in locked}, {row[0]: transfer_from_row(row) for row in earlier},
+            {namespace_and_id[1]: fields for namespace_and_id, fields in first_uses.items()},
         )
-        plan = _Plan({row[0]: account_from_row(row) for row in locked}, {row[0]: transfer_from_row(row) for row in earlier})
         outcomes = [plan.add_chain(chain, limits) for chain in chains]
         if plan.new_rows:
             statements, params = [INSERT_TRANSFERS], [list(column) for column in zip(*plan.new_rows)]
@@ -96,13 +110,17 @@ async def _post_once(
 class _Plan:
     """The batch's effect, built in request order before anything is written."""
 
-    def __init__(self, accounts: dict[str, Account], earlier: dict[str, Transfer]) -> None:
+    def __init__(self, accounts: dict[str, Account], earlier: dict[str, Transfer], first_uses: dict[str, dict] | None = None) -> None:
         self.accounts = accounts
         self.known = dict(earlier)  # transfer_id -> stored or planned transfer
+        self.first_uses = first_uses or {}  # transfer_id -> fields of its first use, for ids registered here
         self.new_rows: list[tuple] = []
         self._changes: dict[str, list[int]] = {}  # account_id -> [debits, credits]
 
     def add_chain(self, chain: list[TransferRequest], limits: TierLimits) -> list[Outcome]:
+        conflicts = [self._conflict(request) for request in chain]
+        if any(conflicts):
+            return _refused_for_conflicts(chain, conflicts)
         known = [self.known.get(request.transfer_id) for request in chain]
         if all(transfer is not None for transfer in known):
             # A retry (or a repeat within this batch): the service compares fields and answers.
@@ -133,6 +151,16 @@ class _Plan:
                     self._changes.setdefault(account_id, [0, 0])[column] += request.amount_minor
         return outcomes
 
+    def _conflict(self, request: TransferRequest) -> errors.IdempotencyConflict | None:
+        first_use = self.first_uses.get(request.transfer_id)
+        conflicting = [] if first_use is None else ids.conflicting_fields(first_use, request.registry_fields())
+        if not conflicting:
+            return None
+        return errors.IdempotencyConflict(
+            f"transfer_id {request.transfer_id} was first used with other {', '.join(conflicting)}",
+            conflicting_fields=",".join(conflicting), transfer_id=request.transfer_id,
+        )
+
     def _record(self, request: TransferRequest, refusal: errors.LedgerError | None) -> Outcome:
         status = TransferStatus.POSTED if refusal is None else TransferStatus.REJECTED
         reason = "" if refusal is None else refusal.reason
@@ -150,6 +178,17 @@ class _Plan:
 
     def balance_changes(self) -> list[tuple[str, int, int]]:
         return [(account_id, debits, credits) for account_id, (debits, credits) in sorted(self._changes.items())]
+
+
+def _refused_for_conflicts(chain: list[TransferRequest], conflicts: list[errors.LedgerError | None]) -> list[Outcome]:
+    """A member whose id names another transfer: the chain is refused whole, nothing recorded."""
+    failed_id = next(request.transfer_id for request, conflict in zip(chain, conflicts) if conflict is not None)
+    return [
+        Outcome(None, conflict or errors.LinkedTransferFailed(
+            f"transfer {failed_id} of the same chain was refused", failed_transfer_id=failed_id
+        ))
+        for conflict in conflicts
+    ]
 
 
 def _refused_for_existing_ids(chain: list[TransferRequest], known: list[Transfer | None]) -> list[Outcome]:

@@ -15,6 +15,7 @@ import json
 
 from services.ledger.ids import IdNamespace
 from services.ledger.limits import TierLimits
+from services.ledger.transfers import TransferRequest
 from services.storage.shard_store import COMMIT, ShardStore
 
 REGISTER = """
@@ -32,6 +33,22 @@ class Registration:
     fields: dict
 
 
+def transfer_registration(request: TransferRequest) -> Registration:
+    return Registration(IdNamespace.TRANSFER, request.transfer_id, request.registry_fields())
+
+
+def register_params(registrations: list[Registration]) -> list:
+    """The parameters of REGISTER then SELECT_REGISTERED."""
+    namespaces = [int(entry.namespace) for entry in registrations]
+    keys = [entry.id for entry in registrations]
+    return [namespaces, keys, [json.dumps(entry.fields, sort_keys=True) for entry in registrations], namespaces, keys]
+
+
+def first_uses(rows: list[tuple]) -> dict[tuple[int, str], dict]:
+    """SELECT_REGISTERED's rows: (namespace, id) -> the fields of the id's first use."""
+    return {(namespace, key): fields for namespace, key, fields in rows}
+
+
 async def register(
     store: ShardStore, chains: list[list[Registration]], limits: TierLimits, timeout_seconds: float
 ) -> list[list[dict]]:
@@ -41,16 +58,11 @@ async def register(
     """
     del limits  # registration applies no rule
     entries = [entry for chain in chains for entry in chain]
-    namespaces = [int(entry.namespace) for entry in entries]
-    keys = [entry.id for entry in entries]
     async with store.session(timeout_seconds) as session:
         # READ COMMITTED: the SELECT, a later statement, sees a racing first use that the
         # INSERT waited for and then skipped.
-        (stored,) = await session.run(
-            session.begin(REGISTER, SELECT_REGISTERED, COMMIT),
-            [namespaces, keys, [json.dumps(entry.fields, sort_keys=True) for entry in entries], namespaces, keys],
-        )
-    first_use = {(namespace, key): fields for namespace, key, fields in stored}
+        (stored,) = await session.run(session.begin(REGISTER, SELECT_REGISTERED, COMMIT), register_params(entries))
+    first_use = first_uses(stored)
     missing = [entry.id for entry in entries if (int(entry.namespace), entry.id) not in first_use]
     assert not missing, f"ids not registered after registering them: {missing[:5]}"
     return [[first_use[(int(entry.namespace), entry.id)] for entry in chain] for chain in chains]

@@ -19,6 +19,7 @@ from services.ledger import errors, ids
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus
 from services.ledger.transfers import clearing_refusal, credit_side_refusal, debit_side_refusal
+from services.storage import id_registry
 from services.storage.shard_store import KEY_RACE_ATTEMPTS_MAX, COMMIT, LOCK_ACCOUNT, SELECT_TRANSFER, KeyTaken, Session, ShardStore, account_from_row, batch
 from services.storage.shard_store import transfer_from_row
 
@@ -261,6 +262,7 @@ class TccStore:
     async def begin(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
         owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+        register_id_here: bool = False,
     ) -> Begun:
         """Create the coordinator record and try the debit branch, in one local transaction.
 
@@ -270,7 +272,8 @@ class TccStore:
         for _ in range(KEY_RACE_ATTEMPTS_MAX):
             try:
                 return await self._begin_once(
-                    request, credit_shard, clearing_account_id, limits, owner, lease_seconds, pending_timeout_seconds, timeout_seconds
+                    request, credit_shard, clearing_account_id, limits, owner, lease_seconds, pending_timeout_seconds, timeout_seconds,
+                    register_id_here,
                 )
             except KeyTaken:
                 continue
@@ -281,14 +284,28 @@ class TccStore:
     async def _begin_once(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
         owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+        register_id_here: bool,
     ) -> Begun:
+        statements = [LOCK_ACCOUNT, LOCK_ACCOUNT, SELECT_RECORD, SELECT_TRANSFER]
+        params = [request.debit_account_id, clearing_account_id, request.transfer_id, request.transfer_id]
+        if register_id_here:
+            # This shard is the id's registry home: registered in the same transaction (and after
+            # the locks: a transaction that holds a registry key waits for no lock).
+            registration = id_registry.transfer_registration(request)
+            statements += [id_registry.REGISTER, id_registry.SELECT_REGISTERED]
+            params += id_registry.register_params([registration])
         async with self.store.session(timeout_seconds) as session:
             await self._ensure_clearing(session, clearing_account_id, request.currency)
             # The customer row before the clearing row, as every transaction locks them.
-            locked, clearing, record, local = await session.run(
-                session.begin(LOCK_ACCOUNT, LOCK_ACCOUNT, SELECT_RECORD, SELECT_TRANSFER),
-                [request.debit_account_id, clearing_account_id, request.transfer_id, request.transfer_id],
-            )
+            locked, clearing, record, local, *registered = await session.run(session.begin(*statements), params)
+            if register_id_here:
+                first_use = id_registry.first_uses(registered[0])[(int(registration.namespace), registration.id)]
+                conflicting = ids.conflicting_fields(first_use, registration.fields)
+                if conflicting:
+                    raise errors.IdempotencyConflict(
+                        f"transfer_id {request.transfer_id} was first used with other {', '.join(conflicting)}",
+                        conflicting_fields=",".join(conflicting), transfer_id=request.transfer_id,
+                    )
             if record:
                 return Begun(record_from_row(record[0]), created=False)
             if local:

@@ -55,3 +55,16 @@ def test_the_same_id_from_two_callers_in_one_batch_is_applied_once():
     second = batch.add_chain([request("same")], LIMITS)
     assert first[0].fresh_refusal is None and second[0].transfer is first[0].transfer
     assert len(batch.new_rows) == 1 and batch.balance_changes() == [("acc_a", 10, 0), ("acc_b", 0, 10)]
+
+
+def test_an_id_registered_here_with_other_fields_refuses_its_chain_whole_and_records_nothing():
+    """Ids whose registry lives on this shard are registered in the batch itself."""
+    first_use = request("taken", amount_minor=99).registry_fields()
+    batch = _Plan({"acc_a": account("acc_a", credits_posted_minor=1_000), "acc_b": account("acc_b")}, {}, {"taken": first_use})
+    outcomes = batch.add_chain([request("fresh"), request("taken")], LIMITS)
+    assert [type(o.fresh_refusal) for o in outcomes] == [errors.LinkedTransferFailed, errors.IdempotencyConflict]
+    assert outcomes[1].fresh_refusal.metadata["conflicting_fields"] == "amount_minor"
+    assert batch.new_rows == [] and batch.balance_changes() == []
+    # The same id with its first use's fields is no conflict: it posts.
+    same = batch.add_chain([request("taken", amount_minor=99)], LIMITS)
+    assert same[0].fresh_refusal is None and len(batch.new_rows) == 1
