@@ -41,7 +41,7 @@ async def first_shard_map(etcd) -> ShardMap:
                 if shard_map is not None:
                     return shard_map
                 log.info("no shard map in etcd yet; waiting")
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (the etcd client raises many kinds while etcd starts; bounded by the timeout)
                 log.info("etcd not reachable yet (%s); waiting", error)
             await asyncio.sleep(0.5)
 

@@ -17,7 +17,7 @@ from services.group_commit import GroupCommitter
 from services.ledger import errors, ids, paging
 from services.ledger.accounts import Account, AccountStatus, OpenAccountRequest, check_status_change, closed_status
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import Transfer, TransferRequest
+from services.ledger.transfers import Transfer, TransferRequest, linked_transfer_failed
 from services.storage import id_registry
 from services.storage.batch_posting import post_chains
 from services.storage.id_registry import Registration, transfer_registration
@@ -90,8 +90,9 @@ class LedgerService:
             )
         return self._committers[shard_name]
 
-    def _registry_shard(self, transfer_id: str) -> str:
-        return self.router.shard_name_for(transfer_id)
+    def _registry_shard(self, key: str) -> str:
+        """Where an idempotency key (a transfer_id, a request_id) is registered: its own hash's shard."""
+        return self.router.shard_name_for(key)
 
     def _registered_by_its_batch(self, request: TransferRequest, debit_shard: str) -> bool:
         """A transfer whose id's registry lives on its debit shard is registered in the transaction
@@ -113,7 +114,7 @@ class LedgerService:
         first_uses: list[dict | errors.LedgerError | None] = [None] * len(registrations)
         by_shard: dict[str, list[int]] = {}
         for index, registration in enumerate(registrations):
-            by_shard.setdefault(self.router.shard_name_for(registration.id), []).append(index)
+            by_shard.setdefault(self._registry_shard(registration.id), []).append(index)
 
         async def register_on(shard_name: str, indexes: list[int]) -> None:
             try:
@@ -201,9 +202,7 @@ class LedgerService:
             # returns FROZEN, no sub-account accepts a payment. Always sent, so a change
             # that died halfway is completed by the next one.
             if account.collect_on_every_shard:
-                await asyncio.gather(
-                    *(store.set_collection_status(account_id, new_status, timeout_seconds) for store in self.router.handles())
-                )
+                await self._set_sub_account_statuses(account_id, new_status, self.router.handles(), timeout_seconds)
 
         await self._change_status(account_id, lambda account: check_status_change(account, status), to_sub_accounts, timeout_seconds)
         return await self.get_account(account_id, timeout_seconds)
@@ -223,10 +222,8 @@ class LedgerService:
             )
             if all(closed):
                 return
-            await asyncio.gather(*(
-                store.set_collection_status(account_id, account.status, timeout_seconds)
-                for store, was_closed in zip(stores, closed) if was_closed
-            ))
+            reopened = [store for store, was_closed in zip(stores, closed) if was_closed]
+            await self._set_sub_account_statuses(account_id, account.status, reopened, timeout_seconds)
             raise errors.AccountBalanceNotZero(
                 f"account {account_id} is still collecting on other shards; retry once it is swept in", account_id=account_id
             )
@@ -257,15 +254,19 @@ class LedgerService:
 
     async def _resync_sub_accounts(self, store: ShardStore, account_id: str) -> None:
         async def to_row_status(merchant: Account, status: AccountStatus) -> None:
-            await asyncio.gather(*(
-                handle.set_collection_status(account_id, status, RESYNC_TIMEOUT_SECONDS) for handle in self.router.handles()
-            ))
+            await self._set_sub_account_statuses(account_id, status, self.router.handles(), RESYNC_TIMEOUT_SECONDS)
 
         try:
             await store.change_status(account_id, lambda merchant: merchant.status, to_row_status, RESYNC_TIMEOUT_SECONDS)
         except errors.LedgerError as error:
             # The next status change of this merchant sets them all again (it always does).
             log.error("collecting merchant %s: sub-accounts may differ from its status until its next change: %s", account_id, error)
+
+    @staticmethod
+    async def _set_sub_account_statuses(
+        merchant_id: str, status: AccountStatus, stores: list[ShardStore], timeout_seconds: float
+    ) -> None:
+        await asyncio.gather(*(store.set_collection_status(merchant_id, status, timeout_seconds) for store in stores))
 
     async def _change_collecting_status(self, store: ShardStore, account_id: str, rule, before_commit, timeout_seconds: float) -> Account:
         loop = asyncio.get_running_loop()
@@ -307,12 +308,10 @@ class LedgerService:
         deadline = asyncio.get_running_loop().time() + timeout_seconds
         debit_shard = self.router.shard_name_for(request.debit_account_id)
         credit_shard = self.router.shard_name_for(request.credited)
-        if debit_shard != credit_shard:
-            if not self._registered_by_its_batch(request, debit_shard):
-                await self._claim_transfer_id(request, deadline)
-            return await self._transfer_between_shards(request, debit_shard, credit_shard, timeout_seconds)
         if not self._registered_by_its_batch(request, debit_shard):
             await self._claim_transfer_id(request, deadline)
+        if debit_shard != credit_shard:
+            return await self._transfer_between_shards(request, debit_shard, credit_shard, timeout_seconds)
         ((posted,),) = await self.committer(debit_shard).submit([[request]], deadline)
         return self._answer(request, posted.transfer, posted.fresh_refusal)
 
@@ -523,11 +522,9 @@ def _raise_on_conflict(field: str, key: str, requested: dict, first_use: dict | 
     """An idempotency key whose first use (from the registry) had other fields names something else."""
     if isinstance(first_use, errors.LedgerError):
         raise first_use
-    conflicts = ids.conflicting_fields(first_use, requested)
-    if conflicts:
-        raise errors.IdempotencyConflict(
-            f"{field} {key} was first used with other {', '.join(conflicts)}", conflicting_fields=",".join(conflicts), **{field: key}
-        )
+    conflict = ids.conflict_with_first_use(field, key, first_use, requested)
+    if conflict is not None:
+        raise conflict
 
 
 def _raise_on_transfer_conflict(request: TransferRequest, first_use: dict | errors.LedgerError) -> None:
@@ -556,10 +553,7 @@ def _fail_chain(
         if index == failed_index or error.transient or isinstance(error, errors.LinkedChainSpansShards) or len(chain) == 1:
             answers[index] = error
         else:
-            answers[index] = errors.LinkedTransferFailed(
-                f"transfer {requests[failed_index].transfer_id} of the same chain was refused",
-                failed_transfer_id=requests[failed_index].transfer_id,
-            )
+            answers[index] = linked_transfer_failed(requests[failed_index].transfer_id)
 
 
 def _answer_or_error(answer) -> Transfer | errors.LedgerError:

@@ -39,6 +39,16 @@ def conflicting_fields(registered: dict, requested: dict) -> list[str]:
     return [name for name in names if registered.get(name) != requested.get(name)]
 
 
+def conflict_with_first_use(field: str, key: str, first_use: dict, requested: dict) -> errors.IdempotencyConflict | None:
+    """The refusal of an idempotency key reused with other fields than its first use, or None."""
+    conflicts = conflicting_fields(first_use, requested)
+    if not conflicts:
+        return None
+    return errors.IdempotencyConflict(
+        f"{field} {key} was first used with other {', '.join(conflicts)}", conflicting_fields=",".join(conflicts), **{field: key}
+    )
+
+
 def validate_id(value: str, field: str) -> str:
     if not value:
         raise errors.MissingField(f"{field} is required", field=field)

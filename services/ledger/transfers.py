@@ -125,6 +125,13 @@ class Transfer:
         )
 
 
+def linked_transfer_failed(failed_transfer_id: str) -> errors.LinkedTransferFailed:
+    """What the other members of a linked chain answer when one of them is refused."""
+    return errors.LinkedTransferFailed(
+        f"transfer {failed_transfer_id} of the same chain was refused", failed_transfer_id=failed_transfer_id
+    )
+
+
 def decide(
     request: TransferRequest, debit: Account | None, credit: Account | None, limits: TierLimits
 ) -> errors.LedgerError | None:

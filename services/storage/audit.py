@@ -508,7 +508,7 @@ def _connect(shard_name: str, dsn: str) -> psycopg.Connection:
         connection = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS, autocommit=True)
         connection.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_SECONDS}s'")
         return connection
-    except psycopg.Error as error:
+    except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
         raise ShardUnreadable(shard_name, error) from error
 
 
@@ -552,7 +552,7 @@ def audit_shard(shard_name: str, dsn: str) -> ShardAudit:
                 owned.setdefault(transfer_id, record.fields)
             has_registry = connection.execute(ID_REGISTRY_EXISTS).fetchone()[0]
             connection.execute("COMMIT")
-    except psycopg.Error as error:
+    except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
         raise ShardUnreadable(shard_name, error) from error
     sums = [sum(t[1][i] for t in totals.values()) for i in range(4)]
     return ShardAudit(
@@ -592,7 +592,7 @@ def _read_credit_branches(shards: list[dict], transfer_ids: list[str]) -> dict[s
                     for row in connection.execute(BRANCHES_OF, [chunk, int(Branch.CREDIT)]):
                         transfer_id, branch = _row(shard["name"], row)
                         found[transfer_id] = branch
-        except psycopg.Error as error:
+        except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
             raise ShardUnreadable(shard["name"], error) from error
     return found
 
@@ -608,7 +608,7 @@ def _read_records_and_debit_branches(shards: list[dict], transfer_ids: list[str]
                     records.update(_record(shard["name"], row) for row in connection.execute(RECORDS_OF, [chunk]))
                     debits.update(_row(shard["name"], row) for row in connection.execute(BRANCHES_OF, [chunk, int(Branch.DEBIT)]))
                 connection.execute("COMMIT")
-        except psycopg.Error as error:
+        except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
             raise ShardUnreadable(shard["name"], error) from error
     return records, debits
 
@@ -623,7 +623,7 @@ def _read_registries(shards: list[dict], audits: list[ShardAudit]) -> dict[str, 
             with _connect(shard["name"], shard["dsn"]) as connection:
                 for transfer_id, fields in connection.execute(REGISTERED_TRANSFER_IDS):
                     registered[transfer_id].append((shard["name"], fields))
-        except psycopg.Error as error:
+        except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
             raise ShardUnreadable(shard["name"], error) from error
     return registered
 

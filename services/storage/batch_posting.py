@@ -16,7 +16,7 @@ from collections.abc import Callable
 from services.ledger import errors, ids
 from services.ledger.accounts import Account
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus, decide
+from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus, decide, linked_transfer_failed
 from services.storage import id_registry
 from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, KEY_RACE_ATTEMPTS_MAX, TRANSFER_COLUMNS, KeyTaken, ShardStore
 from services.storage.shard_store import account_from_row
@@ -141,10 +141,7 @@ class _Plan:
         for index, (request, refusal) in enumerate(zip(chain, refusals)):
             if first_refused is not None and index != first_refused:
                 # All or nothing: the refused one keeps its reason, the others name it.
-                refusal = errors.LinkedTransferFailed(
-                    f"transfer {chain[first_refused].transfer_id} of the same chain was refused",
-                    failed_transfer_id=chain[first_refused].transfer_id,
-                )
+                refusal = linked_transfer_failed(chain[first_refused].transfer_id)
             outcomes.append(self._record(request, refusal))
             if refusal is None:
                 for account_id, column in ((request.debit_account_id, 0), (request.credited, 1)):
@@ -153,13 +150,9 @@ class _Plan:
 
     def _conflict(self, request: TransferRequest) -> errors.IdempotencyConflict | None:
         first_use = self.first_uses.get(request.transfer_id)
-        conflicting = [] if first_use is None else ids.conflicting_fields(first_use, request.registry_fields())
-        if not conflicting:
+        if first_use is None:
             return None
-        return errors.IdempotencyConflict(
-            f"transfer_id {request.transfer_id} was first used with other {', '.join(conflicting)}",
-            conflicting_fields=",".join(conflicting), transfer_id=request.transfer_id,
-        )
+        return ids.conflict_with_first_use("transfer_id", request.transfer_id, first_use, request.registry_fields())
 
     def _record(self, request: TransferRequest, refusal: errors.LedgerError | None) -> Outcome:
         status = TransferStatus.POSTED if refusal is None else TransferStatus.REJECTED
@@ -183,12 +176,7 @@ class _Plan:
 def _refused_for_conflicts(chain: list[TransferRequest], conflicts: list[errors.LedgerError | None]) -> list[Outcome]:
     """A member whose id names another transfer: the chain is refused whole, nothing recorded."""
     failed_id = next(request.transfer_id for request, conflict in zip(chain, conflicts) if conflict is not None)
-    return [
-        Outcome(None, conflict or errors.LinkedTransferFailed(
-            f"transfer {failed_id} of the same chain was refused", failed_transfer_id=failed_id
-        ))
-        for conflict in conflicts
-    ]
+    return [Outcome(None, conflict or linked_transfer_failed(failed_id)) for conflict in conflicts]
 
 
 def _refused_for_existing_ids(chain: list[TransferRequest], known: list[Transfer | None]) -> list[Outcome]:
@@ -203,9 +191,7 @@ def _refused_for_existing_ids(chain: list[TransferRequest], known: list[Transfer
                 f"transfer {request.transfer_id} already exists; a linked chain cannot include it", transfer_id=request.transfer_id
             )
         else:
-            refusal = errors.LinkedTransferFailed(
-                f"transfer {existing_id} of the same chain already exists", failed_transfer_id=existing_id
-            )
+            refusal = linked_transfer_failed(existing_id)
         outcomes.append(Outcome(None, refusal))
     return outcomes
 

@@ -75,17 +75,17 @@ SWEEP_RETRY_AFTER_FAILURE_SECONDS = 10
 # A frozen or closed sub-account is skipped: its sweep would only be refused.
 SWEEPABLE = f"""
     SELECT account_id, parent_account_id, currency, credits_posted_minor - debits_posted_minor - debits_pending_minor,
-           debits_posted_minor + debits_pending_minor,
-           (SELECT count(*) FROM transfers t WHERE t.debit_account_id = accounts.account_id
-              AND t.status IN ({int(TransferStatus.VOIDED)}, {int(TransferStatus.REJECTED)})
-              AND starts_with(t.debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}'))
-    FROM accounts WHERE parent_account_id IS NOT NULL
+           debits_posted_minor + debits_pending_minor, failed.sweeps
+    FROM accounts CROSS JOIN LATERAL (
+        SELECT count(*) AS sweeps, max(t.finalized_at) AS last_at FROM transfers t
+        WHERE t.debit_account_id = accounts.account_id
+          AND t.status IN ({int(TransferStatus.VOIDED)}, {int(TransferStatus.REJECTED)})
+          AND starts_with(t.debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')
+    ) AS failed
+    WHERE parent_account_id IS NOT NULL
       AND status NOT IN ({int(AccountStatus.FROZEN)}, {int(AccountStatus.CLOSED)})
       AND credits_posted_minor - debits_posted_minor - debits_pending_minor > 0
-      AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.debit_account_id = accounts.account_id
-                        AND t.status IN ({int(TransferStatus.VOIDED)}, {int(TransferStatus.REJECTED)})
-                        AND starts_with(t.debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')
-                        AND t.finalized_at > now() - make_interval(secs => {SWEEP_RETRY_AFTER_FAILURE_SECONDS}))
+      AND (failed.last_at IS NULL OR failed.last_at <= now() - make_interval(secs => {SWEEP_RETRY_AFTER_FAILURE_SECONDS}))
     LIMIT %s"""
 # A collecting merchant's sub-accounts on one shard, locked, with whether each holds anything.
 LOCK_COLLECTION_ACCOUNTS = """
@@ -188,7 +188,7 @@ class ShardStore:
             raise errors.ShardUnavailable(f"{self.shard_name}: no connection ({error})", shard=self.shard_name) from error
         except TimeoutError as error:
             raise errors.DeadlineExceeded(f"{self.shard_name}: deadline passed; the outcome may be unknown") from error
-        except psycopg.Error as error:
+        except psycopg.Error as error:  # the one place database errors are mapped, by SQLSTATE
             raise database_error(self.shard_name, error) from error
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:

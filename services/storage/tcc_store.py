@@ -300,12 +300,9 @@ class TccStore:
             locked, clearing, record, local, *registered = await session.run(session.begin(*statements), params)
             if register_id_here:
                 first_use = id_registry.first_uses(registered[0])[(int(registration.namespace), registration.id)]
-                conflicting = ids.conflicting_fields(first_use, registration.fields)
-                if conflicting:
-                    raise errors.IdempotencyConflict(
-                        f"transfer_id {request.transfer_id} was first used with other {', '.join(conflicting)}",
-                        conflicting_fields=",".join(conflicting), transfer_id=request.transfer_id,
-                    )
+                conflict = ids.conflict_with_first_use("transfer_id", request.transfer_id, first_use, registration.fields)
+                if conflict is not None:
+                    raise conflict
             if record:
                 return Begun(record_from_row(record[0]), created=False)
             if local:
