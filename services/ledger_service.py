@@ -35,11 +35,14 @@ REQUEST_TIMEOUT_SECONDS_MAX = 10.0
 DEADLINE_MARGIN_SHARE = 0.05
 DEADLINE_MARGIN_SECONDS_MAX = 0.1
 CREATE_TRANSFERS_BATCH_SIZE_MAX = 5_000
-# Transfers between shards of one CreateTransfers call driven at once.
-CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 64
+# Transfers between shards of one CreateTransfers call driven at once. Their branch
+# operations are group-committed per shard and phase (coordinator/wiring.py), so a call's
+# transfers between shards cost a handful of transactions per shard, not one each.
+CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 1_000
 # Transfers between shards in flight in this process; past it, new ones get OVERLOADED
-# at once (same-shard transfers are bounded by their group-commit queues).
-CROSS_SHARD_IN_FLIGHT_MAX = 1_000
+# at once (same-shard transfers are bounded by their group-commit queues). A few
+# kilobytes each (a task and its record).
+CROSS_SHARD_IN_FLIGHT_MAX = 5_000
 # Status changes (and sub-account openings) of collecting merchants in progress at once in
 # a process. Each holds a connection to the merchant's shard and needs one more per shard:
 # far below POOL_SIZE_MAX (16), so the pools always have room for them and for transfers.
@@ -55,7 +58,7 @@ DRAIN_SECONDS_MAX = 5.0
 # Drives (and waits on another driver) that outlive the requests that started them: one
 # per transfer id at most, and at most this many in the process. Past it, new transfers
 # between shards get OVERLOADED; recovery finishes whatever a full process leaves.
-DRIVES_IN_FLIGHT_MAX = 2_000
+DRIVES_IN_FLIGHT_MAX = 10_000
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:

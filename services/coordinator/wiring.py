@@ -4,19 +4,78 @@ shard router, clearing accounts from the shard map. Used by the composition root
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Callable
 
 from services.coordinator.clearing import clearing_account_id
 from services.coordinator.driver import TransferDriver
+from services.group_commit import GroupCommitter
 from services.ledger import errors
+from services.ledger.coordination import CoordinatorState
 from services.ledger.limits import TierLimits
+from services.ledger.transfers import TransferRequest
 from services.storage.shard_store import ShardStore
-from services.storage.tcc_store import TccStore
-from sharding.router import ShardRouter
+from services.storage.tcc_store import Begun, BeginItem, BranchResult, FinishItem, FinishRecordItem, TccRecord, TccStore, TryCreditItem
 
 
-def tcc_for_shard(router: ShardRouter[ShardStore]) -> Callable[[str], TccStore]:
-    """A shard name -> its TCC store; a name the shard map does not know is a permanent fault."""
+class BatchingTccStore(TccStore):
+    """A shard's TCC store whose branch operations, from all the transfers this process drives
+    at once, share transactions: group commit per shard and phase (services/group_commit.py).
+    Each transfer keeps its own barrier rows and outcome; the other operations are TccStore's."""
+
+    def __init__(self, store: ShardStore, limits: TierLimits) -> None:
+        super().__init__(store)
+
+        def committer(operation, admits: bool = False) -> GroupCommitter:
+            async def post(tcc: TccStore, chains: list[list], limits: TierLimits, timeout_seconds: float) -> list[list]:
+                return [[outcome] for outcome in await operation(tcc, [item for (item,) in chains], limits, timeout_seconds)]
+
+            if admits:  # a transfer's first step: a full queue answers OVERLOADED, and nothing was done
+                return GroupCommitter(self.shard_name, lambda: self, limits, post=post)
+            # A later step of a transfer already begun is never refused for load: the drives in
+            # flight (bounded by the service) bound its queue, and a refusal would end as a fault.
+            return GroupCommitter(
+                self.shard_name, lambda: self, limits, post=post, queue_transfers_max=math.inf, queue_wait_seconds_max=math.inf
+            )
+
+        self._begins = committer(TccStore.begin_many, admits=True)
+        self._credit_tries = committer(TccStore.try_credit_many)
+        self._decisions = committer(lambda tcc, items, limits, timeout: TccStore.decide_many(tcc, items, timeout))
+        self._credit_finishes = committer(lambda tcc, items, limits, timeout: TccStore.finish_credit_many(tcc, items, timeout))
+        self._record_finishes = committer(lambda tcc, items, limits, timeout: TccStore.finish_records(tcc, items, timeout))
+
+    @staticmethod
+    async def _one(committer: GroupCommitter, item, timeout_seconds: float):
+        ((outcome,),) = await committer.submit([[item]], asyncio.get_running_loop().time() + timeout_seconds)
+        if isinstance(outcome, errors.LedgerError):
+            raise outcome
+        return outcome
+
+    async def begin(
+        self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
+        owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
+        register_id_here: bool = False,
+    ) -> Begun:
+        item = BeginItem(request, credit_shard, clearing_account_id, owner, lease_seconds, pending_timeout_seconds, register_id_here)
+        return await self._one(self._begins, item, timeout_seconds)
+
+    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+        return await self._one(self._credit_tries, TryCreditItem(record, clearing_account_id), timeout_seconds)
+
+    async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
+        return await self._one(self._decisions, FinishItem(record, confirm, reason), timeout_seconds)
+
+    async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
+        return await self._one(self._credit_finishes, FinishItem(record, confirm), timeout_seconds)
+
+    async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
+        return await self._one(self._record_finishes, FinishRecordItem(record, final_state), timeout_seconds)
+
+
+def tcc_for_shard(router: ShardRouter[ShardStore], limits: TierLimits | None = None) -> Callable[[str], TccStore]:
+    """A shard name -> its TCC store; a name the shard map does not know is a permanent fault.
+    Given the tier limits (drivers need them), the stores batch branch operations (BatchingTccStore)."""
     stores: dict[str, TccStore] = {}
 
     def tcc(shard_name: str) -> TccStore:
@@ -27,7 +86,7 @@ def tcc_for_shard(router: ShardRouter[ShardStore]) -> Callable[[str], TccStore]:
             raise errors.InternalFault(f"no shard named {shard_name} in the shard map", shard=shard_name) from None
         cached = stores.get(shard_name)
         if cached is None or cached.store is not handle:  # a new map may have reopened the shard
-            cached = stores[shard_name] = TccStore(handle)
+            cached = stores[shard_name] = TccStore(handle) if limits is None else BatchingTccStore(handle, limits)
         return cached
 
     return tcc
@@ -39,7 +98,7 @@ def shard_names(router: ShardRouter[ShardStore]) -> Callable[[], list[str]]:
 
 def transfer_driver(router: ShardRouter[ShardStore], limits: TierLimits, owner: str) -> TransferDriver:
     return TransferDriver(
-        tcc_for_shard(router),
+        tcc_for_shard(router, limits),
         router.shard_name_for,
         # The map is read at each call: it follows etcd.
         lambda shard_name, currency, transfer_id: clearing_account_id(router.shard_map, shard_name, currency, transfer_id),

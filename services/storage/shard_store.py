@@ -20,6 +20,7 @@ import psycopg.errors
 import psycopg_pool
 from psycopg.pq import ExecStatus, TransactionStatus
 
+from services.api.metrics import DB_ROUND_TRIPS
 from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
 from services.ledger.transfers import Branch, Transfer, TransferStatus
@@ -342,6 +343,7 @@ class Session:
                 await self.release()
                 await self.connect()
         self.batches_sent += 1
+        DB_ROUND_TRIPS.labels(self.pool.name).inc()
         row_sets = []
         while True:
             # The result status, not cursor.description (which builds column objects every time).

@@ -13,15 +13,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
-from services.ledger.accounts import AccountKind, AccountStatus
+from services.ledger.accounts import Account, AccountKind, AccountStatus
 from services.ledger.coordination import BarrierOperation, CoordinatorState, TryOutcome, refused_outcome
 from services.ledger import errors, ids
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus
 from services.ledger.transfers import clearing_refusal, credit_side_refusal, debit_side_refusal
 from services.storage import id_registry
-from services.storage.shard_store import KEY_RACE_ATTEMPTS_MAX, COMMIT, LOCK_ACCOUNT, SELECT_TRANSFER, KeyTaken, Session, ShardStore, account_from_row, batch
-from services.storage.shard_store import transfer_from_row
+from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, KEY_RACE_ATTEMPTS_MAX, SELECT_TRANSFER, TRANSFER_COLUMNS, KeyTaken
+from services.storage.shard_store import Session, ShardStore, account_from_row, batch, transfer_from_row
 
 DEBIT_BRANCH = int(Branch.DEBIT)
 CREDIT_BRANCH = int(Branch.CREDIT)
@@ -32,62 +32,63 @@ TCC_COLUMNS = (
     " finalized_at"
 )
 SELECT_RECORD = f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s"
-LOCK_ACCOUNT_NAMED = "SELECT 1 FROM accounts WHERE account_id = %(account)s FOR UPDATE"
-ENSURE_CLEARING_ACCOUNT = f"""
+# Every batched operation locks the accounts it touches first, all at once and in
+# account_id order (as same-shard batches do), so two transactions never wait on each
+# other's account rows in opposite orders.
+LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE"
+ENSURE_CLEARING_ACCOUNTS = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
-    VALUES (%s, %s, '{ids.CLEARING_OWNER_ID}', %s, {int(AccountKind.SYSTEM)}, 0, {int(AccountStatus.ACTIVE)})
+    SELECT id, id, '{ids.CLEARING_OWNER_ID}', currency, {int(AccountKind.SYSTEM)}, 0, {int(AccountStatus.ACTIVE)}
+    FROM unnest(%s::text[], %s::text[]) AS clearing(id, currency)
     ON CONFLICT (account_id) DO NOTHING"""
-INSERT_RECORD = f"""
+SELECT_RECORDS = f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = ANY(%s)"
+SELECT_LOCAL_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)"
+INSERT_RECORDS = f"""
     INSERT INTO tcc_transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                                credit_shard, state, reason, lease_owner, lease_expires_at, pending_expires_at, finalized_at)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), now() + make_interval(secs => %s),
-            CASE WHEN %s THEN now() END)
+    SELECT id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
+           now() + make_interval(secs => lease_seconds), now() + make_interval(secs => pending_seconds),
+           CASE WHEN final THEN now() END
+    FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::smallint[],
+                %s::text[], %s::text[], %s::float8[], %s::float8[], %s::bool[])
+         AS record(id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
+                   lease_seconds, pending_seconds, final)
     RETURNING {TCC_COLUMNS}"""
-INSERT_BARRIER = "INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%s, %s, %s, %s)"
-INSERT_BRANCH = """
+INSERT_BARRIERS = """
+    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
+    SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[])"""
+INSERT_BRANCHES = """
     INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                            status, reason, branch, clearing_account_id, finalized_at)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() END)"""
-# A reservation: pending debit on one account, pending credit on the other.
+    SELECT id, debit, credit, amount, currency, reference, status, reason, branch, clearing, CASE WHEN final THEN now() END
+    FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::smallint[], %s::text[],
+                %s::smallint[], %s::text[], %s::bool[])
+         AS branch_row(id, debit, credit, amount, currency, reference, status, reason, branch, clearing, final)"""
+# Reservations, summed per account by the caller: pending debits and pending credits.
 RESERVE = """
-    UPDATE accounts SET
-        debits_pending_minor = debits_pending_minor + CASE WHEN account_id = %s THEN %s ELSE 0 END,
-        credits_pending_minor = credits_pending_minor + CASE WHEN account_id = %s THEN %s ELSE 0 END,
-        updated_at = now()
-    WHERE account_id IN (%s, %s)"""
-TRY_CREDIT_APPLY = f"""
-    WITH barrier AS (
-        INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.APPLIED}')
-        ON CONFLICT DO NOTHING RETURNING transfer_id
-    ), branch AS (
-        INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
-                               status, branch, clearing_account_id)
-        SELECT transfer_id, %(debit)s, %(credit)s, %(amount)s, %(currency)s, %(reference)s,
-               {int(TransferStatus.PENDING)}, {CREDIT_BRANCH}, %(clearing)s FROM barrier
-        RETURNING transfer_id
-    ), reserved AS (
-        UPDATE accounts SET
-            debits_pending_minor = debits_pending_minor + CASE WHEN account_id = %(clearing)s THEN %(amount)s ELSE 0 END,
-            credits_pending_minor = credits_pending_minor + CASE WHEN account_id = %(credit)s THEN %(amount)s ELSE 0 END,
-            updated_at = now()
-        WHERE account_id IN (%(clearing)s, %(credit)s) AND EXISTS (SELECT 1 FROM branch)
-        RETURNING account_id
-    )
-    SELECT count(*) FROM barrier"""
-TRY_CREDIT_REFUSE = f"""
-    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', %(outcome)s)
-    ON CONFLICT DO NOTHING RETURNING transfer_id"""
-SELECT_CREDIT_TRY_OUTCOME = (
-    f"SELECT outcome FROM tcc_barriers WHERE transfer_id = %(id)s AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'"
-)
+    UPDATE accounts SET debits_pending_minor = debits_pending_minor + change.debits,
+                        credits_pending_minor = credits_pending_minor + change.credits, updated_at = now()
+    FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS change(account_id, debits, credits)
+    WHERE accounts.account_id = change.account_id"""
+SELECT_CREDIT_TRY_OUTCOMES = f"""
+    SELECT transfer_id, outcome FROM tcc_barriers
+    WHERE transfer_id = ANY(%s) AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'"""
+# The accounts a finish of these branches touches: each branch row's customer and clearing account.
+LOCK_BRANCH_ACCOUNTS = f"""
+    SELECT 1 FROM accounts WHERE account_id IN (
+        SELECT unnest(%(customers)s::text[])
+        UNION SELECT clearing_account_id FROM transfers WHERE transfer_id = ANY(%(ids)s) AND branch = %(branch)s
+    ) ORDER BY account_id FOR UPDATE"""
 # A cancel that arrives before its try writes the try's barrier row itself, so the try never applies.
-BLOCK_LATE_CREDIT_TRY = f"""
-    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) VALUES (%(id)s, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.BLOCKED_BY_CANCEL}')
+BLOCK_LATE_CREDIT_TRIES = f"""
+    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
+    SELECT id, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.BLOCKED_BY_CANCEL}' FROM unnest(%(blocked)s::text[]) AS id
     ON CONFLICT DO NOTHING"""
-FINISH_RECORD = f"""
-    UPDATE tcc_transfers SET state = %s, finalized_at = now(), updated_at = now()
-    WHERE transfer_id = %s AND state = %s AND lease_epoch = %s
-    RETURNING {TCC_COLUMNS}"""
+FINISH_RECORDS = f"""
+    UPDATE tcc_transfers t SET state = finish.final_state, finalized_at = now(), updated_at = now()
+    FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::bigint[]) AS finish(id, final_state, from_state, epoch)
+    WHERE t.transfer_id = finish.id AND t.state = finish.from_state AND t.lease_epoch = finish.epoch
+    RETURNING {", ".join(f"t.{column.strip()}" for column in TCC_COLUMNS.split(","))}"""
 RENEW_LEASE = """
     UPDATE tcc_transfers SET lease_expires_at = now() + make_interval(secs => %s), attempts = attempts + 1, updated_at = now()
     WHERE transfer_id = %s AND lease_epoch = %s AND finalized_at IS NULL RETURNING transfer_id"""
@@ -133,54 +134,65 @@ LIST_IN_DOUBT_WITH_FAULTS = f"""
     SELECT {TCC_COLUMNS_WITH_FAULT} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""
 
 
-def finish_branch_sql(branch: int, operation: BarrierOperation, guarded: bool) -> str:
-    """Confirm (post) or cancel (release) one branch's reservation, once: only if its barrier row is new.
+def finish_branches_sql(branch: int, guarded: bool) -> str:
+    """Confirm (post) or cancel (release) many branches' reservations, each once: only if its
+    barrier row is new. Per branch, one row of (transfer id, won, barrier new, moved).
 
-    `guarded`: the barrier row is only written if the coordinator's compare-and-set
-    (the first CTE, `guard`) wins: decision and debit branch commit together.
+    %(ids)s and %(operations)s name the branches and what to do with each. `guarded`: a
+    branch's barrier row is only written if the coordinator's compare-and-set on its record
+    (the CTE `guard`, on %(epochs)s, with %(reasons)s) wins: decision and debit branch commit
+    together. Each account's counters change once, by the sum of its branches.
     """
-    moved_status = TransferStatus.POSTED if operation is BarrierOperation.CONFIRM else TransferStatus.VOIDED
-    posts = "true" if operation is BarrierOperation.CONFIRM else "false"
     debited = "debit_account_id" if branch == DEBIT_BRANCH else "clearing_account_id"
     credited = "clearing_account_id" if branch == DEBIT_BRANCH else "credit_account_id"
+    confirm, cancel = BarrierOperation.CONFIRM.value, BarrierOperation.CANCEL.value
     guard = (
         f"""guard AS (
-            UPDATE tcc_transfers SET state = %(decided_state)s, reason = %(reason)s, updated_at = now()
-            WHERE transfer_id = %(id)s AND state = {int(CoordinatorState.TRYING)} AND lease_epoch = %(epoch)s
-              AND (%(decided_state)s = {int(CoordinatorState.CANCELLING)} OR pending_expires_at > now())
-            RETURNING transfer_id
+            UPDATE tcc_transfers t SET reason = op.reason, updated_at = now(), state = CASE WHEN op.operation = '{confirm}'
+                THEN {int(CoordinatorState.CONFIRMING)} ELSE {int(CoordinatorState.CANCELLING)} END
+            FROM op WHERE t.transfer_id = op.id AND t.state = {int(CoordinatorState.TRYING)} AND t.lease_epoch = op.epoch
+              AND (op.operation = '{cancel}' OR t.pending_expires_at > now())
+            RETURNING t.transfer_id AS id, op.operation
         ), """
         if guarded
         else ""
     )
-    barrier_source = (
-        f"SELECT transfer_id, {branch}, '{operation}', '{TryOutcome.DONE}' FROM guard"
-        if guarded
-        else f"VALUES (%(id)s, {branch}, '{operation}', '{TryOutcome.DONE}')"
-    )
-    guard_count = "(SELECT count(*) FROM guard)" if guarded else "1"
     return f"""
-    WITH {guard}barrier AS (
-        INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome) {barrier_source}
-        ON CONFLICT DO NOTHING RETURNING transfer_id
+    WITH op AS (
+        SELECT * FROM unnest(%(ids)s::text[], %(operations)s::text[], %(epochs)s::bigint[], %(reasons)s::text[])
+            AS op(id, operation, epoch, reason)
+    ), {guard}barrier AS (
+        INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
+        SELECT id, {branch}, operation, '{TryOutcome.DONE}' FROM {"guard" if guarded else "op"}
+        ON CONFLICT DO NOTHING RETURNING transfer_id AS id, operation
     ), moved AS (
-        UPDATE transfers SET status = {int(moved_status)}, finalized_at = now()
-        WHERE transfer_id = (SELECT transfer_id FROM barrier) AND status = 1 AND branch = {branch}
-        RETURNING {debited} AS debited, {credited} AS credited, amount_minor
+        UPDATE transfers t SET status = CASE WHEN barrier.operation = '{confirm}'
+                THEN {int(TransferStatus.POSTED)} ELSE {int(TransferStatus.VOIDED)} END, finalized_at = now()
+        FROM barrier WHERE t.transfer_id = barrier.id AND t.status = {int(TransferStatus.PENDING)} AND t.branch = {branch}
+        RETURNING t.transfer_id AS id, t.{debited} AS debited, t.{credited} AS credited, t.amount_minor AS amount,
+                  barrier.operation = '{confirm}' AS posts
+    ), change AS (
+        SELECT account_id, sum(pending_debits)::bigint AS pending_debits, sum(pending_credits)::bigint AS pending_credits,
+               sum(posted_debits)::bigint AS posted_debits, sum(posted_credits)::bigint AS posted_credits
+        FROM (
+            SELECT debited AS account_id, amount AS pending_debits, 0 AS pending_credits,
+                   CASE WHEN posts THEN amount ELSE 0 END AS posted_debits, 0 AS posted_credits FROM moved
+            UNION ALL
+            SELECT credited, 0, amount, 0, CASE WHEN posts THEN amount ELSE 0 END FROM moved
+        ) AS side GROUP BY account_id
     ), counters AS (
         UPDATE accounts a SET
-            debits_pending_minor = a.debits_pending_minor - CASE WHEN a.account_id = m.debited THEN m.amount_minor ELSE 0 END,
-            credits_pending_minor = a.credits_pending_minor - CASE WHEN a.account_id = m.credited THEN m.amount_minor ELSE 0 END,
-            debits_posted_minor = a.debits_posted_minor
-                + CASE WHEN {posts} AND a.account_id = m.debited THEN m.amount_minor ELSE 0 END,
-            credits_posted_minor = a.credits_posted_minor
-                + CASE WHEN {posts} AND a.account_id = m.credited THEN m.amount_minor ELSE 0 END,
+            debits_pending_minor = a.debits_pending_minor - change.pending_debits,
+            credits_pending_minor = a.credits_pending_minor - change.pending_credits,
+            debits_posted_minor = a.debits_posted_minor + change.posted_debits,
+            credits_posted_minor = a.credits_posted_minor + change.posted_credits,
             updated_at = now()
-        FROM moved m WHERE a.account_id IN (m.debited, m.credited)
+        FROM change WHERE a.account_id = change.account_id
         RETURNING a.account_id
     )
-    SELECT {guard_count}, (SELECT count(*) FROM barrier), (SELECT count(*) FROM moved)"""
-
+    SELECT op.id, {"guard.id IS NOT NULL" if guarded else "true"}, barrier.id IS NOT NULL, moved.id IS NOT NULL
+    FROM op {"LEFT JOIN guard ON guard.id = op.id " if guarded else ""}LEFT JOIN barrier ON barrier.id = op.id
+         LEFT JOIN moved ON moved.id = op.id"""
 
 @dataclasses.dataclass(frozen=True)
 class TccRecord:
@@ -245,150 +257,320 @@ class BranchResult:
     moved: bool  # the branch's reservation was posted or released by this call
 
 
+@dataclasses.dataclass(frozen=True)
+class BeginItem:
+    """Start a transfer between shards: its record and its debit try (on the debit shard)."""
+
+    request: TransferRequest
+    credit_shard: str
+    clearing_account_id: str
+    owner: str
+    lease_seconds: float
+    pending_timeout_seconds: float
+    # This shard is the transfer id's registry home: register it in the same transaction.
+    register_id_here: bool = False
+
+    @property
+    def transfer_id(self) -> str:
+        return self.request.transfer_id
+
+
+@dataclasses.dataclass(frozen=True)
+class TryCreditItem:
+    record: TccRecord
+    clearing_account_id: str
+
+    @property
+    def transfer_id(self) -> str:
+        return self.record.transfer_id
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishItem:
+    """Confirm or cancel one branch; on the debit branch this is the decision, with its reason."""
+
+    record: TccRecord
+    confirm: bool
+    reason: str = ""
+
+    @property
+    def transfer_id(self) -> str:
+        return self.record.transfer_id
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishRecordItem:
+    record: TccRecord
+    final_state: CoordinatorState
+
+    @property
+    def transfer_id(self) -> str:
+        return self.record.transfer_id
+
+
+def _rounds(items: list) -> list[list[int]]:
+    """Indexes of the items in rounds whose transfer ids are distinct: one transaction never
+    holds one transfer twice (a set-based statement would apply it once and answer twice)."""
+    rounds: list[list[int]] = []
+    placed: list[set[str]] = []
+    for index, item in enumerate(items):
+        for members, round_ in zip(placed, rounds):
+            if item.transfer_id not in members:
+                members.add(item.transfer_id)
+                round_.append(index)
+                break
+        else:
+            placed.append({item.transfer_id})
+            rounds.append([index])
+    return rounds
+
+
+def _columns(rows: list[tuple]) -> list[list]:
+    return [list(column) for column in zip(*rows)]
+
+
+def _reserve(accounts: dict[str, Account], changes: dict[str, list[int]], account_id: str, debits: int, credits: int) -> None:
+    """A reservation planned in this transaction: the tentative account state for the next
+    item's rules, and the summed change RESERVE writes."""
+    account = accounts[account_id]
+    accounts[account_id] = dataclasses.replace(
+        account, debits_pending_minor=account.debits_pending_minor + debits, credits_pending_minor=account.credits_pending_minor + credits
+    )
+    change = changes.setdefault(account_id, [0, 0])
+    change[0] += debits
+    change[1] += credits
+
+
+def _reserve_statement(changes: dict[str, list[int]]) -> tuple[list[str], list]:
+    if not changes:
+        return [], []
+    return [RESERVE], _columns([(account_id, debits, credits) for account_id, (debits, credits) in sorted(changes.items())])
+
+
 class TccStore:
-    """The TCC operations of one shard (wraps its ShardStore's connections)."""
+    """The TCC operations of one shard (wraps its ShardStore's connections).
+
+    Each branch operation takes a list of items and applies them in one local transaction
+    (group commit for branch operations); each item keeps its own barrier rows and its own
+    outcome, and a refusal of one never fails another. The single-item methods are the
+    same operations on one item.
+    """
 
     def __init__(self, store: ShardStore) -> None:
         self.store = store
         self.shard_name = store.shard_name
         self._clearing_accounts_known: set[str] = set()
 
-    async def _ensure_clearing(self, session: Session, clearing_account_id: str, currency: str) -> None:
-        # Opened on first use; cached per process so the hot path pays for it once.
-        if clearing_account_id not in self._clearing_accounts_known:
-            await session.run(ENSURE_CLEARING_ACCOUNT, [clearing_account_id, clearing_account_id, currency])
-            self._clearing_accounts_known.add(clearing_account_id)
+    async def _ensure_clearing(self, session: Session, clearing_accounts: set[tuple[str, str]]) -> None:
+        """Open (clearing account id, currency) pairs on first use; cached per process so the hot path pays once."""
+        unknown = sorted(pair for pair in clearing_accounts if pair[0] not in self._clearing_accounts_known)
+        if unknown:
+            await session.run(ENSURE_CLEARING_ACCOUNTS, _columns(unknown))
+            self._clearing_accounts_known.update(account_id for account_id, _ in unknown)
+
+    async def _in_rounds(self, items: list, once, timeout_seconds: float) -> list:
+        """Run `once` on rounds of distinct transfer ids; a unique key a racing copy stored
+        first (KeyTaken) plans the round again, and then sees that row."""
+        results: list = [None] * len(items)
+        for indexes in _rounds(items):
+            for _ in range(KEY_RACE_ATTEMPTS_MAX):
+                try:
+                    outcomes = await once([items[index] for index in indexes], timeout_seconds)
+                    break
+                except KeyTaken:
+                    continue
+            else:
+                raise errors.ShardUnavailable(
+                    f"{self.shard_name}: transfers kept racing with other copies of them; retry", shard=self.shard_name
+                )
+            for index, outcome in zip(indexes, outcomes):
+                results[index] = outcome
+        return results
+
+    async def begin_many(self, items: list[BeginItem], limits: TierLimits, timeout_seconds: float) -> list[Begun | errors.LedgerError]:
+        """Create each coordinator record and try its debit branch, all in one local transaction.
+
+        Per item: what it found or did, or the conflict of its id with the id's first use.
+        Two copies of one request racing here both find no record; the slower one's insert
+        meets the faster one's key and rolls back, and its next attempt finds the record.
+        """
+        return await self._in_rounds(items, lambda part, timeout: self._begin_once(part, limits, timeout), timeout_seconds)
+
+    async def _begin_once(self, items: list[BeginItem], limits: TierLimits, timeout_seconds: float) -> list[Begun | errors.LedgerError]:
+        transfer_ids = [item.transfer_id for item in items]
+        account_ids = sorted({account_id for item in items for account_id in (item.request.debit_account_id, item.clearing_account_id)})
+        registrations = [id_registry.transfer_registration(item.request) for item in items if item.register_id_here]
+        statements, params = [LOCK_ACCOUNTS, SELECT_RECORDS, SELECT_LOCAL_TRANSFERS], [account_ids, transfer_ids, transfer_ids]
+        if registrations:
+            # After the locks: a transaction that holds a registry key waits for no lock.
+            statements += [id_registry.REGISTER, id_registry.SELECT_REGISTERED]
+            params += id_registry.register_params(registrations)
+        async with self.store.session(timeout_seconds) as session:
+            await self._ensure_clearing(session, {(item.clearing_account_id, item.request.currency) for item in items})
+            locked, found, local, *registered = await session.run(session.begin(*statements), params)
+            accounts = {row[0]: account_from_row(row) for row in locked}
+            records = {row[0]: record_from_row(row) for row in found}
+            local_transfers = {row[0]: transfer_from_row(row) for row in local}
+            first_uses = id_registry.first_uses(registered[0]) if registrations else {}
+            results: list[Begun | errors.LedgerError | None] = [None] * len(items)
+            refusals: dict[str, errors.LedgerError | None] = {}
+            record_rows, barrier_rows, branch_rows, changes = [], [], [], {}
+            for index, item in enumerate(items):
+                request = item.request
+                if item.register_id_here:
+                    first_use = first_uses[(int(ids.IdNamespace.TRANSFER), request.transfer_id)]
+                    conflict = ids.conflict_with_first_use("transfer_id", request.transfer_id, first_use, request.registry_fields())
+                    if conflict is not None:
+                        results[index] = conflict
+                        continue
+                if request.transfer_id in records:
+                    results[index] = Begun(records[request.transfer_id], created=False)
+                    continue
+                if request.transfer_id in local_transfers:
+                    results[index] = Begun(None, created=False, same_shard_transfer=local_transfers[request.transfer_id])
+                    continue
+                # Everything that could refuse this branch is checked now, the clearing account
+                # (credited here) included, so that its confirm can never fail for a business reason.
+                refusal = debit_side_refusal(request, accounts.get(request.debit_account_id), limits) or (
+                    clearing_refusal(request, accounts[item.clearing_account_id], credited=True)
+                )
+                refusals[request.transfer_id] = refusal
+                refused = refusal is not None
+                reason = refusal.reason if refused else ""
+                amount = request.amount_minor
+                record_rows.append((
+                    request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
+                    request.reference, item.credit_shard, int(CoordinatorState.REJECTED if refused else CoordinatorState.TRYING),
+                    reason, item.owner, item.lease_seconds, item.pending_timeout_seconds, refused,
+                ))
+                barrier_rows.append(
+                    (request.transfer_id, DEBIT_BRANCH, BarrierOperation.TRY.value, refused_outcome(reason) if refused else TryOutcome.APPLIED.value)
+                )
+                branch_rows.append((
+                    request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
+                    request.reference, int(TransferStatus.REJECTED if refused else TransferStatus.PENDING), reason, DEBIT_BRANCH,
+                    item.clearing_account_id, refused,
+                ))
+                if not refused:
+                    _reserve(accounts, changes, request.debit_account_id, amount, 0)
+                    _reserve(accounts, changes, item.clearing_account_id, 0, amount)
+            if not record_rows:
+                if registrations:
+                    await session.run(COMMIT)
+                return results
+            reserve, reserve_params = _reserve_statement(changes)
+            (inserted,) = await session.run(
+                batch(INSERT_RECORDS, INSERT_BARRIERS, INSERT_BRANCHES, *reserve, COMMIT),
+                _columns(record_rows) + _columns(barrier_rows) + _columns(branch_rows) + reserve_params,
+            )
+        created = {row[0]: record_from_row(row) for row in inserted}
+        for index, item in enumerate(items):
+            if results[index] is None:
+                results[index] = Begun(created[item.transfer_id], created=True, fresh_refusal=refusals[item.transfer_id])
+        return results
+
+    async def try_credit_many(self, items: list[TryCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str]:
+        """The credit branches' tries, in one local transaction: each one's stored barrier outcome
+        (TryOutcome, a refusal with its reason). A barrier row already there decides."""
+        return await self._in_rounds(items, lambda part, timeout: self._try_credit_once(part, limits, timeout), timeout_seconds)
+
+    async def _try_credit_once(self, items: list[TryCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str]:
+        account_ids = sorted({account_id for item in items for account_id in (item.record.credit_account_id, item.clearing_account_id)})
+        async with self.store.session(timeout_seconds) as session:
+            await self._ensure_clearing(session, {(item.clearing_account_id, item.record.currency) for item in items})
+            locked, stored = await session.run(
+                session.begin(LOCK_ACCOUNTS, SELECT_CREDIT_TRY_OUTCOMES), [account_ids, [item.transfer_id for item in items]]
+            )
+            accounts = {row[0]: account_from_row(row) for row in locked}
+            outcomes = dict(stored)
+            barrier_rows, branch_rows, changes = [], [], {}
+            for item in items:
+                if item.transfer_id in outcomes:
+                    continue
+                record, request = item.record, item.record.request
+                # The clearing account (debited here) is checked too: confirm can then never fail.
+                refusal = credit_side_refusal(request, accounts.get(record.credit_account_id), limits) or (
+                    clearing_refusal(request, accounts[item.clearing_account_id], credited=False)
+                )
+                outcome = refused_outcome(refusal.reason) if refusal else TryOutcome.APPLIED.value
+                outcomes[item.transfer_id] = outcome
+                barrier_rows.append((item.transfer_id, CREDIT_BRANCH, BarrierOperation.TRY.value, outcome))
+                if refusal is None:
+                    branch_rows.append((
+                        record.transfer_id, record.debit_account_id, record.credit_account_id, record.amount_minor, record.currency,
+                        record.reference, int(TransferStatus.PENDING), "", CREDIT_BRANCH, item.clearing_account_id, False,
+                    ))
+                    _reserve(accounts, changes, record.credit_account_id, 0, record.amount_minor)
+                    _reserve(accounts, changes, item.clearing_account_id, record.amount_minor, 0)
+            if barrier_rows:
+                # Plain inserts: a barrier row a racing copy stored first is a KeyTaken, and the
+                # round is planned again with that row's outcome.
+                branches = [INSERT_BRANCHES] if branch_rows else []
+                reserve, reserve_params = _reserve_statement(changes)
+                await session.run(
+                    batch(INSERT_BARRIERS, *branches, *reserve, COMMIT),
+                    _columns(barrier_rows) + (_columns(branch_rows) if branch_rows else []) + reserve_params,
+                )
+        return [outcomes[item.transfer_id] for item in items]
+
+    async def decide_many(self, items: list[FinishItem], timeout_seconds: float) -> list[BranchResult]:
+        """Per record: CAS TRYING -> CONFIRMING/CANCELLING on its lease epoch (a confirm also needs
+        its pending timeout not passed) and confirm or cancel its debit branch; one transaction."""
+        return await self._in_rounds(items, lambda part, timeout: self._finish_once(part, DEBIT_BRANCH, timeout), timeout_seconds)
+
+    async def finish_credit_many(self, items: list[FinishItem], timeout_seconds: float) -> list[BranchResult]:
+        """Confirm or cancel credit branches, each once; a cancel before its try blocks the try for good."""
+        return await self._in_rounds(items, lambda part, timeout: self._finish_once(part, CREDIT_BRANCH, timeout), timeout_seconds)
+
+    async def _finish_once(self, items: list[FinishItem], branch: int, timeout_seconds: float) -> list[BranchResult]:
+        guarded = branch == DEBIT_BRANCH
+        customer = (lambda record: record.debit_account_id) if guarded else (lambda record: record.credit_account_id)
+        statements = [LOCK_BRANCH_ACCOUNTS]
+        if not guarded:
+            statements.append(BLOCK_LATE_CREDIT_TRIES)
+        statements += [finish_branches_sql(branch, guarded), COMMIT]
+        params = {
+            "ids": [item.transfer_id for item in items], "branch": branch,
+            "customers": sorted({customer(item.record) for item in items}),
+            "operations": [(BarrierOperation.CONFIRM if item.confirm else BarrierOperation.CANCEL).value for item in items],
+            "epochs": [item.record.lease_epoch for item in items], "reasons": [item.reason for item in items],
+            "blocked": [item.transfer_id for item in items if not item.confirm],
+        }
+        async with self.store.session(timeout_seconds) as session:
+            _, rows = await session.run(session.begin(*statements), params)
+        by_id = {row[0]: BranchResult(*row[1:]) for row in rows}
+        return [by_id[item.transfer_id] for item in items]
+
+    async def finish_records(self, items: list[FinishRecordItem], timeout_seconds: float) -> list[TccRecord | None]:
+        """CAS records to their final states on (state, lease epoch); None where the CAS lost."""
+        return await self._in_rounds(items, self._finish_records_once, timeout_seconds)
+
+    async def _finish_records_once(self, items: list[FinishRecordItem], timeout_seconds: float) -> list[TccRecord | None]:
+        rows = [(item.transfer_id, int(item.final_state), int(item.record.state), item.record.lease_epoch) for item in items]
+        async with self.store.session(timeout_seconds) as session:
+            (finished,) = await session.run(session.begin(FINISH_RECORDS, COMMIT), _columns(rows))
+        by_id = {row[0]: record_from_row(row) for row in finished}
+        return [by_id.get(item.transfer_id) for item in items]
 
     async def begin(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
         owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
         register_id_here: bool = False,
     ) -> Begun:
-        """Create the coordinator record and try the debit branch, in one local transaction.
+        item = BeginItem(request, credit_shard, clearing_account_id, owner, lease_seconds, pending_timeout_seconds, register_id_here)
+        return _raised_or_returned((await self.begin_many([item], limits, timeout_seconds))[0])
 
-        Two copies of one request racing here both find no record; the slower one's insert
-        meets the faster one's key and rolls back, and its next attempt finds the record.
-        """
-        for _ in range(KEY_RACE_ATTEMPTS_MAX):
-            try:
-                return await self._begin_once(
-                    request, credit_shard, clearing_account_id, limits, owner, lease_seconds, pending_timeout_seconds, timeout_seconds,
-                    register_id_here,
-                )
-            except KeyTaken:
-                continue
-        raise errors.ShardUnavailable(
-            f"{self.shard_name}: transfer {request.transfer_id} kept racing with another copy of it; retry", shard=self.shard_name
-        )
-
-    async def _begin_once(
-        self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
-        owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
-        register_id_here: bool,
-    ) -> Begun:
-        statements = [LOCK_ACCOUNT, LOCK_ACCOUNT, SELECT_RECORD, SELECT_TRANSFER]
-        params = [request.debit_account_id, clearing_account_id, request.transfer_id, request.transfer_id]
-        if register_id_here:
-            # This shard is the id's registry home: registered in the same transaction (and after
-            # the locks: a transaction that holds a registry key waits for no lock).
-            registration = id_registry.transfer_registration(request)
-            statements += [id_registry.REGISTER, id_registry.SELECT_REGISTERED]
-            params += id_registry.register_params([registration])
-        async with self.store.session(timeout_seconds) as session:
-            await self._ensure_clearing(session, clearing_account_id, request.currency)
-            # The customer row before the clearing row, as every transaction locks them.
-            locked, clearing, record, local, *registered = await session.run(session.begin(*statements), params)
-            if register_id_here:
-                first_use = id_registry.first_uses(registered[0])[(int(registration.namespace), registration.id)]
-                conflict = ids.conflict_with_first_use("transfer_id", request.transfer_id, first_use, registration.fields)
-                if conflict is not None:
-                    raise conflict
-            if record:
-                return Begun(record_from_row(record[0]), created=False)
-            if local:
-                return Begun(None, created=False, same_shard_transfer=transfer_from_row(local[0]))
-            # Everything that could refuse this branch is checked now, the clearing account
-            # (credited here) included, so that its confirm can never fail for a business reason.
-            refusal = debit_side_refusal(request, account_from_row(locked[0]) if locked else None, limits) or (
-                clearing_refusal(request, account_from_row(clearing[0]), credited=True)
-            )
-            refused = refusal is not None
-            state = CoordinatorState.REJECTED if refused else CoordinatorState.TRYING
-            reason = refusal.reason if refused else ""
-            amount = request.amount_minor
-            statements = [INSERT_RECORD, INSERT_BARRIER, INSERT_BRANCH]
-            params = [
-                request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
-                request.reference, credit_shard, state, reason, owner, lease_seconds, pending_timeout_seconds, refused,
-                request.transfer_id, DEBIT_BRANCH, BarrierOperation.TRY, refused_outcome(reason) if refused else TryOutcome.APPLIED,
-                request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
-                request.reference, TransferStatus.REJECTED if refused else TransferStatus.PENDING, reason, DEBIT_BRANCH,
-                clearing_account_id, refused,
-            ]
-            if not refused:
-                statements.append(RESERVE)
-                params += [request.debit_account_id, amount, clearing_account_id, amount, request.debit_account_id, clearing_account_id]
-            (inserted,) = await session.run(batch(*statements, COMMIT), params)
-        return Begun(record_from_row(inserted[0]), created=True, fresh_refusal=refusal)
-
-    async def try_credit(
-        self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float
-    ) -> str:
-        """The credit branch's try: its stored barrier outcome (TryOutcome, a refusal with its reason)."""
-        request = record.request
-        async with self.store.session(timeout_seconds) as session:
-            await self._ensure_clearing(session, clearing_account_id, record.currency)
-            credit = await ShardStore.lock_account(session, record.credit_account_id, must_exist=False)
-            clearing = await ShardStore.lock_account(session, clearing_account_id)
-            # The clearing account (debited here) is checked too: confirm can then never fail.
-            refusal = credit_side_refusal(request, credit, limits) or clearing_refusal(request, clearing, credited=False)
-            params = {
-                "id": record.transfer_id, "debit": record.debit_account_id, "credit": record.credit_account_id,
-                "amount": record.amount_minor, "currency": record.currency, "reference": record.reference,
-                "clearing": clearing_account_id, "outcome": refused_outcome(refusal.reason) if refusal else TryOutcome.APPLIED,
-            }
-            # Either way the barrier row decides: if it was already there, its outcome stands.
-            (_, outcome) = await session.run(
-                batch(TRY_CREDIT_APPLY if refusal is None else TRY_CREDIT_REFUSE, SELECT_CREDIT_TRY_OUTCOME, COMMIT), params
-            )
-        return outcome[0][0]
+    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+        return (await self.try_credit_many([TryCreditItem(record, clearing_account_id)], limits, timeout_seconds))[0]
 
     async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
-        """Record the decision and confirm or cancel the debit branch: one local transaction, one round trip."""
-        async with self.store.session(timeout_seconds) as session:
-            _, counts = await session.run(
-                session.begin(
-                    LOCK_ACCOUNT_NAMED,  # the customer row before the clearing row, as every transaction does
-                    finish_branch_sql(DEBIT_BRANCH, BarrierOperation.CONFIRM if confirm else BarrierOperation.CANCEL, guarded=True),
-                    COMMIT,
-                ),
-                {
-                    "id": record.transfer_id, "epoch": record.lease_epoch, "reason": reason, "account": record.debit_account_id,
-                    "decided_state": int(CoordinatorState.CONFIRMING if confirm else CoordinatorState.CANCELLING),
-                },
-            )
-        return BranchResult(*(count > 0 for count in counts[0]))
+        return (await self.decide_many([FinishItem(record, confirm, reason)], timeout_seconds))[0]
 
     async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
-        """Confirm or cancel the credit branch in one round trip; a cancel before the try blocks the try for good."""
-        statements = [LOCK_ACCOUNT_NAMED]
-        if not confirm:
-            statements.append(BLOCK_LATE_CREDIT_TRY)
-        statements.append(finish_branch_sql(CREDIT_BRANCH, BarrierOperation.CONFIRM if confirm else BarrierOperation.CANCEL, guarded=False))
-        async with self.store.session(timeout_seconds) as session:
-            _, counts = await session.run(
-                session.begin(*statements, COMMIT), {"id": record.transfer_id, "account": record.credit_account_id}
-            )
-        return BranchResult(*(count > 0 for count in counts[0]))
+        return (await self.finish_credit_many([FinishItem(record, confirm)], timeout_seconds))[0]
 
     async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
-        """CAS the record to its final state; None if this driver no longer owns it."""
-        async with self.store.session(timeout_seconds) as session:
-            (finished,) = await session.run(
-                session.begin(FINISH_RECORD, COMMIT),
-                [final_state, record.transfer_id, record.state, record.lease_epoch],
-            )
-        return record_from_row(finished[0]) if finished else None
+        return (await self.finish_records([FinishRecordItem(record, final_state)], timeout_seconds))[0]
 
     async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:
         async with self.store.session(timeout_seconds) as session:
@@ -454,3 +636,9 @@ class TccStore:
         async with self.store.session(timeout_seconds) as session:
             (rows,) = await session.run(session.begin(LIST_IN_DOUBT_WITH_FAULTS, COMMIT), [limit])
         return [record_from_row(row) for row in rows]
+
+
+def _raised_or_returned(result):
+    if isinstance(result, errors.LedgerError):
+        raise result
+    return result

@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from services.ledger.coordination import BarrierOperation
 from services.storage import audit, batch_posting, id_registry, shard_store, tcc_store
 
 LEFTOVER_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z_0-9.()]*\}")
@@ -20,9 +19,8 @@ def statements():
             if name.isupper() and isinstance(value, str) and re.search(r"\b(SELECT|INSERT|UPDATE|WITH)\b", value):
                 yield f"{module.__name__}.{name}", value
     for branch in (tcc_store.DEBIT_BRANCH, tcc_store.CREDIT_BRANCH):
-        for operation in (BarrierOperation.CONFIRM, BarrierOperation.CANCEL):
-            for guarded in (True, False):
-                yield f"finish_branch_sql({branch}, {operation}, {guarded})", tcc_store.finish_branch_sql(branch, operation, guarded)
+        for guarded in (True, False):
+            yield f"finish_branches_sql({branch}, {guarded})", tcc_store.finish_branches_sql(branch, guarded)
 
 
 @pytest.mark.parametrize("name, sql", list(statements()))
