@@ -5,7 +5,8 @@
 #   make down      stop everything, keep the data
 #   make clean     down, then delete the state folder
 #   make test      check the generated code, then run the tests (they start their own cluster)
-#   make bench     up, then pgbench's baseline against corebank's figures (JSON under the state folder's reports/)
+#   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then bench-scaling (JSON under the state folder's reports/)
+#   make bench-scaling  the uniform-pairs rows and their costs on clusters of 1, 2 and 3 shards of its own, started and removed in turn (SCALING_SECONDS=10)
 #   make loadtest  a locust scenario against the running cluster, then the invariants (SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
 #   make sim       the coordinator's deterministic simulation, no cluster needed (SEEDS=100000 make sim; SEED=42 make sim replays one with its trace)
@@ -28,7 +29,7 @@ PYTHON := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 PG_BIN_DIR := /usr/lib/postgresql/15/bin
 
-.PHONY: help venv deps up down status clean test protos bench chaos loadtest sim hostile
+.PHONY: help venv deps up down status clean test protos bench bench-scaling chaos loadtest sim hostile
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -75,8 +76,16 @@ test: deps venv
 protos: venv
 	$(PYTHON) protos/generate.py
 
+# About 5 minutes for the bench's ten rows, then about 2 for the scaling runs' three clusters.
 bench: up
 	$(PYTHON) -m loadtest.bench
+	$(MAKE) --no-print-directory bench-scaling
+
+# Measured seconds per row of the scaling runs; their clusters take ports from 18100 (--port-base).
+SCALING_SECONDS ?= 10
+
+bench-scaling: deps venv
+	$(PYTHON) -m loadtest.scaling --seconds $(SCALING_SECONDS)
 
 # SCENARIO (flash-sale | everyday | batch), USERS, RATE, DURATION and the scenarios' own
 # settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, ...) pass through the environment; see

@@ -3,7 +3,10 @@
 - `python -m loadtest.bench` (`make bench`): pgbench's baseline against
   corebank's figures on the same PostgreSQL, one JSON report per run; its
   phases are scenarios (`scenarios.py`) run by one driver (`driver.py`:
-  closed loop, or open loop at a fixed arrival rate).
+  closed loop, or open loop at a fixed arrival rate). `costs.py` splits what a
+  transfer costs across the cluster (CPU per component, commits, round trips);
+  `python -m loadtest.scaling` (`make bench-scaling`) measures the same on
+  clusters of 1, 2 and 3 shards.
 - `locustfile.py`: locust scenarios (flash-sale, everyday, batch) driving the
   gRPC API; `python -m loadtest.run` (`make loadtest`) runs one headless, then
   `check.py` verifies the ledger and every transfer the run sent.

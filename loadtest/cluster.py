@@ -41,9 +41,14 @@ class Cluster:
         raise KeyError(f"no shard {name!r} in {self.state_dir / CLUSTER_FILE}")
 
 
-def load_cluster() -> Cluster:
-    """Read cluster.json from $COREBANK_STATE_DIR, defaulting like `python -m deploy.cluster`."""
-    state_dir = pathlib.Path(os.environ.get("COREBANK_STATE_DIR") or DEFAULT_STATE_DIR)
+def state_dir_from_environment() -> pathlib.Path:
+    """$COREBANK_STATE_DIR, defaulting like `python -m deploy.cluster`."""
+    return pathlib.Path(os.environ.get("COREBANK_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+def load_cluster(state_dir: pathlib.Path | None = None) -> Cluster:
+    """Read cluster.json from `state_dir`, by default the environment's (state_dir_from_environment)."""
+    state_dir = state_dir or state_dir_from_environment()
     path = state_dir / CLUSTER_FILE
     try:
         data = json.loads(path.read_text())

@@ -7,7 +7,10 @@ operations (CreateTransfers: one call, many transfers) returns a CallOutcome,
 and the figures then count operations, not calls. The driver runs `clients` copies of
 it in a closed loop (each worker waits for its answer before the next call),
 spread over one or more client processes, for a warm-up and then a measured
-window, and times every call.
+window, and times every call. At both edges of the window it also reads the
+cluster's processes' CPU and, when given, counters of the cluster (commits,
+database round trips: loadtest.costs), so that costs per transfer come from the
+same window as the rate.
 
 Several processes exist because one Python process may not issue calls fast
 enough: `client_cpu_percent` in the result says how busy the client processes
@@ -28,6 +31,7 @@ import pathlib
 import queue
 import random
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -64,6 +68,11 @@ class CallOutcome:
     error_count_by_code: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+# Reads monotonic counters of the cluster (name -> value) at one instant; a name missing
+# from either edge's reading is left out of the window's deltas.
+CounterSampler = Callable[[], dict[str, float]]
+
+
 class Scenario(Protocol):
     name: str
 
@@ -77,7 +86,9 @@ class ScenarioResult:
     scenario: str
     clients: int
     seconds: float
-    ok_count: int
+    # Operations that succeeded in the window; a call across an edge of the window counts for
+    # the share of its duration inside it (so calls lasting seconds still add up to the rate).
+    ok_count: float
     transactions_per_second: float
     latency_ms_p50: float | None
     latency_ms_p99: float | None
@@ -91,8 +102,12 @@ class ScenarioResult:
     # Cluster processes (gRPC workers, shards with their backends), percent of one core each.
     process_cpu_percent: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: dict = dataclasses.field(default_factory=dict)
-    # Calls answered OK in the window; differs from ok_count when a call carries many operations.
+    # Calls answered OK wholly inside the window (the ones timed); differs from ok_count when a
+    # call carries many operations.
     ok_call_count: int | None = None
+    # The same processes' CPU seconds over the window, and the increase of the cluster's counters.
+    process_cpu_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    counter_deltas: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
@@ -181,31 +196,64 @@ class ProcessTreeCpu:
         self._started = self._sample()
         self._started_at = time.monotonic()
 
-    def stop(self) -> dict[str, float]:
-        """Percent of one core per name over the window."""
+    def stop(self) -> tuple[dict[str, float], float]:
+        """CPU seconds per name over the window, and the window's length in seconds."""
         ended = self._sample()
         elapsed_seconds = time.monotonic() - self._started_at
-        percent_by_name = {}
+        cpu_seconds_by_name = {}
         for name, ticks_by_pid in ended.items():
             before = self._started.get(name, {})
             ticks = sum(ticks - before.get(pid, 0) for pid, ticks in ticks_by_pid.items())
-            percent_by_name[name] = round(100.0 * ticks / self._ticks_per_second / elapsed_seconds, 1)
-        return percent_by_name
+            cpu_seconds_by_name[name] = ticks / self._ticks_per_second
+        return cpu_seconds_by_name, elapsed_seconds
 
 
-class WindowCpu:
-    """The machine's busy share and the watched processes' CPU over one window."""
+@dataclasses.dataclass(frozen=True)
+class WindowFigures:
+    machine_cpu_percent: float | None
+    # Percent of one core per watched process, and the same as CPU seconds.
+    process_cpu_percent: dict[str, float]
+    process_cpu_seconds: dict[str, float]
+    counter_deltas: dict[str, float]
 
-    def __init__(self, pid_by_name: dict[str, int] | None = None) -> None:
+
+NO_WINDOW_FIGURES = WindowFigures(None, {}, {}, {})
+
+
+class WindowMeter:
+    """The machine's busy share, the watched processes' CPU and the cluster's counters over one window.
+
+    start() and stop() block for a few milliseconds (they read /proc, and the counters over
+    the network): callers inside an event loop run them in a thread.
+    """
+
+    def __init__(self, pid_by_name: dict[str, int] | None = None, counters: CounterSampler | None = None) -> None:
         self._machine = MachineCpu()
         self._processes = ProcessTreeCpu(pid_by_name or {})
+        self._counters = counters
 
     def start(self) -> None:
+        self._counters_started = self._counters() if self._counters else {}
         self._machine.start()
         self._processes.start()
 
-    def stop(self) -> tuple[float | None, dict[str, float]]:
-        return self._machine.stop(), self._processes.stop()
+    def stop(self) -> WindowFigures:
+        machine_percent = self._machine.stop()
+        cpu_seconds_by_name, elapsed_seconds = self._processes.stop()
+        counters_ended = self._counters() if self._counters else {}
+        return WindowFigures(
+            machine_cpu_percent=machine_percent,
+            process_cpu_percent={
+                name: round(100.0 * cpu_seconds / elapsed_seconds, 1)
+                for name, cpu_seconds in cpu_seconds_by_name.items()
+            },
+            process_cpu_seconds={name: round(cpu_seconds, 3) for name, cpu_seconds in cpu_seconds_by_name.items()},
+            counter_deltas={
+                name: counters_ended[name] - value
+                for name, value in self._counters_started.items()
+                if name in counters_ended
+            },
+        )
 
 
 def describe_error(error: grpc.aio.AioRpcError) -> str:
@@ -223,8 +271,9 @@ class _ProcessSample:
     error_count_by_code: collections.Counter
     cpu_seconds_window: float
     failure: str | None = None
-    # Operations that succeeded in the window (one per OK call unless the scenario says otherwise).
-    ok_operation_count: int = 0
+    # Operations that succeeded in the window (one per OK call unless the scenario says otherwise),
+    # calls across an edge of the window counted for the share of their duration inside it.
+    ok_operation_count: float = 0.0
 
 
 async def _worker(
@@ -246,10 +295,25 @@ async def _worker(
         except grpc.aio.AioRpcError as error:
             code = describe_error(error)
         finished = time.monotonic()
-        # Only calls wholly inside the window count: warm-up and tail are left out.
-        if started < window_start or finished > window_end:
-            continue
-        _record(sample, code, outcome, finished - started)
+        if started >= window_start and finished <= window_end:
+            _record(sample, code, outcome, finished - started)
+        elif code == "OK" and finished > window_start:
+            # Across an edge: not timed, but its work partly fell in the window, as did the
+            # cluster's CPU and counters for it. A closed loop of CreateTransfers calls that take
+            # longer than the window would otherwise measure nothing at all.
+            share = share_inside(started, finished, window_start, window_end)
+            sample.ok_operation_count += _ok_operations(outcome) * share
+
+
+def share_inside(started: float, finished: float, window_start: float, window_end: float) -> float:
+    """The share of a call's duration (started..finished) that lies inside the window."""
+    assert finished > started, "a call that crosses an edge of the window takes time"
+    inside_seconds = min(finished, window_end) - max(started, window_start)
+    return max(0.0, inside_seconds) / (finished - started)
+
+
+def _ok_operations(outcome: CallOutcome | None) -> int:
+    return 1 if outcome is None else outcome.ok_count
 
 
 def _record(sample: _ProcessSample, code: str, outcome: CallOutcome | None, latency_seconds: float) -> None:
@@ -257,10 +321,8 @@ def _record(sample: _ProcessSample, code: str, outcome: CallOutcome | None, late
         sample.error_count_by_code[code] += 1
         return
     sample.latencies_seconds.append(latency_seconds)
-    if outcome is None:
-        sample.ok_operation_count += 1
-    else:
-        sample.ok_operation_count += outcome.ok_count
+    sample.ok_operation_count += _ok_operations(outcome)
+    if outcome is not None:
         sample.error_count_by_code.update(outcome.error_count_by_code)
 
 
@@ -333,31 +395,30 @@ def run_scenario(
     warmup_seconds: float,
     client_processes: int = 1,
     watched_pid_by_name: dict[str, int] | None = None,
+    counters: CounterSampler | None = None,
 ) -> ScenarioResult:
     """Run `clients` closed-loop workers of `scenario`; return the measured window's figures."""
     assert clients >= 1 and seconds > 0 and warmup_seconds >= 0
     client_processes = max(1, min(client_processes, clients))
     labels = _worker_labels(clients, client_processes)
-    window_cpu = WindowCpu(watched_pid_by_name)
+    meter = WindowMeter(watched_pid_by_name, counters)
 
     if client_processes == 1:
         window_start = time.monotonic() + warmup_seconds
         window_end = window_start + seconds
 
-        async def measured() -> tuple[_ProcessSample, tuple[float | None, dict[str, float]]]:
+        async def measured() -> tuple[_ProcessSample, WindowFigures]:
             run = asyncio.create_task(_run_workers(scenario, grpc_endpoint, labels[0], window_start, window_end))
             await asyncio.sleep(max(0.0, window_start - time.monotonic()))
-            window_cpu.start()
+            await asyncio.to_thread(meter.start)
             await asyncio.sleep(max(0.0, window_end - time.monotonic()))
-            cpu_figures = window_cpu.stop()
-            return await run, cpu_figures
+            figures = await asyncio.to_thread(meter.stop)
+            return await run, figures
 
-        sample, (machine_percent, process_percent) = asyncio.run(measured())
+        sample, figures = asyncio.run(measured())
         samples = [sample]
     else:
-        samples, (machine_percent, process_percent) = _run_in_processes(
-            scenario, grpc_endpoint, labels, seconds, warmup_seconds, window_cpu
-        )
+        samples, figures = _run_in_processes(scenario, grpc_endpoint, labels, seconds, warmup_seconds, meter)
 
     failures = [sample.failure for sample in samples if sample.failure]
     if failures:
@@ -382,8 +443,10 @@ def run_scenario(
         error_count_by_code=dict(errors.most_common()),
         client_processes=client_processes,
         client_cpu_percent=100.0 * cpu_seconds / seconds,
-        machine_cpu_percent=machine_percent,
-        process_cpu_percent=process_percent,
+        machine_cpu_percent=figures.machine_cpu_percent,
+        process_cpu_percent=figures.process_cpu_percent,
+        process_cpu_seconds=figures.process_cpu_seconds,
+        counter_deltas=figures.counter_deltas,
         notes=dict(getattr(scenario, "notes", {})),
     )
 
@@ -394,8 +457,8 @@ def _run_in_processes(
     labels: list[list[str]],
     seconds: float,
     warmup_seconds: float,
-    window_cpu: WindowCpu,
-) -> tuple[list[_ProcessSample], tuple[float | None, dict[str, float]]]:
+    meter: WindowMeter,
+) -> tuple[list[_ProcessSample], WindowFigures]:
     # spawn, not fork: grpc's threads do not survive a fork of a process that used them.
     context = multiprocessing.get_context("spawn")
     ready_queue = context.Queue()
@@ -420,9 +483,9 @@ def _run_in_processes(
         window[1] = window[0] + seconds
         go.set()
         time.sleep(max(0.0, window[0] - time.monotonic()))
-        window_cpu.start()
+        meter.start()
         time.sleep(max(0.0, window[1] - time.monotonic()))
-        cpu_figures = window_cpu.stop()
+        figures = meter.stop()
         samples = [result_queue.get(timeout=CLIENT_PROCESS_DRAIN_TIMEOUT_SECONDS) for _ in processes]
     except queue.Empty:
         raise RuntimeError(f"scenario {scenario.name}: a client process did not report in time") from None
@@ -432,7 +495,7 @@ def _run_in_processes(
             if process.is_alive():
                 process.kill()
                 process.join()
-    return samples, cpu_figures
+    return samples, figures
 
 
 # Open loop: requests in flight at once, at most. Past it an arrival is not sent
@@ -448,6 +511,7 @@ def run_open_loop(
     warmup_seconds: float,
     in_flight_max: int = OPEN_LOOP_IN_FLIGHT_MAX_DEFAULT,
     watched_pid_by_name: dict[str, int] | None = None,
+    counters: CounterSampler | None = None,
 ) -> ScenarioResult:
     """Issue calls at a fixed arrival rate, whether or not earlier ones have answered.
 
@@ -458,7 +522,7 @@ def run_open_loop(
     """
     assert rate_per_second > 0 and seconds > 0 and warmup_seconds >= 0 and in_flight_max >= 1
     interval_seconds = 1.0 / rate_per_second
-    window_cpu = WindowCpu(watched_pid_by_name)
+    meter = WindowMeter(watched_pid_by_name, counters)
     sample = _ProcessSample([], collections.Counter(), 0.0)
 
     async def one(stubs: Stubs, label: str, sequence: int, rng: random.Random, scheduled: float, window_end: float,
@@ -473,7 +537,7 @@ def run_open_loop(
             # Arrivals inside the window count, whenever they finish (bounded by the call timeout).
             _record(sample, code, outcome, finished - scheduled)
 
-    async def measured() -> tuple[float | None, dict[str, float]]:
+    async def measured() -> WindowFigures:
         async with contextlib.AsyncExitStack() as channels:
             stubs_by_channel = []
             for _ in range(CHANNELS_PER_CLIENT_PROCESS):
@@ -487,8 +551,9 @@ def run_open_loop(
             started = time.monotonic()
             window_start, window_end = started + warmup_seconds, started + warmup_seconds + seconds
             in_flight: set[asyncio.Task] = set()
-            cpu_figures = None
-            cpu_started = False
+            figures = NO_WINDOW_FIGURES
+            # Started in a thread, beside the arrivals: the meter's readings must not delay them.
+            meter_started: asyncio.Task | None = None
             for sequence in itertools.count():
                 scheduled = started + sequence * interval_seconds
                 if scheduled >= window_end:
@@ -496,10 +561,9 @@ def run_open_loop(
                 delay = scheduled - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if not cpu_started and scheduled >= window_start:
-                    window_cpu.start()
+                if meter_started is None and scheduled >= window_start:
+                    meter_started = asyncio.create_task(asyncio.to_thread(meter.start))
                     cpu_process_start = time.process_time()
-                    cpu_started = True
                 if len(in_flight) >= in_flight_max:
                     if scheduled >= window_start:
                         sample.error_count_by_code["SKIPPED_IN_FLIGHT_MAX"] += 1
@@ -511,14 +575,15 @@ def run_open_loop(
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             await asyncio.sleep(max(0.0, window_end - time.monotonic()))
-            if cpu_started:
-                cpu_figures = window_cpu.stop()
+            if meter_started is not None:
+                await meter_started
+                figures = await asyncio.to_thread(meter.stop)
                 sample.cpu_seconds_window = time.process_time() - cpu_process_start
             if in_flight:
                 await asyncio.wait(in_flight, timeout=CALL_TIMEOUT_SECONDS + 1)
-        return cpu_figures or (None, {})
+        return figures
 
-    machine_percent, process_percent = asyncio.run(measured())
+    figures = asyncio.run(measured())
     p50, p99, mean = latency_figures_ms(sample.latencies_seconds)
     return ScenarioResult(
         scenario=scenario.name,
@@ -533,8 +598,10 @@ def run_open_loop(
         error_count_by_code=dict(sample.error_count_by_code.most_common()),
         client_processes=1,
         client_cpu_percent=100.0 * sample.cpu_seconds_window / seconds,
-        machine_cpu_percent=machine_percent,
-        process_cpu_percent=process_percent,
+        machine_cpu_percent=figures.machine_cpu_percent,
+        process_cpu_percent=figures.process_cpu_percent,
+        process_cpu_seconds=figures.process_cpu_seconds,
+        counter_deltas=figures.counter_deltas,
         notes={**dict(getattr(scenario, "notes", {})), "open_loop_rate_per_second": rate_per_second,
                "in_flight_max": in_flight_max},
     )

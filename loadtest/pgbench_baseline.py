@@ -17,7 +17,7 @@ import tempfile
 import psycopg
 
 from loadtest.cluster import SUPERUSER, ShardEndpoint
-from loadtest.driver import ScenarioResult, WindowCpu, latency_figures_ms
+from loadtest.driver import CounterSampler, ScenarioResult, WindowMeter, latency_figures_ms
 
 BASELINE_DATABASE = "pgbench_baseline"
 PGBENCH_THREADS = 2
@@ -100,6 +100,7 @@ def run_pgbench_baseline(
     seconds: int,
     warmup_seconds: int,
     watched_pid_by_name: dict[str, int] | None = None,
+    counters: CounterSampler | None = None,
 ) -> ScenarioResult:
     ensure_database(shard)
     # Scale = clients: one branches row per client, so the hot branch row does not dominate.
@@ -107,12 +108,12 @@ def run_pgbench_baseline(
     if warmup_seconds > 0:
         _run(shard, clients, warmup_seconds, log_prefix=None)
 
-    window_cpu = WindowCpu(watched_pid_by_name)
+    meter = WindowMeter(watched_pid_by_name, counters)
     with tempfile.TemporaryDirectory(prefix="pgbench-log-") as log_directory:
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        window_cpu.start()
+        meter.start()
         completed = _run(shard, clients, seconds, log_prefix=pathlib.Path(log_directory) / "pgbench_log")
-        machine_percent, process_percent = window_cpu.stop()
+        figures = meter.stop()
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         latencies = _latencies_seconds(pathlib.Path(log_directory))
 
@@ -146,7 +147,9 @@ def run_pgbench_baseline(
         error_count_by_code=errors,
         client_processes=1,
         client_cpu_percent=100.0 * pgbench_cpu_seconds / seconds,
-        machine_cpu_percent=machine_percent,
-        process_cpu_percent=process_percent,
+        machine_cpu_percent=figures.machine_cpu_percent,
+        process_cpu_percent=figures.process_cpu_percent,
+        process_cpu_seconds=figures.process_cpu_seconds,
+        counter_deltas=figures.counter_deltas,
         notes={"scale": clients, "threads": min(PGBENCH_THREADS, clients), "database": BASELINE_DATABASE},
     )

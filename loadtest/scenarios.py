@@ -7,7 +7,9 @@ it holds only plain data (ids), never a channel.
 To add a row to the bench: write a dataclass with `name` and `call`, a
 `prepare_...` coroutine that builds it from BenchAccounts, and register it in
 SCENARIO_PREPARERS. All phases of one bench run share one set of funded
-customers (loadtest.accounts opens and funds them once).
+customers per size (loadtest.accounts opens and funds them once): the
+`--customers` set, and issue 8's 200 accounts that uniform random pairs are
+drawn from.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import random
 import sys
 import uuid
@@ -39,6 +42,13 @@ from loadtest.driver import CALL_TIMEOUT_SECONDS, CallOutcome, Stubs
 BATCH_SIZE_DEFAULT = 1000
 # Merchants the uniform phase spreads payments over: enough that no row is hot.
 UNIFORM_MERCHANT_COUNT_DEFAULT = 64
+CREATE_TRANSFERS_UNIFORM_SCENARIO = "corebank_create_transfers_uniform"
+HALF_PEAK_SCENARIO = "corebank_latency_half_peak"
+HALF_UNIFORM_PEAK_SCENARIO = "corebank_latency_half_uniform_peak"
+# Issue 8's load tester: uniform random (debit, credit) pairs among 200 funded accounts on
+# all shards. Funded with 1,000.00 each, paying at most 1.00 a transfer, an account's balance
+# drifts by tens of dollars over a whole bench run: none runs dry.
+PAIR_ACCOUNT_COUNT_DEFAULT = 200
 
 
 def new_run_id() -> str:
@@ -113,6 +123,64 @@ class SameShardTransfers:
 
 
 @dataclasses.dataclass(frozen=True)
+class UniformPairs:
+    """Debit and credit drawn uniformly from one population, whatever their shards: with S
+    shards of equal size, about (S - 1) / S of the pairs cross shards, as real traffic does."""
+
+    account_ids_by_shard: tuple[tuple[str, ...], ...]
+    account_ids: tuple[str, ...] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        flattened = tuple(itertools.chain.from_iterable(self.account_ids_by_shard))
+        if len(flattened) < 2:
+            raise ValueError("uniform pairs need at least two accounts")
+        object.__setattr__(self, "account_ids", flattened)
+
+    def draw(self, rng: random.Random) -> tuple[str, str]:
+        debit_account_id, credit_account_id = rng.sample(self.account_ids, 2)
+        return debit_account_id, credit_account_id
+
+    @property
+    def cross_shard_share_expected(self) -> float:
+        """The chance that a drawn pair's accounts live on two shards."""
+        count = len(self.account_ids)
+        same_shard_pairs = sum(len(ids) * (len(ids) - 1) for ids in self.account_ids_by_shard)
+        return 1.0 - same_shard_pairs / (count * (count - 1))
+
+    @property
+    def notes(self) -> dict:
+        return {"accounts_per_shard": [len(ids) for ids in self.account_ids_by_shard],
+                "cross_shard_share_expected": round(self.cross_shard_share_expected, 3)}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformPairTransfers:
+    """Single Transfer calls between uniform random pairs (issue 8's load tester)."""
+
+    run_id: str
+    pairs: UniformPairs
+    name: str = "corebank_uniform_pairs"
+
+    @property
+    def notes(self) -> dict:
+        return self.pairs.notes
+
+    async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> None:
+        debit_account_id, credit_account_id = self.pairs.draw(rng)
+        await stubs.payments.Transfer(
+            payments_pb2.TransferRequest(
+                transfer_id=f"{self.run_id}:{worker_label}:{sequence}",
+                debit_account_id=debit_account_id,
+                credit_account_id=credit_account_id,
+                amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX),
+                currency=CURRENCY,
+                reference="bench",
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class CrossShardTransfers:
     """Random customer -> customer transfers of small amounts, always between two shards (TCC)."""
 
@@ -140,32 +208,43 @@ class CrossShardTransfers:
 
 
 @dataclasses.dataclass(frozen=True)
-class CreateTransfersBatches:
-    """CreateTransfers calls of `batch_size` random customer -> customer transfers;
-    `cross_shard_share` of them between shards, the rest within one shard."""
+class ShardPairs:
+    """Both accounts on one shard, except `cross_shard_share` of the pairs, whose two accounts
+    are on two shards."""
 
-    run_id: str
     account_ids_by_shard: tuple[tuple[str, ...], ...]
-    batch_size: int
     cross_shard_share: float
-    name: str = "corebank_create_transfers"
 
-    @property
-    def notes(self) -> dict:
-        return {"batch_size": self.batch_size, "cross_shard_share": self.cross_shard_share,
-                "accounts_per_shard": [len(ids) for ids in self.account_ids_by_shard]}  # fmt: skip
-
-    def _pair(self, rng: random.Random) -> tuple[str, str]:
+    def draw(self, rng: random.Random) -> tuple[str, str]:
         if len(self.account_ids_by_shard) > 1 and rng.random() < self.cross_shard_share:
             debit_shard, credit_shard = rng.sample(self.account_ids_by_shard, 2)
             return rng.choice(debit_shard), rng.choice(credit_shard)
         debit_account_id, credit_account_id = rng.sample(rng.choice(self.account_ids_by_shard), 2)
         return debit_account_id, credit_account_id
 
+    @property
+    def notes(self) -> dict:
+        return {"cross_shard_share": self.cross_shard_share,
+                "accounts_per_shard": [len(ids) for ids in self.account_ids_by_shard]}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateTransfersBatches:
+    """CreateTransfers calls of `batch_size` customer -> customer transfers between `pairs`."""
+
+    run_id: str
+    pairs: ShardPairs | UniformPairs
+    batch_size: int
+    name: str = "corebank_create_transfers"
+
+    @property
+    def notes(self) -> dict:
+        return {"batch_size": self.batch_size, **self.pairs.notes}
+
     async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> CallOutcome:
         requests = []
         for index in range(self.batch_size):
-            debit_account_id, credit_account_id = self._pair(rng)
+            debit_account_id, credit_account_id = self.pairs.draw(rng)
             requests.append(
                 payments_pb2.TransferRequest(
                     transfer_id=f"{self.run_id}:{worker_label}:{sequence}:{index}", debit_account_id=debit_account_id,
@@ -219,6 +298,7 @@ class PrepareOptions:
     # Share of CreateTransfers' transfers that cross shards (0: all same-shard).
     batch_cross_shard_share: float = 0.0
     uniform_merchant_count: int = UNIFORM_MERCHANT_COUNT_DEFAULT
+    pair_account_count: int = PAIR_ACCOUNT_COUNT_DEFAULT
 
 
 async def prepare_same_shard_transfers(cluster: Cluster, options: PrepareOptions) -> SameShardTransfers:
@@ -245,7 +325,23 @@ async def prepare_create_transfers(cluster: Cluster, options: PrepareOptions) ->
     run_id = new_run_id()
     accounts = await open_funded_customers(cluster, run_id, options.customer_count)
     populated = tuple(ids for ids in accounts.customer_account_ids_by_shard.values() if len(ids) >= 2)
-    return CreateTransfersBatches(run_id, populated, options.batch_size, options.batch_cross_shard_share)
+    return CreateTransfersBatches(run_id, ShardPairs(populated, options.batch_cross_shard_share), options.batch_size)
+
+
+async def _uniform_pairs(cluster: Cluster, run_id: str, options: PrepareOptions) -> UniformPairs:
+    accounts = await open_funded_customers(cluster, run_id, options.pair_account_count)
+    return UniformPairs(tuple(ids for ids in accounts.customer_account_ids_by_shard.values() if ids))
+
+
+async def prepare_uniform_pair_transfers(cluster: Cluster, options: PrepareOptions) -> UniformPairTransfers:
+    run_id = new_run_id()
+    return UniformPairTransfers(run_id, await _uniform_pairs(cluster, run_id, options))
+
+
+async def prepare_create_transfers_uniform(cluster: Cluster, options: PrepareOptions) -> CreateTransfersBatches:
+    run_id = new_run_id()
+    pairs = await _uniform_pairs(cluster, run_id, options)
+    return CreateTransfersBatches(run_id, pairs, options.batch_size, name=CREATE_TRANSFERS_UNIFORM_SCENARIO)
 
 
 def _open_merchants(cluster: Cluster, run_id: str, count: int, collect_on_every_shard: bool) -> tuple[str, ...]:
@@ -275,11 +371,21 @@ async def prepare_uniform(cluster: Cluster, options: PrepareOptions) -> Merchant
     )
 
 
-# Scenario name -> coroutine that prepares it. The bench runs them in this order.
+# Scenario name -> coroutine that prepares it. The bench runs them in this order, closed loop.
 SCENARIO_PREPARERS: dict[str, Callable[[Cluster, PrepareOptions], Awaitable]] = {
     SameShardTransfers.name: prepare_same_shard_transfers,
     CrossShardTransfers.name: prepare_cross_shard_transfers,
     CreateTransfersBatches.name: prepare_create_transfers,
     "corebank_flash_sale": prepare_flash_sale,
     "corebank_uniform": prepare_uniform,
+    UniformPairTransfers.name: prepare_uniform_pair_transfers,
+    CREATE_TRANSFERS_UNIFORM_SCENARIO: prepare_create_transfers_uniform,
+}
+# Rows whose callers each send one batch of transfers: fewer of them (the bench's --batch-clients).
+BATCH_SCENARIOS = frozenset({CreateTransfersBatches.name, CREATE_TRANSFERS_UNIFORM_SCENARIO})
+# Open-loop latency rows -> the closed-loop row that prepares their calls and whose peak rate,
+# halved, is their arrival rate. The bench runs them after every closed-loop row.
+HALF_PEAK_OF = {
+    HALF_PEAK_SCENARIO: SameShardTransfers.name,
+    HALF_UNIFORM_PEAK_SCENARIO: UniformPairTransfers.name,
 }
