@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import psycopg
 import psycopg_pool
 
 from services.api import metrics
+# Imported for the statements they prepare (services/storage/prepared.py): every one must be
+# registered before the first connection opens.
+from services.storage import batch_posting, id_registry, prepared, tcc_store  # noqa: F401
 from services.storage.shard_store import POOL_SIZE_MAX, POOL_SIZE_MIN, ShardStore
 from sharding import etcd_shard_map
 from sharding.router import ShardRouter
@@ -19,11 +23,17 @@ SHARD_MAP_WAIT_SECONDS_MAX = 60.0
 log = logging.getLogger(__name__)
 
 
+async def prepare_session(connection: psycopg.AsyncConnection) -> None:
+    """Each new pooled connection prepares the hot statements once (services/storage/prepared.py)."""
+    await psycopg.AsyncClientCursor(connection).execute(prepared.session_setup())
+
+
 async def open_shard_store(shard: Shard) -> ShardStore:
     # open(wait=False): a shard that is down must not stop the others from serving.
     pool = psycopg_pool.AsyncConnectionPool(
         shard.dsn, min_size=POOL_SIZE_MIN, max_size=POOL_SIZE_MAX, open=False, name=shard.name,
         kwargs={"autocommit": True},  # the store sends its own BEGIN ... COMMIT batches
+        configure=prepare_session,
     )
     await pool.open(wait=False)
     return ShardStore(shard.name, pool)

@@ -18,24 +18,27 @@ from services.ledger.accounts import Account
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus, decide, linked_transfer_failed
 from services.storage import id_registry
+from services.storage.prepared import prepared
 from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, KEY_RACE_ATTEMPTS_MAX, TRANSFER_COLUMNS, KeyTaken, ShardStore
 from services.storage.shard_store import account_from_row
 from services.storage.shard_store import batch, transfer_from_row
 
-LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE"
-SELECT_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)"
+# Every transaction that locks several accounts locks them here, all at once and in
+# account_id order, so two transactions never wait on each other's rows in opposite orders.
+LOCK_ACCOUNTS = prepared("lock_accounts", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE")
+SELECT_TRANSFERS = prepared("select_transfers", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)")
 # branch 3 rows credit a collecting merchant's sub-account (clearing_account_id).
-INSERT_TRANSFERS = f"""
+INSERT_TRANSFERS = prepared("insert_transfers", f"""
     INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                            status, reason, branch, clearing_account_id, finalized_at)
     SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],
                                 %s::smallint[], %s::text[], %s::smallint[], %s::text[])
-    RETURNING {TRANSFER_COLUMNS}"""
-APPLY_BALANCE_CHANGES = """
+    RETURNING {TRANSFER_COLUMNS}""")
+APPLY_BALANCE_CHANGES = prepared("apply_balance_changes", """
     UPDATE accounts SET debits_posted_minor = debits_posted_minor + change.debits,
                         credits_posted_minor = credits_posted_minor + change.credits, updated_at = now()
     FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS change(account_id, debits, credits)
-    WHERE accounts.account_id = change.account_id"""
+    WHERE accounts.account_id = change.account_id""")
 
 
 @dataclasses.dataclass

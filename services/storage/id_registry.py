@@ -16,14 +16,15 @@ import json
 from services.ledger.ids import IdNamespace
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import TransferRequest
+from services.storage.prepared import prepared
 from services.storage.shard_store import COMMIT, ShardStore
 
-REGISTER = """
+REGISTER = prepared("register_ids", """
     INSERT INTO id_registry (namespace, id, fields)
-    SELECT * FROM unnest(%s::smallint[], %s::text[], %s::jsonb[]) ON CONFLICT DO NOTHING"""
-SELECT_REGISTERED = """
+    SELECT * FROM unnest(%s::smallint[], %s::text[], %s::jsonb[]) ON CONFLICT DO NOTHING""")
+SELECT_REGISTERED = prepared("select_registered_ids", """
     SELECT namespace, id, fields FROM id_registry
-    WHERE (namespace, id) IN (SELECT * FROM unnest(%s::smallint[], %s::text[]))"""
+    WHERE (namespace, id) IN (SELECT * FROM unnest(%s::smallint[], %s::text[]))""")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from services.api.metrics import DB_ROUND_TRIPS
 from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
 from services.ledger.transfers import Branch, Transfer, TransferStatus
+from services.storage.prepared import prepared
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ TRANSFER_COLUMNS = (
     " created_at, finalized_at, branch"
 )
 
-SELECT_TRANSFER = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = %s"
-SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s"
-LOCK_ACCOUNT = SELECT_ACCOUNT + " FOR UPDATE"
+SELECT_TRANSFER = prepared("select_transfer", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = %s")
+SELECT_ACCOUNT = prepared("select_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s")
+LOCK_ACCOUNT = prepared("lock_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s FOR UPDATE")
 INSERT_ACCOUNT = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status, collect_on_every_shard, parent_account_id)
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)

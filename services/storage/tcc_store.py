@@ -20,7 +20,9 @@ from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus
 from services.ledger.transfers import clearing_refusal, credit_side_refusal, debit_side_refusal
 from services.storage import id_registry
-from services.storage.shard_store import ACCOUNT_COLUMNS, COMMIT, KEY_RACE_ATTEMPTS_MAX, SELECT_TRANSFER, TRANSFER_COLUMNS, KeyTaken
+from services.storage.batch_posting import LOCK_ACCOUNTS, SELECT_TRANSFERS as SELECT_LOCAL_TRANSFERS
+from services.storage.prepared import prepared
+from services.storage.shard_store import COMMIT, KEY_RACE_ATTEMPTS_MAX, SELECT_TRANSFER, KeyTaken
 from services.storage.shard_store import Session, ShardStore, account_from_row, batch, transfer_from_row
 
 DEBIT_BRANCH = int(Branch.DEBIT)
@@ -31,19 +33,14 @@ TCC_COLUMNS = (
     " reason, lease_owner, lease_epoch, lease_expires_at, pending_expires_at, attempts, created_at, updated_at,"
     " finalized_at"
 )
-SELECT_RECORD = f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s"
-# Every batched operation locks the accounts it touches first, all at once and in
-# account_id order (as same-shard batches do), so two transactions never wait on each
-# other's account rows in opposite orders.
-LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE"
+SELECT_RECORD = prepared("select_record", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s")
 ENSURE_CLEARING_ACCOUNTS = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
     SELECT id, id, '{ids.CLEARING_OWNER_ID}', currency, {int(AccountKind.SYSTEM)}, 0, {int(AccountStatus.ACTIVE)}
     FROM unnest(%s::text[], %s::text[]) AS clearing(id, currency)
     ON CONFLICT (account_id) DO NOTHING"""
-SELECT_RECORDS = f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = ANY(%s)"
-SELECT_LOCAL_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)"
-INSERT_RECORDS = f"""
+SELECT_RECORDS = prepared("select_records", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = ANY(%s)")
+INSERT_RECORDS = prepared("insert_records", f"""
     INSERT INTO tcc_transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                                credit_shard, state, reason, lease_owner, lease_expires_at, pending_expires_at, finalized_at)
     SELECT id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
@@ -53,45 +50,45 @@ INSERT_RECORDS = f"""
                 %s::text[], %s::text[], %s::float8[], %s::float8[], %s::bool[])
          AS record(id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
                    lease_seconds, pending_seconds, final)
-    RETURNING {TCC_COLUMNS}"""
-INSERT_BARRIERS = """
+    RETURNING {TCC_COLUMNS}""")
+INSERT_BARRIERS = prepared("insert_barriers", """
     INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
-    SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[])"""
-INSERT_BRANCHES = """
+    SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[])""")
+INSERT_BRANCHES = prepared("insert_branches", """
     INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                            status, reason, branch, clearing_account_id, finalized_at)
     SELECT id, debit, credit, amount, currency, reference, status, reason, branch, clearing, CASE WHEN final THEN now() END
     FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::smallint[], %s::text[],
                 %s::smallint[], %s::text[], %s::bool[])
-         AS branch_row(id, debit, credit, amount, currency, reference, status, reason, branch, clearing, final)"""
+         AS branch_row(id, debit, credit, amount, currency, reference, status, reason, branch, clearing, final)""")
 # Reservations, summed per account by the caller: pending debits and pending credits.
-RESERVE = """
+RESERVE = prepared("reserve", """
     UPDATE accounts SET debits_pending_minor = debits_pending_minor + change.debits,
                         credits_pending_minor = credits_pending_minor + change.credits, updated_at = now()
     FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS change(account_id, debits, credits)
-    WHERE accounts.account_id = change.account_id"""
-SELECT_CREDIT_TRY_OUTCOMES = f"""
+    WHERE accounts.account_id = change.account_id""")
+SELECT_CREDIT_TRY_OUTCOMES = prepared("select_credit_try_outcomes", f"""
     SELECT transfer_id, outcome FROM tcc_barriers
-    WHERE transfer_id = ANY(%s) AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'"""
+    WHERE transfer_id = ANY(%s) AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'""")
 # The accounts a finish of these branches touches: each branch row's customer and clearing account.
-LOCK_BRANCH_ACCOUNTS = f"""
+LOCK_BRANCH_ACCOUNTS = prepared("lock_branch_accounts", f"""
     SELECT 1 FROM accounts WHERE account_id IN (
         SELECT unnest(%(customers)s::text[])
         UNION SELECT clearing_account_id FROM transfers WHERE transfer_id = ANY(%(ids)s) AND branch = %(branch)s
-    ) ORDER BY account_id FOR UPDATE"""
+    ) ORDER BY account_id FOR UPDATE""")
 # A cancel that arrives before its try writes the try's barrier row itself, so the try never applies.
-BLOCK_LATE_CREDIT_TRIES = f"""
+BLOCK_LATE_CREDIT_TRIES = prepared("block_late_credit_tries", f"""
     INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
     SELECT id, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.BLOCKED_BY_CANCEL}' FROM unnest(%(blocked)s::text[]) AS id
-    ON CONFLICT DO NOTHING"""
-FINISH_RECORDS = f"""
+    ON CONFLICT DO NOTHING""")
+FINISH_RECORDS = prepared("finish_records", f"""
     UPDATE tcc_transfers t SET state = finish.final_state, finalized_at = now(), updated_at = now()
     FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::bigint[]) AS finish(id, final_state, from_state, epoch)
     WHERE t.transfer_id = finish.id AND t.state = finish.from_state AND t.lease_epoch = finish.epoch
-    RETURNING {", ".join(f"t.{column.strip()}" for column in TCC_COLUMNS.split(","))}"""
-RENEW_LEASE = """
+    RETURNING {", ".join(f"t.{column.strip()}" for column in TCC_COLUMNS.split(","))}""")
+RENEW_LEASE = prepared("renew_lease", """
     UPDATE tcc_transfers SET lease_expires_at = now() + make_interval(secs => %s), attempts = attempts + 1, updated_at = now()
-    WHERE transfer_id = %s AND lease_epoch = %s AND finalized_at IS NULL RETURNING transfer_id"""
+    WHERE transfer_id = %s AND lease_epoch = %s AND finalized_at IS NULL RETURNING transfer_id""")
 CLAIM_EXPIRED = f"""
     UPDATE tcc_transfers SET lease_owner = %s, lease_epoch = lease_epoch + 1, updated_at = now(),
                              lease_expires_at = now() + make_interval(secs => %s)
@@ -193,6 +190,11 @@ def finish_branches_sql(branch: int, guarded: bool) -> str:
     SELECT op.id, {"guard.id IS NOT NULL" if guarded else "true"}, barrier.id IS NOT NULL, moved.id IS NOT NULL
     FROM op {"LEFT JOIN guard ON guard.id = op.id " if guarded else ""}LEFT JOIN barrier ON barrier.id = op.id
          LEFT JOIN moved ON moved.id = op.id"""
+
+# The decision with the debit branch (guarded), and the credit branch's confirm or cancel.
+DECIDE_DEBITS = prepared("decide_debits", finish_branches_sql(DEBIT_BRANCH, guarded=True))
+FINISH_CREDITS = prepared("finish_credits", finish_branches_sql(CREDIT_BRANCH, guarded=False))
+
 
 @dataclasses.dataclass(frozen=True)
 class TccRecord:
@@ -528,7 +530,7 @@ class TccStore:
         statements = [LOCK_BRANCH_ACCOUNTS]
         if not guarded:
             statements.append(BLOCK_LATE_CREDIT_TRIES)
-        statements += [finish_branches_sql(branch, guarded), COMMIT]
+        statements += [DECIDE_DEBITS if guarded else FINISH_CREDITS, COMMIT]
         params = {
             "ids": [item.transfer_id for item in items], "branch": branch,
             "customers": sorted({customer(item.record) for item in items}),

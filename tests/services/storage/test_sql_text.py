@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from services.storage import audit, batch_posting, id_registry, shard_store, tcc_store
+from services.storage import audit, batch_posting, id_registry, prepared, shard_store, tcc_store
 
 LEFTOVER_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z_0-9.()]*\}")
 
@@ -18,6 +18,8 @@ def statements():
         for name, value in vars(module).items():
             if name.isupper() and isinstance(value, str) and re.search(r"\b(SELECT|INSERT|UPDATE|WITH)\b", value):
                 yield f"{module.__name__}.{name}", value
+    for name, statement in prepared.statements().items():
+        yield f"prepared {name}", statement.definition
     for branch in (tcc_store.DEBIT_BRANCH, tcc_store.CREDIT_BRANCH):
         for guarded in (True, False):
             yield f"finish_branches_sql({branch}, {guarded})", tcc_store.finish_branches_sql(branch, guarded)
