@@ -10,10 +10,9 @@ import signal
 CRASH_AT_ENV = "COREBANK_CRASH_AT"
 
 AFTER_BEGIN = "after_begin"  # record written, debit reserved
-AFTER_CREDIT_TRY = "after_credit_try"
-AFTER_DECISION = "after_decision"  # decision written, debit confirmed or cancelled
-AFTER_CREDIT_FINISH = "after_credit_finish"  # credit confirmed or cancelled, record not yet final
-STEPS = (AFTER_BEGIN, AFTER_CREDIT_TRY, AFTER_DECISION, AFTER_CREDIT_FINISH)
+AFTER_CREDIT = "after_credit"  # the credit shard decided: credit posted, refused or blocked; debit not settled
+AFTER_DEBIT = "after_debit"  # record final with its debit branch; the answer not yet sent
+STEPS = (AFTER_BEGIN, AFTER_CREDIT, AFTER_DEBIT)
 
 _armed = os.environ.get(CRASH_AT_ENV)
 

@@ -23,10 +23,9 @@ from collections.abc import Callable
 
 from services.coordinator import crash_points, metrics
 from services.coordinator.ports import SYSTEM_CLOCK, Clock, TccPort
-from services.coordinator.state_machine import Action, CoordinatorState, Event, FINAL_STATES, Step
-from services.coordinator.state_machine import final_state_after_cancel, transition
+from services.coordinator.state_machine import CREDIT_ACTIONS, Action, Event, Step, final_state_after_cancel, resume, transition
 from services.ledger import errors
-from services.ledger.coordination import TryOutcome, parse_try_outcome
+from services.ledger.coordination import FINAL_STATES, CancelCause, CoordinatorState, TryOutcome, parse_try_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Transfer, TransferRequest
 from services.storage.tcc_store import Begun, TccRecord
@@ -55,11 +54,9 @@ POLL_INTERVAL_SECONDS_MAX = 0.5
 # (services/ledger_service.py); this bounds the background wait it leaves behind.
 FINAL_WAIT_SECONDS_MAX = 60.0
 
-# Unknown outcome of an action: which event tells the state machine (None: do the same action again).
-_TRANSIENT_EVENTS = {Action.TRY_CREDIT: Event.CREDIT_TRY_FAILED, Action.CONFIRM_CREDIT: Event.CREDIT_FINISH_FAILED,
-                     Action.CANCEL_CREDIT: Event.CREDIT_FINISH_FAILED}
-# The outcome of an action this driver could not learn: do it again after a backoff.
-_RETRY_EVENTS = frozenset({None, Event.CREDIT_TRY_FAILED, Event.CREDIT_FINISH_FAILED})
+# What a stored credit try outcome tells the state machine.
+_CREDIT_EVENTS = {TryOutcome.APPLIED: Event.CREDIT_APPLIED, TryOutcome.REFUSED: Event.CREDIT_REFUSED,
+                  TryOutcome.BLOCKED_BY_CANCEL: Event.CREDIT_BLOCKED}
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +93,7 @@ class TransferDriver:
         """Run the protocol until the transfer is final, another driver owns it, it is faulted,
         or the drive's failure budget is spent; the record as this driver last knew it."""
         started = self.clock.monotonic()
-        step = transition(record.state, record.reason, Event.RESUMED)
+        step = resume(record.state, record.reason)
         transient_failures = transient_failures_in_a_row = faults = 0
         fault = ""
         lease_renewed_at = started
@@ -108,7 +105,7 @@ class TransferDriver:
                 if faults > DRIVE_FAULTS_MAX:
                     log.error("transfer %s: %d permanent faults in one drive, stopping (%s)", record.transfer_id, faults, fault)
                     break
-            if event in _RETRY_EVENTS:
+            if event is None:  # the outcome is unknown: the same action again, after a backoff
                 transient_failures += 1
                 transient_failures_in_a_row += 1
                 if transient_failures >= DRIVE_TRANSIENT_FAILURES_MAX:
@@ -119,12 +116,12 @@ class TransferDriver:
                 await self.clock.sleep(min(RETRY_DELAY_SECONDS_MIN * 2**transient_failures_in_a_row, RETRY_DELAY_SECONDS_MAX))
             else:
                 transient_failures_in_a_row = 0
-            if event is not None:  # None: the action failed before an answer; do it again
-                step = transition(step.state, step.reason, event, event_reason)
+            if event is not None:
+                step = transition(step, event, event_reason)
             # Slow but healthy drives renew too, so that recovery does not take them over midway.
             if step.action is not None and self.clock.monotonic() - lease_renewed_at > LEASE_SECONDS / 2:
                 if not await self._renew(record):
-                    step = transition(step.state, step.reason, Event.LEASE_LOST)
+                    step = transition(step, Event.LEASE_LOST)
                 lease_renewed_at = self.clock.monotonic()
         metrics.DRIVES.labels(step.state.name).inc()
         metrics.DRIVE_DURATION.observe(self.clock.monotonic() - started)
@@ -138,9 +135,9 @@ class TransferDriver:
         except errors.LedgerError as error:
             if error.transient:
                 log.info("%s of %s failed, outcome unknown: %s", action.value, record.transfer_id, error)
-                return _TRANSIENT_EVENTS.get(action), "", record
+                return None, "", record
             metrics.FAULTS.labels(action.value).inc()
-            decided = step.state is not CoordinatorState.TRYING
+            decided = action is not Action.SETTLE_CREDIT
             log.error(
                 "transfer %s: %s failed permanently in %s (%s: %s); %s", record.transfer_id, action.value, step.state.name,
                 error.reason or type(error).__name__, error, "recording the fault" if decided else "cancelling it",
@@ -149,40 +146,20 @@ class TransferDriver:
 
     async def _act(self, step: Step, record: TccRecord, fault: str) -> tuple[Event, str, TccRecord]:
         action = step.action
-        if action is Action.TRY_CREDIT:
-            if record.pending_expires_at <= self.clock.now():
-                return Event.PENDING_EXPIRED, "", record
-            clearing = self.clearing_account_id_for(record.credit_shard, record.currency, record.transfer_id)
-            outcome = await self.tcc(record.credit_shard).try_credit(record, clearing, self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-            crash_points.reached(crash_points.AFTER_CREDIT_TRY)
-            try_outcome, reason = parse_try_outcome(outcome)
-            if try_outcome is TryOutcome.APPLIED:
-                return Event.CREDIT_TRY_APPLIED, "", record
-            if try_outcome is TryOutcome.REFUSED:
-                return Event.CREDIT_TRY_REFUSED, reason, record
-            return Event.CREDIT_TRY_BLOCKED, "", record
-        if action in (Action.DECIDE_CONFIRM, Action.DECIDE_CANCEL):
-            return await self._decide(record, action is Action.DECIDE_CONFIRM, step.reason)
-        if action in (Action.CONFIRM_CREDIT, Action.CANCEL_CREDIT):
-            confirm = action is Action.CONFIRM_CREDIT
-            result = await self.tcc(record.credit_shard).finish_credit(record, confirm, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-            if confirm and result.barrier_new and not result.moved:
-                # A confirm that wrote its barrier must have found the reserved credit branch:
-                # the decided transfer cannot be applied. A bug; recorded as a fault.
-                raise errors.InternalFault(f"credit branch of {record.transfer_id} was not pending when confirmed")
-            crash_points.reached(crash_points.AFTER_CREDIT_FINISH)
-            return (Event.CREDIT_CONFIRMED if confirm else Event.CREDIT_CANCELLED), "", record
-        if action is Action.FINISH:
-            final_state = CoordinatorState.POSTED if record.state is CoordinatorState.CONFIRMING else final_state_after_cancel(record.reason)
-            debit = self.tcc(self._debit_shard(record))
-            finished = await debit.finish_record(record, final_state, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-            if finished is None:
-                # An earlier attempt of ours may have committed before its answer was lost.
-                current = await debit.get_record(record.transfer_id, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-                if current is not None and current.lease_epoch == record.lease_epoch and current.state is final_state:
-                    return Event.FINISHED, "", current
-                return Event.LEASE_LOST, "", current or record
-            return Event.FINISHED, "", finished
+        if action in CREDIT_ACTIONS:
+            credit = self.tcc(record.credit_shard)
+            if action is Action.SETTLE_CREDIT:
+                if record.pending_expires_at <= self.clock.now():
+                    return Event.PENDING_EXPIRED, "", record
+                clearing = self.clearing_account_id_for(record.credit_shard, record.currency, record.transfer_id)
+                stored = await credit.settle_credit(record, clearing, self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+            else:
+                stored = await credit.block_credit(record, CancelCause(step.reason), PARTICIPANT_CALL_TIMEOUT_SECONDS)
+            crash_points.reached(crash_points.AFTER_CREDIT)
+            outcome, reason = parse_try_outcome(stored)
+            return _CREDIT_EVENTS[outcome], reason, record
+        if action in (Action.CONFIRM_DEBIT, Action.CANCEL_DEBIT):
+            return await self._settle_debit(record, action is Action.CONFIRM_DEBIT, step.reason)
         if action is Action.RECORD_FAULT:
             if not await self.tcc(self._debit_shard(record)).mark_faulted(record, fault, PARTICIPANT_CALL_TIMEOUT_SECONDS):
                 return Event.LEASE_LOST, "", record
@@ -193,27 +170,23 @@ class TransferDriver:
             return Event.FAULT_RECORDED, "", dataclasses.replace(record, fault=fault)
         raise AssertionError(f"no handler for {action}")
 
-    async def _decide(self, record: TccRecord, confirm: bool, reason: str) -> tuple[Event, str, TccRecord]:
+    async def _settle_debit(self, record: TccRecord, confirm: bool, reason: str) -> tuple[Event, str, TccRecord]:
+        final_state = CoordinatorState.POSTED if confirm else final_state_after_cancel(reason)
         debit = self.tcc(self._debit_shard(record))
-        result = await debit.decide(record, confirm, reason, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-        if not result.won:
-            # Lost the compare-and-set: an earlier attempt of ours may have committed,
-            # the pending timeout may have passed, or another driver owns it now.
-            current = await debit.get_record(record.transfer_id, PARTICIPANT_CALL_TIMEOUT_SECONDS)
-            if current is None:
-                raise errors.InternalFault(f"the record of {record.transfer_id} vanished from {self._debit_shard(record)}")
-            if current.lease_epoch != record.lease_epoch or current.state in FINAL_STATES:
-                return Event.LEASE_LOST, "", current
-            if current.state is CoordinatorState.TRYING:
-                return Event.PENDING_EXPIRED, "", current
-            record = current
-        else:
-            state = CoordinatorState.CONFIRMING if confirm else CoordinatorState.CANCELLING
-            record = dataclasses.replace(record, state=state, reason=reason)
-        crash_points.reached(crash_points.AFTER_DECISION)
-        if record.state is CoordinatorState.CONFIRMING:
-            return Event.DECIDED_CONFIRM, "", record
-        return Event.DECIDED_CANCEL, record.reason, record
+        settled = await debit.settle_debit(record, final_state, reason, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+        if settled.record is not None:
+            if confirm and settled.branch.barrier_new and not settled.branch.moved:
+                # A confirm that wrote its barrier must have found the reserved debit branch:
+                # the decided transfer cannot be applied. A bug; recorded as a fault.
+                raise errors.InternalFault(f"debit branch of {record.transfer_id} was not pending when confirmed")
+            crash_points.reached(crash_points.AFTER_DEBIT)
+            return Event.FINISHED, "", settled.record
+        # Lost the compare-and-set: an earlier attempt of ours may have committed before its
+        # answer was lost, or another driver owns the record now.
+        current = await debit.get_record(record.transfer_id, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+        if current is not None and current.lease_epoch == record.lease_epoch and current.state is final_state:
+            return Event.FINISHED, "", current
+        return Event.LEASE_LOST, "", current or record
 
     async def _renew(self, record: TccRecord) -> bool:
         """False only when the record is no longer ours; a failure to ask says True: the next CAS will tell."""

@@ -7,14 +7,14 @@ refused change leaves no trace (a CHECK constraint rolls the whole transaction b
 raising errors.InternalFault like the storage boundary does). What it keeps:
 
 - accounts with posted and pending counters (customers, the shard's genesis account,
-  clearing accounts opened on first use like ENSURE_CLEARING_ACCOUNT);
+  clearing accounts opened on first use like ENSURE_CLEARING_ACCOUNTS);
 - transfer rows (branch 1 on the debit shard, branch 2 on the credit shard);
-- tcc_transfers records, with the guarded decision CAS on (state = TRYING, lease_epoch)
-  and the pending-timeout condition for a confirm, the finish CAS on (state, lease_epoch),
-  lease claims that bump the epoch, and faults;
+- tcc_transfers records, with the settle CAS on (state = TRYING, lease_epoch) to the
+  final state, lease claims that bump the epoch, and faults;
 - tcc_barriers, insert-only, keyed (transfer, branch, operation): a repeated operation
-  changes nothing; a cancel before its try writes the try's row ("empty cancel"), so a
-  late try never applies ("no hanging").
+  changes nothing; the credit try's row is the decision: applied (the credit branch
+  posted in the same transaction), refused, or blocked by a cancel stored first (then
+  a late try never applies); a try past its pending timeout is blocked by the try itself.
 
 Refusals come from the real rule book (services.ledger.transfers).
 """
@@ -27,10 +27,10 @@ from collections.abc import Callable
 
 from services.ledger import errors
 from services.ledger.accounts import Account, AccountKind, AccountStatus
-from services.ledger.coordination import BarrierOperation, CoordinatorState, TryOutcome, refused_outcome
+from services.ledger.coordination import BarrierOperation, CancelCause, CoordinatorState, TryOutcome, blocked_outcome, refused_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, TransferRequest, TransferStatus, clearing_refusal, credit_side_refusal, debit_side_refusal
-from services.storage.tcc_store import Begun, BranchResult, TccRecord
+from services.storage.tcc_store import Begun, BranchResult, Settled, TccRecord
 
 CLEARING_OWNER_ID = "corebank-clearing"
 
@@ -69,7 +69,7 @@ class TransferRow:
 
     @property
     def debited_account_id(self) -> str:
-        """The account whose debit counters this row moves (tcc_store.finish_branch_sql's `debited`)."""
+        """The account whose debit counters this row moves (tcc_store's settle statements' `debited`)."""
         return self.debit_account_id if self.branch == Branch.DEBIT else self.clearing_account_id
 
     @property
@@ -170,34 +170,39 @@ class MemoryTcc:
                                   clearing_account_id: {"credits_pending_minor": amount}})
         return Begun(record, created=True, fresh_refusal=refusal)
 
-    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+    async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
         self._ensure_clearing(clearing_account_id, record.currency)
+        key = (record.transfer_id, Branch.CREDIT, BarrierOperation.TRY)
+        if key in self.barriers:  # the barrier row decides: a retry, or a cancel that came first
+            return self.barriers[key]
+        if record.pending_expires_at <= self.now():
+            self.barriers[key] = blocked_outcome(CancelCause.PENDING_TIMEOUT)
+            return self.barriers[key]
         refusal = credit_side_refusal(record.request, self._account(record.credit_account_id), limits) or (
             clearing_refusal(record.request, self._account(clearing_account_id), credited=False)
         )
-        key = (record.transfer_id, Branch.CREDIT, BarrierOperation.TRY)
-        if key not in self.barriers:  # ON CONFLICT DO NOTHING: an existing row's outcome stands
-            if refusal is not None:
-                self.barriers[key] = refused_outcome(refusal.reason)
-            else:
-                self._reserve_credit(record, clearing_account_id)
-                self.barriers[key] = TryOutcome.APPLIED
-        return self.barriers[key]
-
-    def _reserve_credit(self, record: TccRecord, clearing_account_id: str) -> None:
+        if refusal is not None:
+            self.barriers[key] = refused_outcome(refusal.reason)
+            return self.barriers[key]
         amount = record.amount_minor
-        changes = {clearing_account_id: {"debits_pending_minor": amount}, record.credit_account_id: {"credits_pending_minor": amount}}
+        changes = {clearing_account_id: {"debits_posted_minor": amount}, record.credit_account_id: {"credits_posted_minor": amount}}
         self._check_counters(changes)
         if record.transfer_id in self.transfers:  # the transfers primary key
             raise errors.InternalFault(f"{self.shard_name}: duplicate key transfers({record.transfer_id})")
         self.transfers[record.transfer_id] = TransferRow(
             record.transfer_id, record.debit_account_id, record.credit_account_id, amount, record.currency,
-            TransferStatus.PENDING, "", Branch.CREDIT, clearing_account_id,
+            TransferStatus.POSTED, "", Branch.CREDIT, clearing_account_id,
         )
         self._apply_counters(changes)
+        self.barriers[key] = TryOutcome.APPLIED
+        return self.barriers[key]
+
+    async def block_credit(self, record: TccRecord, cause: CancelCause, timeout_seconds: float) -> str:
+        # BLOCK_CREDIT_TRIES: insert-or-nothing, then read what is stored.
+        return self.barriers.setdefault((record.transfer_id, Branch.CREDIT, BarrierOperation.TRY), blocked_outcome(cause))
 
     def _finish_branch(self, transfer_id: str, branch: Branch, operation: BarrierOperation) -> tuple[bool, bool]:
-        """finish_branch_sql without the guard: (barrier row new, reservation moved)."""
+        """The settle's barrier and move of one branch: (barrier row new, reservation moved)."""
         key = (transfer_id, branch, operation)
         if key in self.barriers:
             return False, False
@@ -214,32 +219,14 @@ class MemoryTcc:
         self.barriers[key] = TryOutcome.DONE
         return True, moving
 
-    async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
+    async def settle_debit(self, record: TccRecord, final_state: CoordinatorState, reason: str, timeout_seconds: float) -> Settled:
         current = self.records.get(record.transfer_id)
-        won = (
-            current is not None and current.state is CoordinatorState.TRYING and current.lease_epoch == record.lease_epoch
-            and (not confirm or current.pending_expires_at > self.now())
-        )
-        if not won:
-            return BranchResult(False, False, False)
-        operation = BarrierOperation.CONFIRM if confirm else BarrierOperation.CANCEL
+        if current is None or current.state is not CoordinatorState.TRYING or current.lease_epoch != record.lease_epoch:
+            return Settled(None, BranchResult(False, False, False))
+        operation = BarrierOperation.CONFIRM if final_state is CoordinatorState.POSTED else BarrierOperation.CANCEL
         barrier_new, moved = self._finish_branch(record.transfer_id, Branch.DEBIT, operation)
-        self._record(record.transfer_id, state=CoordinatorState.CONFIRMING if confirm else CoordinatorState.CANCELLING, reason=reason)
-        return BranchResult(True, barrier_new, moved)
-
-    async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
-        if not confirm:
-            # BLOCK_LATE_CREDIT_TRY: the empty cancel writes the try's row, so a late try never applies.
-            self.barriers.setdefault((record.transfer_id, Branch.CREDIT, BarrierOperation.TRY), TryOutcome.BLOCKED_BY_CANCEL)
-        operation = BarrierOperation.CONFIRM if confirm else BarrierOperation.CANCEL
-        barrier_new, moved = self._finish_branch(record.transfer_id, Branch.CREDIT, operation)
-        return BranchResult(True, barrier_new, moved)
-
-    async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
-        current = self.records.get(record.transfer_id)
-        if current is None or current.state is not record.state or current.lease_epoch != record.lease_epoch:
-            return None
-        return self._record(record.transfer_id, state=final_state, finalized_at=self.now())
+        finished = self._record(record.transfer_id, state=final_state, reason=reason, finalized_at=self.now())
+        return Settled(finished, BranchResult(True, barrier_new, moved))
 
     async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:
         current = self.records.get(record.transfer_id)

@@ -19,11 +19,11 @@ import datetime
 import time
 from typing import Protocol
 
-from services.ledger.coordination import CoordinatorState
+from services.ledger.coordination import CancelCause, CoordinatorState
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import TransferRequest
 # The records these ports exchange are plain frozen dataclasses defined beside their SQL.
-from services.storage.tcc_store import Begun, BranchResult, TccRecord
+from services.storage.tcc_store import Begun, Settled, TccRecord
 
 
 class TccPort(Protocol):
@@ -41,21 +41,21 @@ class TccPort(Protocol):
         `register_id_here`: this shard is the transfer id's registry home, register it in that transaction."""
         ...
 
-    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
-        """The credit try's stored barrier outcome (services.ledger.coordination.parse_try_outcome reads it)."""
+    async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+        """Try and confirm the credit branch in one local transaction, whose commit is the decision,
+        unless a try barrier row is there already (a retry, a cancel that came first) or the
+        pending timeout passed on this shard's clock (then a cancel is stored). The stored try
+        outcome (services.ledger.coordination.parse_try_outcome reads it)."""
         ...
 
-    async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
-        """CAS TRYING -> CONFIRMING/CANCELLING on the lease epoch (a confirm also needs the pending
-        timeout not passed), and confirm or cancel the debit branch, in one local transaction."""
+    async def block_credit(self, record: TccRecord, cause: CancelCause, timeout_seconds: float) -> str:
+        """Store a cancel with its cause in the credit try's place, unless the try came first;
+        the stored try outcome, whichever it is."""
         ...
 
-    async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
-        """Confirm or cancel the credit branch once; a cancel before the try blocks the try for good."""
-        ...
-
-    async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
-        """CAS the record to its final state on (state, lease epoch); None if the CAS lost."""
+    async def settle_debit(self, record: TccRecord, final_state: CoordinatorState, reason: str, timeout_seconds: float) -> Settled:
+        """CAS (TRYING, lease epoch) -> the final state, with the debit branch's confirm (POSTED) or
+        cancel, in one local transaction; Settled.record is None if the CAS lost."""
         ...
 
     async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:

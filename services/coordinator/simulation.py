@@ -51,9 +51,10 @@ from services.coordinator.memory_tcc import AccountRow, MemoryTcc
 from services.coordinator.recovery import RECOVERY_SCAN_INTERVAL_SECONDS, Recovery
 from services.ledger import errors
 from services.ledger.accounts import AccountKind, AccountStatus
-from services.ledger.coordination import FINAL_STATES, SYSTEM_CANCEL_CAUSES, BarrierOperation, CoordinatorState, TryOutcome
+from services.ledger.coordination import FINAL_STATES, SYSTEM_CANCEL_CAUSES, BarrierOperation, CoordinatorState, TryOutcome, parse_try_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, TransferRequest, TransferStatus
+from services.storage.tcc_store import Begun, Settled
 
 # Faults are injected during this much virtual time at most (drawn per seed), then the system heals.
 FAULT_WINDOW_SECONDS_MAX = 25.0
@@ -228,9 +229,10 @@ def _summary(result: object) -> str:
     state = getattr(result, "state", None)
     if state is not None:
         return f"{result.transfer_id}:{state.name}@{result.lease_epoch}"
-    record = getattr(result, "record", None)
-    if record is not None:
-        return f"begun({_summary(record)}, created={result.created})"
+    if isinstance(result, Begun):
+        return f"begun({_summary(result.record)}, created={result.created})"
+    if isinstance(result, Settled):
+        return f"settled({_summary(result.record)}, {result.branch})"
     return repr(result)
 
 
@@ -580,11 +582,8 @@ def check_faults(world: World, faulted: dict[str, str], error_lines: list[str]) 
         credit_row = world.shards[record.credit_shard].transfers.get(transfer_id)
         debit_status = debit_row.status if debit_row else None
         credit_status = credit_row.status if credit_row else None
-        allowed = {
-            CoordinatorState.TRYING: ({TransferStatus.PENDING}, {None, TransferStatus.PENDING, TransferStatus.VOIDED}),
-            CoordinatorState.CONFIRMING: ({TransferStatus.POSTED}, {TransferStatus.PENDING, TransferStatus.POSTED}),
-            CoordinatorState.CANCELLING: ({TransferStatus.VOIDED}, {None, TransferStatus.PENDING, TransferStatus.VOIDED}),
-        }.get(record.state)
+        # Faulted before or after the credit shard decided: the debit reserved, the credit posted or absent.
+        allowed = {CoordinatorState.TRYING: ({TransferStatus.PENDING}, {None, TransferStatus.POSTED})}.get(record.state)
         if allowed is None:
             violations.append(f"{transfer_id}: faulted in {record.state.name}")
         elif debit_status not in allowed[0] or credit_status not in allowed[1]:
@@ -620,8 +619,8 @@ def check_transfers(world: World) -> list[str]:
                     violations.append(f"{transfer_id}: VOIDED with reason {record.reason!r}")
                 if record.state is CoordinatorState.REJECTED and (record.reason in SYSTEM_CANCEL_CAUSES or not record.reason):
                     violations.append(f"{transfer_id}: REJECTED with reason {record.reason!r}")
-            blocked = credit_shard.barriers.get((transfer_id, Branch.CREDIT, BarrierOperation.TRY)) == TryOutcome.BLOCKED_BY_CANCEL
-            if blocked and credit_row is not None:
+            stored = credit_shard.barriers.get((transfer_id, Branch.CREDIT, BarrierOperation.TRY))
+            if stored is not None and parse_try_outcome(stored)[0] is TryOutcome.BLOCKED_BY_CANCEL and credit_row is not None:
                 violations.append(f"{transfer_id}: its credit try applied after a cancel (hanging)")
     return violations
 
@@ -740,40 +739,38 @@ if __name__ == "__main__":
 # --- Deliberately broken variants: the invariants must catch each within a few hundred seeds. ---
 
 class HangingTryTcc(MemoryTcc):
-    """Broken: a credit try ignores the row an earlier cancel wrote ("no hanging" lost)."""
+    """Broken: a credit try ignores the row an earlier cancel wrote, and the pending timeout ("no hanging" lost)."""
 
-    async def try_credit(self, record, clearing_account_id, limits, timeout_seconds):
+    async def settle_credit(self, record, clearing_account_id, limits, timeout_seconds):
         key = (record.transfer_id, Branch.CREDIT, BarrierOperation.TRY)
-        if self.barriers.get(key) == TryOutcome.BLOCKED_BY_CANCEL:
+        if parse_try_outcome(self.barriers.get(key, TryOutcome.APPLIED))[0] is TryOutcome.BLOCKED_BY_CANCEL:
             del self.barriers[key]
-        return await super().try_credit(record, clearing_account_id, limits, timeout_seconds)
+        never_expires = dataclasses.replace(record, pending_expires_at=datetime.datetime.max.replace(tzinfo=datetime.timezone.utc))
+        return await super().settle_credit(never_expires, clearing_account_id, limits, timeout_seconds)
 
 
-class UnfencedDecisionTcc(MemoryTcc):
-    """Broken: the decision's compare-and-set checks neither the state nor the lease epoch."""
+class DoubleCreditTcc(MemoryTcc):
+    """Broken: a repeated credit settle (a retry after a lost answer) applies again."""
 
-    async def decide(self, record, confirm, reason, timeout_seconds):
-        current = self.records[record.transfer_id]
-        if current.state is CoordinatorState.TRYING or current.lease_epoch != record.lease_epoch:
-            self.records[record.transfer_id] = dataclasses.replace(current, state=CoordinatorState.TRYING, lease_epoch=record.lease_epoch)
-        result = await super().decide(record, confirm, reason, timeout_seconds)
-        if self.records[record.transfer_id].lease_epoch != current.lease_epoch:
-            self.records[record.transfer_id] = dataclasses.replace(self.records[record.transfer_id], lease_epoch=current.lease_epoch)
-        return result
+    async def settle_credit(self, record, clearing_account_id, limits, timeout_seconds):
+        key = (record.transfer_id, Branch.CREDIT, BarrierOperation.TRY)
+        if self.barriers.get(key) == TryOutcome.APPLIED:
+            del self.barriers[key]
+            del self.transfers[record.transfer_id]
+        return await super().settle_credit(record, clearing_account_id, limits, timeout_seconds)
 
 
-class ConfirmBeforeDecisionDriver(TransferDriver):
-    """Broken: confirms the credit branch as soon as its try applied, before the decision is durable."""
+class CancelWithoutBlockDriver(TransferDriver):
+    """Broken: cancels on its own clock without storing the cancel on the credit shard first."""
 
     async def _act(self, step, record, fault):
-        event, reason, record = await super()._act(step, record, fault)
-        if event.name == "CREDIT_TRY_APPLIED":
-            await self.tcc(record.credit_shard).finish_credit(record, True, driver_module.PARTICIPANT_CALL_TIMEOUT_SECONDS)
-        return event, reason, record
+        if step.action.name == "BLOCK_CREDIT":
+            return driver_module.Event.CREDIT_BLOCKED, step.reason, record
+        return await super()._act(step, record, fault)
 
 
 BROKEN_VARIANTS = (
     Variant("hanging-try", store_class=HangingTryTcc),
-    Variant("unfenced-decision", store_class=UnfencedDecisionTcc),
-    Variant("confirm-before-decision", driver_class=ConfirmBeforeDecisionDriver),
+    Variant("double-credit", store_class=DoubleCreditTcc),
+    Variant("cancel-without-block", driver_class=CancelWithoutBlockDriver),
 )

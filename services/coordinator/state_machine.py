@@ -1,18 +1,27 @@
-"""The try / confirm / cancel protocol as a pure function: (state, event) -> (state, action).
+"""The protocol as a pure function: (step, event) -> next step, with the action to do.
 
-The durable state lives in the coordinator record on the debit shard. The debit
-branch's try happens in the same local transaction that creates the record, and
-each decision (confirm or cancel) is written in the same local transaction as
-the debit branch's confirm or cancel. So the only remote branch is the credit
-one, and after any crash the next action follows from the durable state alone
-(`transition(state, reason, Event.RESUMED)`).
+TCC with the last-participant optimisation. The durable record lives on the debit
+shard, written in the same local transaction as the debit branch's try (a
+reservation). The credit branch is then tried and confirmed in one local
+transaction on its shard (SETTLE_CREDIT): its commit, recorded by the credit try's
+barrier row, IS the decision. Last, the record goes to its final state in the same
+local transaction as the debit branch's confirm or cancel (CONFIRM_DEBIT,
+CANCEL_DEBIT). Three local transactions, two of them on the debit shard.
+
+To cancel before the credit shard has applied (the pending timeout passed, a
+permanent fault), a driver first stores a cancel in the credit try's place
+(BLOCK_CREDIT: insert-or-nothing of the barrier row, then read it). Whichever
+came first, the try or the cancel, is the decision, and both readers see the same
+one. So the only durable state in doubt is TRYING, and after any crash the next
+action follows from it alone: SETTLE_CREDIT again, which returns the stored
+outcome if there is one.
 
 Failures come in two kinds. A transient one (shard unavailable, deadline) leaves
-the outcome unknown: the same idempotent action is done again
-(CREDIT_TRY_FAILED, CREDIT_FINISH_FAILED). A permanent one (a bug, a broken
-constraint) is PARTICIPANT_FAULT: before the decision the transfer is cancelled,
-which is always safe; once decided it cannot be undone, so the fault is recorded
-on the durable record (RECORD_FAULT), for an operator, and the driver stops.
+the outcome unknown: the same idempotent action is done again. A permanent one (a
+bug, a broken constraint) is PARTICIPANT_FAULT: while the credit shard may still
+be undecided, the transfer is cancelled through BLOCK_CREDIT, which is always
+safe; once decided, the fault is recorded on the durable record (RECORD_FAULT),
+for an operator, and the driver stops.
 """
 
 from __future__ import annotations
@@ -20,105 +29,86 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from services.ledger.coordination import FINAL_STATES, SYSTEM_CANCEL_CAUSES, CancelCause, CoordinatorState
+from services.ledger.coordination import SYSTEM_CANCEL_CAUSES, CancelCause, CoordinatorState
 
 
 class Event(enum.Enum):
-    RESUMED = "resumed"  # a driver starts on a record (first time, or after a crash)
-    CREDIT_TRY_APPLIED = "credit_try_applied"
-    CREDIT_TRY_REFUSED = "credit_try_refused"  # with the refusal reason
-    CREDIT_TRY_BLOCKED = "credit_try_blocked"  # a cancel reached the credit shard first
-    CREDIT_TRY_FAILED = "credit_try_failed"  # outcome unknown (timeout, shard down)
-    PENDING_EXPIRED = "pending_expired"
-    DECIDED_CONFIRM = "decided_confirm"
-    DECIDED_CANCEL = "decided_cancel"  # with the cause
-    CREDIT_CONFIRMED = "credit_confirmed"
-    CREDIT_CANCELLED = "credit_cancelled"
-    CREDIT_FINISH_FAILED = "credit_finish_failed"  # confirm or cancel: outcome unknown, retry
-    FINISHED = "finished"
+    CREDIT_APPLIED = "credit_applied"  # the credit branch is posted: decided to confirm
+    CREDIT_REFUSED = "credit_refused"  # with the refusal reason: decided to cancel
+    CREDIT_BLOCKED = "credit_blocked"  # with the cause a cancel stored first: decided to cancel
+    PENDING_EXPIRED = "pending_expired"  # the driver's clock: past the pending timeout, block the credit try
+    FINISHED = "finished"  # the record is final, with the debit branch
     LEASE_LOST = "lease_lost"  # a compare-and-set found another owner or state
     PARTICIPANT_FAULT = "participant_fault"  # an action failed permanently (not worth doing again)
     FAULT_RECORDED = "fault_recorded"  # the record is marked faulted: recovery leaves it to an operator
 
 
 class Action(enum.Enum):
-    TRY_CREDIT = "try_credit"
-    DECIDE_CONFIRM = "decide_confirm"  # CAS TRYING -> CONFIRMING + confirm debit, one local transaction
-    DECIDE_CANCEL = "decide_cancel"  # CAS TRYING -> CANCELLING + cancel debit, one local transaction
-    CONFIRM_CREDIT = "confirm_credit"
-    CANCEL_CREDIT = "cancel_credit"
-    FINISH = "finish"  # CAS to the final state
+    SETTLE_CREDIT = "settle_credit"  # try and confirm the credit branch in one local transaction
+    BLOCK_CREDIT = "block_credit"  # store a cancel in the credit try's place, unless the try came first
+    CONFIRM_DEBIT = "confirm_debit"  # CAS TRYING -> POSTED with the debit branch's confirm
+    CANCEL_DEBIT = "cancel_debit"  # CAS TRYING -> REJECTED / VOIDED with the debit branch's cancel
     RECORD_FAULT = "record_fault"  # mark the record faulted (CAS on the lease epoch)
+
+
+# Actions that ask the credit shard for the decision (and answer with CREDIT_* events).
+CREDIT_ACTIONS = frozenset({Action.SETTLE_CREDIT, Action.BLOCK_CREDIT})
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
     state: CoordinatorState
+    # The refusal reason or cancel cause a cancel will record (for BLOCK_CREDIT: the cause to store).
     reason: str
     action: Action | None  # None: nothing more for this driver to do
 
 
 class InvalidTransition(AssertionError):
-    """A programmer error: the driver fed an event that cannot happen in this state."""
+    """A programmer error: the driver fed an event that cannot happen in this step."""
 
 
-def transition(state: CoordinatorState, reason: str, event: Event, event_reason: str = "") -> Step:
+def resume(state: CoordinatorState, reason: str) -> Step:
+    """Where a driver starts from a durable record (the first time, or after a crash)."""
+    if state is CoordinatorState.TRYING:
+        return Step(state, reason, Action.SETTLE_CREDIT)
+    return Step(state, reason, None)
+
+
+def transition(step: Step, event: Event, event_reason: str = "") -> Step:
+    state, action = step.state, step.action
     if event is Event.LEASE_LOST:
-        return Step(CoordinatorState.ABANDONED, reason, None)
-    if state in IN_DOUBT_STATES:
-        if event is Event.FAULT_RECORDED:
-            # The durable state stays as it is (no money moves); an operator's retry resumes it.
-            return Step(state, reason, None)
-        if event is Event.PARTICIPANT_FAULT:
-            if state is CoordinatorState.TRYING and reason != CancelCause.PARTICIPANT_FAULT:
-                # No decision yet: cancelling is always safe. The cause replaces any
-                # earlier reason, so a cancel that itself fails permanently is not tried
-                # a third time.
-                return Step(state, CancelCause.PARTICIPANT_FAULT, Action.DECIDE_CANCEL)
-            # Decided (or even the cancel cannot be written): nothing safe is left to
-            # do automatically. Make it loud and durable.
-            return Step(state, reason, Action.RECORD_FAULT)
-    if state in FINAL_STATES or state is CoordinatorState.ABANDONED:
-        if event is Event.RESUMED:
-            return Step(state, reason, None)
-    elif state is CoordinatorState.TRYING:
+        return Step(CoordinatorState.ABANDONED, step.reason, None)
+    if state is not CoordinatorState.TRYING or action is None:
+        raise InvalidTransition(f"{event.name} cannot happen in {state.name} with nothing to do")
+    if event is Event.FAULT_RECORDED and action is Action.RECORD_FAULT:
+        # The durable state stays as it is (no money moves); an operator's retry resumes it.
+        return Step(state, step.reason, None)
+    if event is Event.PARTICIPANT_FAULT:
+        if action is Action.SETTLE_CREDIT:
+            # The credit shard may not have decided: a cancel stored there first is always safe.
+            return Step(state, CancelCause.PARTICIPANT_FAULT, Action.BLOCK_CREDIT)
+        # Decided (or even the cancel cannot be stored): nothing safe is left to do
+        # automatically. Make it loud and durable.
+        return Step(state, step.reason, Action.RECORD_FAULT)
+    if action in CREDIT_ACTIONS:
         match event:
-            case Event.RESUMED | Event.CREDIT_TRY_FAILED:
-                return Step(state, reason, Action.TRY_CREDIT)
-            case Event.CREDIT_TRY_APPLIED:
-                return Step(state, reason, Action.DECIDE_CONFIRM)
-            case Event.CREDIT_TRY_REFUSED:
-                return Step(state, event_reason, Action.DECIDE_CANCEL)
-            case Event.CREDIT_TRY_BLOCKED | Event.PENDING_EXPIRED:
-                # Blocked means someone already cancelled; our CAS will then find out.
-                return Step(state, CancelCause.PENDING_TIMEOUT, Action.DECIDE_CANCEL)
-            case Event.DECIDED_CONFIRM:
-                return Step(CoordinatorState.CONFIRMING, reason, Action.CONFIRM_CREDIT)
-            case Event.DECIDED_CANCEL:
-                return Step(CoordinatorState.CANCELLING, event_reason or reason, Action.CANCEL_CREDIT)
-    elif state is CoordinatorState.CONFIRMING:
-        # Once decided, a transfer is confirmed however long it takes: never cancelled.
-        match event:
-            case Event.RESUMED | Event.CREDIT_FINISH_FAILED:
-                return Step(state, reason, Action.CONFIRM_CREDIT)
-            case Event.CREDIT_CONFIRMED:
-                return Step(state, reason, Action.FINISH)
-            case Event.FINISHED:
-                return Step(CoordinatorState.POSTED, reason, None)
-    elif state is CoordinatorState.CANCELLING:
-        match event:
-            case Event.RESUMED | Event.CREDIT_FINISH_FAILED:
-                return Step(state, reason, Action.CANCEL_CREDIT)
-            case Event.CREDIT_CANCELLED:
-                return Step(state, reason, Action.FINISH)
-            case Event.FINISHED:
-                return Step(final_state_after_cancel(reason), reason, None)
-    raise InvalidTransition(f"{event.name} cannot happen in {state.name}")
-
-
-# Stored and not final: the states a transfer can be in doubt in.
-IN_DOUBT_STATES = frozenset({CoordinatorState.TRYING, CoordinatorState.CONFIRMING, CoordinatorState.CANCELLING})
+            case Event.CREDIT_APPLIED:
+                return Step(state, "", Action.CONFIRM_DEBIT)
+            case Event.CREDIT_REFUSED | Event.CREDIT_BLOCKED:
+                return Step(state, event_reason, Action.CANCEL_DEBIT)
+            case Event.PENDING_EXPIRED if action is Action.SETTLE_CREDIT:
+                return Step(state, CancelCause.PENDING_TIMEOUT, Action.BLOCK_CREDIT)
+    if event is Event.FINISHED:
+        if action is Action.CONFIRM_DEBIT:
+            return Step(CoordinatorState.POSTED, step.reason, None)
+        if action is Action.CANCEL_DEBIT:
+            return Step(final_state_after_cancel(step.reason), step.reason, None)
+    raise InvalidTransition(f"{event.name} cannot happen while doing {action.name}")
 
 
 def final_state_after_cancel(reason: str) -> CoordinatorState:
     return CoordinatorState.VOIDED if reason in SYSTEM_CANCEL_CAUSES else CoordinatorState.REJECTED
+
+
+# Stored and not final: the states a transfer can be in doubt in.
+IN_DOUBT_STATES = frozenset({CoordinatorState.TRYING})

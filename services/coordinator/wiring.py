@@ -12,11 +12,12 @@ from services.coordinator.clearing import clearing_account_id
 from services.coordinator.driver import TransferDriver
 from services.group_commit import GroupCommitter
 from services.ledger import errors
-from services.ledger.coordination import CoordinatorState
+from services.ledger.coordination import CancelCause, CoordinatorState
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import TransferRequest
 from services.storage.shard_store import ShardStore
-from services.storage.tcc_store import Begun, BeginItem, BranchResult, FinishItem, FinishRecordItem, TccRecord, TccStore, TryCreditItem
+from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, Settled, TccRecord, TccStore
+from sharding.router import ShardRouter
 
 
 class BatchingTccStore(TccStore):
@@ -40,10 +41,9 @@ class BatchingTccStore(TccStore):
             )
 
         self._begins = committer(TccStore.begin_many, admits=True)
-        self._credit_tries = committer(TccStore.try_credit_many)
-        self._decisions = committer(lambda tcc, items, limits, timeout: TccStore.decide_many(tcc, items, timeout))
-        self._credit_finishes = committer(lambda tcc, items, limits, timeout: TccStore.finish_credit_many(tcc, items, timeout))
-        self._record_finishes = committer(lambda tcc, items, limits, timeout: TccStore.finish_records(tcc, items, timeout))
+        self._credit_settles = committer(TccStore.settle_credits)
+        self._credit_blocks = committer(lambda tcc, items, limits, timeout: TccStore.block_credits(tcc, items, timeout))
+        self._debit_settles = committer(lambda tcc, items, limits, timeout: TccStore.settle_debits(tcc, items, timeout))
 
     @staticmethod
     async def _one(committer: GroupCommitter, item, timeout_seconds: float):
@@ -60,17 +60,14 @@ class BatchingTccStore(TccStore):
         item = BeginItem(request, credit_shard, clearing_account_id, owner, lease_seconds, pending_timeout_seconds, register_id_here)
         return await self._one(self._begins, item, timeout_seconds)
 
-    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
-        return await self._one(self._credit_tries, TryCreditItem(record, clearing_account_id), timeout_seconds)
+    async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+        return await self._one(self._credit_settles, SettleCreditItem(record, clearing_account_id), timeout_seconds)
 
-    async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
-        return await self._one(self._decisions, FinishItem(record, confirm, reason), timeout_seconds)
+    async def block_credit(self, record: TccRecord, cause: CancelCause, timeout_seconds: float) -> str:
+        return await self._one(self._credit_blocks, BlockCreditItem(record, cause), timeout_seconds)
 
-    async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
-        return await self._one(self._credit_finishes, FinishItem(record, confirm), timeout_seconds)
-
-    async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
-        return await self._one(self._record_finishes, FinishRecordItem(record, final_state), timeout_seconds)
+    async def settle_debit(self, record: TccRecord, final_state: CoordinatorState, reason: str, timeout_seconds: float) -> Settled:
+        return await self._one(self._debit_settles, SettleDebitItem(record, final_state, reason), timeout_seconds)
 
 
 def tcc_for_shard(router: ShardRouter[ShardStore], limits: TierLimits | None = None) -> Callable[[str], TccStore]:

@@ -11,11 +11,16 @@ import enum
 
 
 class CoordinatorState(enum.IntEnum):
-    """Stored in tcc_transfers.state."""
+    """Stored in tcc_transfers.state.
 
-    TRYING = 1  # debit reserved; credit try outstanding; no decision yet
-    CONFIRMING = 2  # decided to confirm; debit posted; credit confirm outstanding
-    CANCELLING = 3  # decided to cancel; debit released; credit cancel outstanding
+    The protocol is TCC with the last-participant optimisation: the debit branch is tried
+    (reserved) with the record, the credit branch is tried and confirmed in one local
+    transaction on its own shard, whose commit is the decision, and the record then goes
+    to its final state with the debit branch's confirm or cancel. So the only state in
+    doubt is TRYING; values 2 and 3 (decided but not finished) are no longer written.
+    """
+
+    TRYING = 1  # debit reserved; the credit shard's barrier holds the decision, or will
     POSTED = 4
     REJECTED = 5  # a business rule refused it (reason names the rule)
     VOIDED = 6  # the system cancelled it (reason names the cause)
@@ -48,12 +53,13 @@ class BarrierOperation(enum.StrEnum):
 
 
 class TryOutcome(enum.StrEnum):
-    """tcc_barriers.outcome of a row. A refused try stores "refused:<REASON>" (see refused_outcome)."""
+    """tcc_barriers.outcome of a row. A refused try stores "refused:<REASON>" (refused_outcome),
+    a blocked one "blocked_by_cancel:<CAUSE>" (blocked_outcome)."""
 
-    APPLIED = "applied"
+    APPLIED = "applied"  # the debit try reserved; the credit try applied and confirmed at once
     REFUSED = "refused"
-    BLOCKED_BY_CANCEL = "blocked_by_cancel"  # a cancel arrived first: the try may never apply
-    DONE = "done"  # confirm and cancel rows
+    BLOCKED_BY_CANCEL = "blocked_by_cancel"  # a cancel came first: the try may never apply
+    DONE = "done"  # the debit branch's confirm and cancel rows
 
 
 _REASON_SEPARATOR = ":"
@@ -64,7 +70,12 @@ def refused_outcome(reason: str) -> str:
     return f"{TryOutcome.REFUSED}{_REASON_SEPARATOR}{reason}"
 
 
+def blocked_outcome(cause: CancelCause) -> str:
+    """The stored outcome of a credit try that a cancel took the place of, with its cause."""
+    return f"{TryOutcome.BLOCKED_BY_CANCEL}{_REASON_SEPARATOR}{cause}"
+
+
 def parse_try_outcome(stored: str) -> tuple[TryOutcome, str]:
-    """(outcome, refusal reason or '') of a stored try outcome."""
+    """(outcome, refusal reason or cancel cause, or '') of a stored try outcome."""
     outcome, _, reason = stored.partition(_REASON_SEPARATOR)
     return TryOutcome(outcome), reason

@@ -14,8 +14,9 @@ How it reads a cluster that keeps moving:
    debit branch (written in the same local transactions) agree.
 2. Shards are read at different instants, so a transfer between shards that moved
    between two snapshots can look inconsistent. The protocol only moves forward
-   (record TRYING + debit try, credit try, decision + debit confirm/cancel, credit
-   confirm/cancel, record final), so each suspicious transfer is read again, in an
+   (record TRYING + debit try; credit try and confirm in one transaction, or a cancel
+   stored in its place; record final + debit confirm/cancel), so each suspicious
+   transfer is read again, in an
    order in which every check is sound: its credit branch, then its record and
    debit branch (one snapshot), then its credit branch again. A violation is
    reported only if those later reads still contradict the protocol.
@@ -81,15 +82,15 @@ COUNTED_STATUSES = (TransferStatus.PENDING, TransferStatus.POSTED, TransferStatu
 # local transaction on the debit shard (services/storage/tcc_store.py).
 DEBIT_BRANCH_STATUSES_BY_STATE = {
     CoordinatorState.TRYING: {TransferStatus.PENDING},
-    CoordinatorState.CONFIRMING: {TransferStatus.POSTED},
     CoordinatorState.POSTED: {TransferStatus.POSTED},
-    CoordinatorState.CANCELLING: {TransferStatus.VOIDED},
     CoordinatorState.VOIDED: {TransferStatus.VOIDED},
     # Refused at its try (the row is REJECTED) or by the credit side (the try was cancelled).
     CoordinatorState.REJECTED: {TransferStatus.REJECTED, TransferStatus.VOIDED},
 }
 LIVE_STATUSES = {TransferStatus.PENDING, TransferStatus.POSTED}
-DECIDED_TO_CONFIRM = {CoordinatorState.CONFIRMING, CoordinatorState.POSTED}
+# A credit branch is posted in the transaction that decides (last-participant optimisation),
+# before its record leaves TRYING for POSTED.
+CREDIT_POSTED_STATES = {CoordinatorState.TRYING, CoordinatorState.POSTED}
 UNDONE_STATES = {CoordinatorState.REJECTED, CoordinatorState.VOIDED}
 # The fields an id registry row holds for a transfer id (services/storage/id_registry.py).
 REGISTERED_TRANSFER_FIELDS = ("debit_account_id", "credit_account_id", "amount_minor", "currency", "reference")
@@ -373,14 +374,13 @@ def credit_branch_violations(
         if differences:
             found.append(Violation(Invariant.BRANCH_FIELDS_DIFFER, credit.shard_name, transfer_id,
                                    f"credit branch differs from its record in {differences}"))
-    # A credit branch is confirmed only after the decision to confirm, which posts the debit branch.
-    if credit_before is not None and credit_before.status == TransferStatus.POSTED:
+    # A posted credit branch is the decision to confirm: its record can only be in doubt or POSTED.
+    if credit_before is not None and credit_before.status == TransferStatus.POSTED and record.state not in CREDIT_POSTED_STATES:
         debit_status = debit.status.name if debit else "missing"
-        if record.state not in DECIDED_TO_CONFIRM or debit is None or debit.status != TransferStatus.POSTED:
-            found.append(Violation(Invariant.RECORD_VS_CREDIT_BRANCH, where, transfer_id,
-                                   f"credit branch POSTED but the record is {record.state.name}, debit branch {debit_status}"))
-    # A record is final only after its credit branch was confirmed, or cancelled (which also
-    # keeps a late try from ever applying).
+        found.append(Violation(Invariant.RECORD_VS_CREDIT_BRANCH, where, transfer_id,
+                               f"credit branch POSTED but the record is {record.state.name}, debit branch {debit_status}"))
+    # A record is final only after the credit shard decided: posted, or refused or blocked
+    # (which also keeps a late try from ever applying).
     credit_status = credit_after.status.name if credit_after else "absent"
     if record.state == CoordinatorState.POSTED and (credit_after is None or credit_after.status != TransferStatus.POSTED):
         found.append(Violation(Invariant.RECORD_VS_CREDIT_BRANCH, where, transfer_id,
@@ -400,9 +400,8 @@ class GlobalFigures:
     # Sum of amounts of transfers seen with a posted debit branch and no posted credit branch.
     in_flight_by_currency: dict[str, int]
     in_flight_transfers: int
-    # Transfers whose credit branch was seen posted but their debit branch not: only possible
-    # when the debit shard was read before the decision and the credit shard after the
-    # confirm. Each one is read again (step 2); their amounts close the sum below.
+    # Transfers whose credit branch was seen posted but their debit branch not: decided, with the
+    # debit not settled yet (or settled after its shard was read). Their amounts close the sum.
     credit_seen_before_debit_by_currency: dict[str, int]
     transfers_between_shards: int
     transfers_in_doubt: int
@@ -674,7 +673,8 @@ def audit_cluster(shards: list[dict]) -> ClusterAudit:
     # The clearing accounts of all shards net to what is in flight. Per shard that is an
     # identity checked inside one snapshot; summed, and with every posted credit branch
     # matched to a posted debit branch of the same amount (checked above), it says that
-    # clearing holds exactly the transfers whose debit is posted and credit is not.
+    # clearing holds exactly the transfers whose debit is posted and credit is not, less those
+    # whose credit is posted and debit is not (the normal order: the credit posts first).
     clearing = _sum_by_currency(audit.clearing_balance_by_currency for audit in audits)
     in_flight: dict[str, int] = collections.defaultdict(int)
     credit_first: dict[str, int] = collections.defaultdict(int)

@@ -1,11 +1,17 @@
 """The TCC operations on one shard: the coordinator record (debit shard) and the
 participant branches (both shards), each guarded by the insert-only barrier.
 
-Each operation is one local transaction in one or two round trips. Where a write
-must only happen if another succeeded (a branch moves only if its barrier row was
-new; a decision confirms the debit only if its compare-and-set won), the writes
-are chained in one statement of data-modifying CTEs, so no select-then-insert
-window exists.
+The protocol (services/coordinator/state_machine.py) has three local transactions:
+begin (record + debit try, on the debit shard), settle_credit (the credit branch
+tried and confirmed at once: its commit, recorded by the credit try's barrier row, is
+the decision) and settle_debit (the record final + the debit branch's confirm or
+cancel). block_credit stores a cancel in the credit try's place, so a late try never
+applies. Each operation takes a list of items and applies them in one transaction of
+one or two round trips (group commit per shard and phase, coordinator/wiring.py);
+every item keeps its own barrier rows and outcome, and a refusal of one never fails
+another. Where a write must only happen if another succeeded (a branch moves only if
+the record's compare-and-set won and its barrier row was new), the writes are chained
+in one statement of data-modifying CTEs, so no select-then-insert window exists.
 """
 
 from __future__ import annotations
@@ -14,13 +20,13 @@ import dataclasses
 import datetime
 
 from services.ledger.accounts import Account, AccountKind, AccountStatus
-from services.ledger.coordination import BarrierOperation, CoordinatorState, TryOutcome, refused_outcome
+from services.ledger.coordination import BarrierOperation, CancelCause, CoordinatorState, TryOutcome, blocked_outcome, refused_outcome
 from services.ledger import errors, ids
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus
 from services.ledger.transfers import clearing_refusal, credit_side_refusal, debit_side_refusal
 from services.storage import id_registry
-from services.storage.batch_posting import LOCK_ACCOUNTS, SELECT_TRANSFERS as SELECT_LOCAL_TRANSFERS
+from services.storage.batch_posting import APPLY_BALANCE_CHANGES, LOCK_ACCOUNTS, SELECT_TRANSFERS as SELECT_LOCAL_TRANSFERS
 from services.storage.prepared import prepared
 from services.storage.shard_store import COMMIT, KEY_RACE_ATTEMPTS_MAX, SELECT_TRANSFER, KeyTaken
 from services.storage.shard_store import Session, ShardStore, account_from_row, batch, transfer_from_row
@@ -33,6 +39,7 @@ TCC_COLUMNS = (
     " reason, lease_owner, lease_epoch, lease_expires_at, pending_expires_at, attempts, created_at, updated_at,"
     " finalized_at"
 )
+SELECT_NOW = "SELECT now()"
 SELECT_RECORD = prepared("select_record", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s")
 ENSURE_CLEARING_ACCOUNTS = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
@@ -70,22 +77,17 @@ RESERVE = prepared("reserve", """
 SELECT_CREDIT_TRY_OUTCOMES = prepared("select_credit_try_outcomes", f"""
     SELECT transfer_id, outcome FROM tcc_barriers
     WHERE transfer_id = ANY(%s) AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'""")
-# The accounts a finish of these branches touches: each branch row's customer and clearing account.
-LOCK_BRANCH_ACCOUNTS = prepared("lock_branch_accounts", f"""
+# A cancel stored in the credit try's place (the try then never applies), unless the try came first.
+BLOCK_CREDIT_TRIES = prepared("block_credit_tries", f"""
+    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
+    SELECT id, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', outcome FROM unnest(%s::text[], %s::text[]) AS blocked(id, outcome)
+    ON CONFLICT DO NOTHING""")
+# The debit branches' accounts (customer and clearing), locked before the settle changes them.
+LOCK_DEBIT_BRANCH_ACCOUNTS = prepared("lock_debit_branch_accounts", f"""
     SELECT 1 FROM accounts WHERE account_id IN (
         SELECT unnest(%(customers)s::text[])
-        UNION SELECT clearing_account_id FROM transfers WHERE transfer_id = ANY(%(ids)s) AND branch = %(branch)s
+        UNION SELECT clearing_account_id FROM transfers WHERE transfer_id = ANY(%(ids)s) AND branch = {DEBIT_BRANCH}
     ) ORDER BY account_id FOR UPDATE""")
-# A cancel that arrives before its try writes the try's barrier row itself, so the try never applies.
-BLOCK_LATE_CREDIT_TRIES = prepared("block_late_credit_tries", f"""
-    INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
-    SELECT id, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', '{TryOutcome.BLOCKED_BY_CANCEL}' FROM unnest(%(blocked)s::text[]) AS id
-    ON CONFLICT DO NOTHING""")
-FINISH_RECORDS = prepared("finish_records", f"""
-    UPDATE tcc_transfers t SET state = finish.final_state, finalized_at = now(), updated_at = now()
-    FROM unnest(%s::text[], %s::smallint[], %s::smallint[], %s::bigint[]) AS finish(id, final_state, from_state, epoch)
-    WHERE t.transfer_id = finish.id AND t.state = finish.from_state AND t.lease_epoch = finish.epoch
-    RETURNING {", ".join(f"t.{column.strip()}" for column in TCC_COLUMNS.split(","))}""")
 RENEW_LEASE = prepared("renew_lease", """
     UPDATE tcc_transfers SET lease_expires_at = now() + make_interval(secs => %s), attempts = attempts + 1, updated_at = now()
     WHERE transfer_id = %s AND lease_epoch = %s AND finalized_at IS NULL RETURNING transfer_id""")
@@ -131,42 +133,32 @@ LIST_IN_DOUBT_WITH_FAULTS = f"""
     SELECT {TCC_COLUMNS_WITH_FAULT} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""
 
 
-def finish_branches_sql(branch: int, guarded: bool) -> str:
-    """Confirm (post) or cancel (release) many branches' reservations, each once: only if its
-    barrier row is new. Per branch, one row of (transfer id, won, barrier new, moved).
-
-    %(ids)s and %(operations)s name the branches and what to do with each. `guarded`: a
-    branch's barrier row is only written if the coordinator's compare-and-set on its record
-    (the CTE `guard`, on %(epochs)s, with %(reasons)s) wins: decision and debit branch commit
-    together. Each account's counters change once, by the sum of its branches.
+def _settle_debits_sql() -> str:
+    """Per record: CAS (TRYING, lease epoch) -> its final state, and confirm (post) or cancel
+    (release) its debit branch's reservation, once: only if the CAS won and the branch's
+    barrier row is new. One row per record: (id, barrier new, moved, the final record's
+    columns, or NULLs where the CAS lost). Each account's counters change once, by the sum
+    of its branches.
     """
-    debited = "debit_account_id" if branch == DEBIT_BRANCH else "clearing_account_id"
-    credited = "clearing_account_id" if branch == DEBIT_BRANCH else "credit_account_id"
-    confirm, cancel = BarrierOperation.CONFIRM.value, BarrierOperation.CANCEL.value
-    guard = (
-        f"""guard AS (
-            UPDATE tcc_transfers t SET reason = op.reason, updated_at = now(), state = CASE WHEN op.operation = '{confirm}'
-                THEN {int(CoordinatorState.CONFIRMING)} ELSE {int(CoordinatorState.CANCELLING)} END
-            FROM op WHERE t.transfer_id = op.id AND t.state = {int(CoordinatorState.TRYING)} AND t.lease_epoch = op.epoch
-              AND (op.operation = '{cancel}' OR t.pending_expires_at > now())
-            RETURNING t.transfer_id AS id, op.operation
-        ), """
-        if guarded
-        else ""
-    )
+    confirm = BarrierOperation.CONFIRM.value
+    record_columns = [column.strip() for column in TCC_COLUMNS.split(",")]
     return f"""
     WITH op AS (
-        SELECT * FROM unnest(%(ids)s::text[], %(operations)s::text[], %(epochs)s::bigint[], %(reasons)s::text[])
-            AS op(id, operation, epoch, reason)
-    ), {guard}barrier AS (
+        SELECT * FROM unnest(%(ids)s::text[], %(operations)s::text[], %(epochs)s::bigint[], %(reasons)s::text[],
+                             %(final_states)s::smallint[]) AS op(id, operation, epoch, reason, final_state)
+    ), guard AS (
+        UPDATE tcc_transfers t SET state = op.final_state, reason = op.reason, finalized_at = now(), updated_at = now()
+        FROM op WHERE t.transfer_id = op.id AND t.state = {int(CoordinatorState.TRYING)} AND t.lease_epoch = op.epoch
+        RETURNING op.id, op.operation, {", ".join(f"t.{column}" for column in record_columns)}
+    ), barrier AS (
         INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
-        SELECT id, {branch}, operation, '{TryOutcome.DONE}' FROM {"guard" if guarded else "op"}
+        SELECT id, {DEBIT_BRANCH}, operation, '{TryOutcome.DONE}' FROM guard
         ON CONFLICT DO NOTHING RETURNING transfer_id AS id, operation
     ), moved AS (
         UPDATE transfers t SET status = CASE WHEN barrier.operation = '{confirm}'
                 THEN {int(TransferStatus.POSTED)} ELSE {int(TransferStatus.VOIDED)} END, finalized_at = now()
-        FROM barrier WHERE t.transfer_id = barrier.id AND t.status = {int(TransferStatus.PENDING)} AND t.branch = {branch}
-        RETURNING t.transfer_id AS id, t.{debited} AS debited, t.{credited} AS credited, t.amount_minor AS amount,
+        FROM barrier WHERE t.transfer_id = barrier.id AND t.status = {int(TransferStatus.PENDING)} AND t.branch = {DEBIT_BRANCH}
+        RETURNING t.transfer_id AS id, t.debit_account_id AS debited, t.clearing_account_id AS credited, t.amount_minor AS amount,
                   barrier.operation = '{confirm}' AS posts
     ), change AS (
         SELECT account_id, sum(pending_debits)::bigint AS pending_debits, sum(pending_credits)::bigint AS pending_credits,
@@ -187,13 +179,11 @@ def finish_branches_sql(branch: int, guarded: bool) -> str:
         FROM change WHERE a.account_id = change.account_id
         RETURNING a.account_id
     )
-    SELECT op.id, {"guard.id IS NOT NULL" if guarded else "true"}, barrier.id IS NOT NULL, moved.id IS NOT NULL
-    FROM op {"LEFT JOIN guard ON guard.id = op.id " if guarded else ""}LEFT JOIN barrier ON barrier.id = op.id
-         LEFT JOIN moved ON moved.id = op.id"""
+    SELECT op.id, barrier.id IS NOT NULL, moved.id IS NOT NULL, {", ".join(f"guard.{column}" for column in record_columns)}
+    FROM op LEFT JOIN guard ON guard.id = op.id LEFT JOIN barrier ON barrier.id = op.id LEFT JOIN moved ON moved.id = op.id"""
 
-# The decision with the debit branch (guarded), and the credit branch's confirm or cancel.
-DECIDE_DEBITS = prepared("decide_debits", finish_branches_sql(DEBIT_BRANCH, guarded=True))
-FINISH_CREDITS = prepared("finish_credits", finish_branches_sql(CREDIT_BRANCH, guarded=False))
+
+SETTLE_DEBITS = prepared("settle_debits", _settle_debits_sql())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +268,9 @@ class BeginItem:
 
 
 @dataclasses.dataclass(frozen=True)
-class TryCreditItem:
+class SettleCreditItem:
+    """Try and confirm a credit branch in one local transaction (on the credit shard)."""
+
     record: TccRecord
     clearing_account_id: str
 
@@ -288,12 +280,11 @@ class TryCreditItem:
 
 
 @dataclasses.dataclass(frozen=True)
-class FinishItem:
-    """Confirm or cancel one branch; on the debit branch this is the decision, with its reason."""
+class BlockCreditItem:
+    """Store a cancel, with its cause, in a credit try's place (on the credit shard)."""
 
     record: TccRecord
-    confirm: bool
-    reason: str = ""
+    cause: CancelCause
 
     @property
     def transfer_id(self) -> str:
@@ -301,13 +292,28 @@ class FinishItem:
 
 
 @dataclasses.dataclass(frozen=True)
-class FinishRecordItem:
+class SettleDebitItem:
+    """Finish a record with its debit branch: confirm to POSTED, or cancel to REJECTED or VOIDED."""
+
     record: TccRecord
     final_state: CoordinatorState
+    reason: str = ""
 
     @property
     def transfer_id(self) -> str:
         return self.record.transfer_id
+
+    @property
+    def confirm(self) -> bool:
+        return self.final_state is CoordinatorState.POSTED
+
+
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    """What settling a record did: the final record (None if its compare-and-set lost) and its debit branch."""
+
+    record: TccRecord | None
+    branch: BranchResult
 
 
 def _rounds(items: list) -> list[list[int]]:
@@ -343,10 +349,22 @@ def _reserve(accounts: dict[str, Account], changes: dict[str, list[int]], accoun
     change[1] += credits
 
 
-def _reserve_statement(changes: dict[str, list[int]]) -> tuple[list[str], list]:
+def _post(accounts: dict[str, Account], changes: dict[str, list[int]], account_id: str, debits: int, credits: int) -> None:
+    """A posting planned in this transaction, as _reserve plans a reservation."""
+    account = accounts[account_id]
+    accounts[account_id] = dataclasses.replace(
+        account, debits_posted_minor=account.debits_posted_minor + debits, credits_posted_minor=account.credits_posted_minor + credits
+    )
+    change = changes.setdefault(account_id, [0, 0])
+    change[0] += debits
+    change[1] += credits
+
+
+def _changes_statement(statement: str, changes: dict[str, list[int]]) -> tuple[list[str], list]:
+    """RESERVE or APPLY_BALANCE_CHANGES with the summed changes, or nothing when there are none."""
     if not changes:
         return [], []
-    return [RESERVE], _columns([(account_id, debits, credits) for account_id, (debits, credits) in sorted(changes.items())])
+    return [statement], _columns([(account_id, debits, credits) for account_id, (debits, credits) in sorted(changes.items())])
 
 
 class TccStore:
@@ -460,7 +478,7 @@ class TccStore:
                 if registrations:
                     await session.run(COMMIT)
                 return results
-            reserve, reserve_params = _reserve_statement(changes)
+            reserve, reserve_params = _changes_statement(RESERVE, changes)
             (inserted,) = await session.run(
                 batch(INSERT_RECORDS, INSERT_BARRIERS, INSERT_BRANCHES, *reserve, COMMIT),
                 _columns(record_rows) + _columns(barrier_rows) + _columns(branch_rows) + reserve_params,
@@ -471,17 +489,19 @@ class TccStore:
                 results[index] = Begun(created[item.transfer_id], created=True, fresh_refusal=refusals[item.transfer_id])
         return results
 
-    async def try_credit_many(self, items: list[TryCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str]:
-        """The credit branches' tries, in one local transaction: each one's stored barrier outcome
-        (TryOutcome, a refusal with its reason). A barrier row already there decides."""
-        return await self._in_rounds(items, lambda part, timeout: self._try_credit_once(part, limits, timeout), timeout_seconds)
+    async def settle_credits(self, items: list[SettleCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str]:
+        """Try and confirm credit branches in one local transaction: each one's stored try outcome
+        (TryOutcome, a refusal with its reason, a block with its cause). The commit is the decision:
+        an applied branch is posted at once. A try barrier row already there decides instead, and
+        one whose pending timeout passed on this shard's clock is blocked (cause PENDING_TIMEOUT)."""
+        return await self._in_rounds(items, lambda part, timeout: self._settle_credits_once(part, limits, timeout), timeout_seconds)
 
-    async def _try_credit_once(self, items: list[TryCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str]:
+    async def _settle_credits_once(self, items: list[SettleCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str]:
         account_ids = sorted({account_id for item in items for account_id in (item.record.credit_account_id, item.clearing_account_id)})
         async with self.store.session(timeout_seconds) as session:
             await self._ensure_clearing(session, {(item.clearing_account_id, item.record.currency) for item in items})
-            locked, stored = await session.run(
-                session.begin(LOCK_ACCOUNTS, SELECT_CREDIT_TRY_OUTCOMES), [account_ids, [item.transfer_id for item in items]]
+            locked, stored, ((now,),) = await session.run(
+                session.begin(LOCK_ACCOUNTS, SELECT_CREDIT_TRY_OUTCOMES, SELECT_NOW), [account_ids, [item.transfer_id for item in items]]
             )
             accounts = {row[0]: account_from_row(row) for row in locked}
             outcomes = dict(stored)
@@ -490,69 +510,68 @@ class TccStore:
                 if item.transfer_id in outcomes:
                     continue
                 record, request = item.record, item.record.request
-                # The clearing account (debited here) is checked too: confirm can then never fail.
-                refusal = credit_side_refusal(request, accounts.get(record.credit_account_id), limits) or (
-                    clearing_refusal(request, accounts[item.clearing_account_id], credited=False)
-                )
-                outcome = refused_outcome(refusal.reason) if refusal else TryOutcome.APPLIED.value
+                if record.pending_expires_at <= now:
+                    outcome = blocked_outcome(CancelCause.PENDING_TIMEOUT)
+                else:
+                    # The clearing account (debited here) is checked too: its int64 range holds.
+                    refusal = credit_side_refusal(request, accounts.get(record.credit_account_id), limits) or (
+                        clearing_refusal(request, accounts[item.clearing_account_id], credited=False)
+                    )
+                    outcome = refused_outcome(refusal.reason) if refusal else TryOutcome.APPLIED.value
                 outcomes[item.transfer_id] = outcome
                 barrier_rows.append((item.transfer_id, CREDIT_BRANCH, BarrierOperation.TRY.value, outcome))
-                if refusal is None:
+                if outcome == TryOutcome.APPLIED:
                     branch_rows.append((
                         record.transfer_id, record.debit_account_id, record.credit_account_id, record.amount_minor, record.currency,
-                        record.reference, int(TransferStatus.PENDING), "", CREDIT_BRANCH, item.clearing_account_id, False,
+                        record.reference, int(TransferStatus.POSTED), "", CREDIT_BRANCH, item.clearing_account_id, True,
                     ))
-                    _reserve(accounts, changes, record.credit_account_id, 0, record.amount_minor)
-                    _reserve(accounts, changes, item.clearing_account_id, record.amount_minor, 0)
+                    _post(accounts, changes, record.credit_account_id, 0, record.amount_minor)
+                    _post(accounts, changes, item.clearing_account_id, record.amount_minor, 0)
             if barrier_rows:
-                # Plain inserts: a barrier row a racing copy stored first is a KeyTaken, and the
-                # round is planned again with that row's outcome.
+                # Plain inserts: a barrier row a racing copy (or a cancel) stored first is a
+                # KeyTaken, and the round is planned again with that row's outcome.
                 branches = [INSERT_BRANCHES] if branch_rows else []
-                reserve, reserve_params = _reserve_statement(changes)
+                post, post_params = _changes_statement(APPLY_BALANCE_CHANGES, changes)
                 await session.run(
-                    batch(INSERT_BARRIERS, *branches, *reserve, COMMIT),
-                    _columns(barrier_rows) + (_columns(branch_rows) if branch_rows else []) + reserve_params,
+                    batch(INSERT_BARRIERS, *branches, *post, COMMIT),
+                    _columns(barrier_rows) + (_columns(branch_rows) if branch_rows else []) + post_params,
                 )
         return [outcomes[item.transfer_id] for item in items]
 
-    async def decide_many(self, items: list[FinishItem], timeout_seconds: float) -> list[BranchResult]:
-        """Per record: CAS TRYING -> CONFIRMING/CANCELLING on its lease epoch (a confirm also needs
-        its pending timeout not passed) and confirm or cancel its debit branch; one transaction."""
-        return await self._in_rounds(items, lambda part, timeout: self._finish_once(part, DEBIT_BRANCH, timeout), timeout_seconds)
+    async def block_credits(self, items: list[BlockCreditItem], timeout_seconds: float) -> list[str]:
+        """Store a cancel in each credit try's place unless the try (or another cancel) came
+        first; each one's stored try outcome, whichever that was."""
+        return await self._in_rounds(items, self._block_credits_once, timeout_seconds)
 
-    async def finish_credit_many(self, items: list[FinishItem], timeout_seconds: float) -> list[BranchResult]:
-        """Confirm or cancel credit branches, each once; a cancel before its try blocks the try for good."""
-        return await self._in_rounds(items, lambda part, timeout: self._finish_once(part, CREDIT_BRANCH, timeout), timeout_seconds)
+    async def _block_credits_once(self, items: list[BlockCreditItem], timeout_seconds: float) -> list[str]:
+        transfer_ids = [item.transfer_id for item in items]
+        async with self.store.session(timeout_seconds) as session:
+            # READ COMMITTED: the SELECT, a later statement, sees a racing try that the INSERT waited for.
+            (stored,) = await session.run(
+                session.begin(BLOCK_CREDIT_TRIES, SELECT_CREDIT_TRY_OUTCOMES, COMMIT),
+                [transfer_ids, [blocked_outcome(item.cause) for item in items], transfer_ids],
+            )
+        outcomes = dict(stored)
+        return [outcomes[transfer_id] for transfer_id in transfer_ids]
 
-    async def _finish_once(self, items: list[FinishItem], branch: int, timeout_seconds: float) -> list[BranchResult]:
-        guarded = branch == DEBIT_BRANCH
-        customer = (lambda record: record.debit_account_id) if guarded else (lambda record: record.credit_account_id)
-        statements = [LOCK_BRANCH_ACCOUNTS]
-        if not guarded:
-            statements.append(BLOCK_LATE_CREDIT_TRIES)
-        statements += [DECIDE_DEBITS if guarded else FINISH_CREDITS, COMMIT]
+    async def settle_debits(self, items: list[SettleDebitItem], timeout_seconds: float) -> list[Settled]:
+        """Per record: CAS (TRYING, lease epoch) to its final state with its debit branch's confirm or cancel."""
+        return await self._in_rounds(items, self._settle_debits_once, timeout_seconds)
+
+    async def _settle_debits_once(self, items: list[SettleDebitItem], timeout_seconds: float) -> list[Settled]:
         params = {
-            "ids": [item.transfer_id for item in items], "branch": branch,
-            "customers": sorted({customer(item.record) for item in items}),
+            "ids": [item.transfer_id for item in items], "customers": sorted({item.record.debit_account_id for item in items}),
             "operations": [(BarrierOperation.CONFIRM if item.confirm else BarrierOperation.CANCEL).value for item in items],
             "epochs": [item.record.lease_epoch for item in items], "reasons": [item.reason for item in items],
-            "blocked": [item.transfer_id for item in items if not item.confirm],
+            "final_states": [int(item.final_state) for item in items],
         }
         async with self.store.session(timeout_seconds) as session:
-            _, rows = await session.run(session.begin(*statements), params)
-        by_id = {row[0]: BranchResult(*row[1:]) for row in rows}
+            _, rows = await session.run(session.begin(LOCK_DEBIT_BRANCH_ACCOUNTS, SETTLE_DEBITS, COMMIT), params)
+        by_id = {
+            row[0]: Settled(record_from_row(row[3:]) if row[3] is not None else None, BranchResult(row[3] is not None, row[1], row[2]))
+            for row in rows
+        }
         return [by_id[item.transfer_id] for item in items]
-
-    async def finish_records(self, items: list[FinishRecordItem], timeout_seconds: float) -> list[TccRecord | None]:
-        """CAS records to their final states on (state, lease epoch); None where the CAS lost."""
-        return await self._in_rounds(items, self._finish_records_once, timeout_seconds)
-
-    async def _finish_records_once(self, items: list[FinishRecordItem], timeout_seconds: float) -> list[TccRecord | None]:
-        rows = [(item.transfer_id, int(item.final_state), int(item.record.state), item.record.lease_epoch) for item in items]
-        async with self.store.session(timeout_seconds) as session:
-            (finished,) = await session.run(session.begin(FINISH_RECORDS, COMMIT), _columns(rows))
-        by_id = {row[0]: record_from_row(row) for row in finished}
-        return [by_id.get(item.transfer_id) for item in items]
 
     async def begin(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
@@ -562,17 +581,14 @@ class TccStore:
         item = BeginItem(request, credit_shard, clearing_account_id, owner, lease_seconds, pending_timeout_seconds, register_id_here)
         return _raised_or_returned((await self.begin_many([item], limits, timeout_seconds))[0])
 
-    async def try_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
-        return (await self.try_credit_many([TryCreditItem(record, clearing_account_id)], limits, timeout_seconds))[0]
+    async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
+        return (await self.settle_credits([SettleCreditItem(record, clearing_account_id)], limits, timeout_seconds))[0]
 
-    async def decide(self, record: TccRecord, confirm: bool, reason: str, timeout_seconds: float) -> BranchResult:
-        return (await self.decide_many([FinishItem(record, confirm, reason)], timeout_seconds))[0]
+    async def block_credit(self, record: TccRecord, cause: CancelCause, timeout_seconds: float) -> str:
+        return (await self.block_credits([BlockCreditItem(record, cause)], timeout_seconds))[0]
 
-    async def finish_credit(self, record: TccRecord, confirm: bool, timeout_seconds: float) -> BranchResult:
-        return (await self.finish_credit_many([FinishItem(record, confirm)], timeout_seconds))[0]
-
-    async def finish_record(self, record: TccRecord, final_state: CoordinatorState, timeout_seconds: float) -> TccRecord | None:
-        return (await self.finish_records([FinishRecordItem(record, final_state)], timeout_seconds))[0]
+    async def settle_debit(self, record: TccRecord, final_state: CoordinatorState, reason: str, timeout_seconds: float) -> Settled:
+        return (await self.settle_debits([SettleDebitItem(record, final_state, reason)], timeout_seconds))[0]
 
     async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:
         async with self.store.session(timeout_seconds) as session:

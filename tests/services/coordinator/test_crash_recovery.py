@@ -102,7 +102,7 @@ def test_a_coordinator_killed_at_any_step_is_taken_over_and_the_transfer_posts(c
     assert audit_cluster(cluster["shards"]).violations() == []
 
 
-@pytest.mark.parametrize("crash_at", [crash_points.AFTER_CREDIT_TRY, crash_points.AFTER_DECISION])
+@pytest.mark.parametrize("crash_at", [crash_points.AFTER_CREDIT, crash_points.AFTER_DEBIT])
 def test_a_refused_transfer_killed_mid_way_ends_rejected_with_the_debit_released(cluster, ledger, shard_map, coordinator, crash_at):
     payer = ledger.funded(5_000, shard_map.shards[1].name)
     payee = ledger.open(shard=shard_map.shards[0].name)

@@ -16,9 +16,9 @@ from services.coordinator.operator import as_json, describe
 from services.coordinator.recovery import Recovery
 from services.ledger import errors
 from services.ledger.accounts import AccountKind, AccountStatus
-from services.ledger.coordination import CoordinatorState
+from services.ledger.coordination import BarrierOperation, CoordinatorState
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import TransferRequest, TransferStatus
+from services.ledger.transfers import Branch, TransferRequest, TransferStatus
 
 # Seeds run on every `make test` (about 25 s on 2 cores); `make sim SEEDS=100000` runs more.
 SIM_SEEDS = int(os.environ.get("COREBANK_SIM_SEEDS", "8000"))
@@ -125,10 +125,10 @@ PENDING_TIMEOUT_SECONDS = 60.0
 
 
 def test_a_permanent_failure_before_the_decision_cancels_the_transfer():
-    before = faults_counted("try_credit")
+    before = faults_counted("settle_credit")
 
     async def scenario(clock):
-        shards, driver = two_shards(clock, credit_failures={"try_credit": [errors.InternalFault("constraint broken")]})
+        shards, driver = two_shards(clock, credit_failures={"settle_credit": [errors.InternalFault("constraint broken")]})
         begun = await driver.begin(REQUEST, "shard-0", "shard-1", 2.0)
         return shards, await driver.drive(begun.record)
 
@@ -136,14 +136,17 @@ def test_a_permanent_failure_before_the_decision_cancels_the_transfer():
     assert (final.state, final.reason) == (CoordinatorState.VOIDED, "PARTICIPANT_FAULT")
     assert shards["shard-0"].accounts["payer"].debits_pending_minor == 0
     assert shards["shard-0"].transfers["t1"].status == TransferStatus.VOIDED
-    assert faults_counted("try_credit") == before + 1
+    # The cancel was stored on the credit shard first: a late settle can never apply.
+    assert shards["shard-1"].barriers[("t1", Branch.CREDIT, BarrierOperation.TRY)] == "blocked_by_cancel:PARTICIPANT_FAULT"
+    assert "t1" not in shards["shard-1"].transfers
+    assert faults_counted("settle_credit") == before + 1
 
 
 def test_a_permanent_failure_after_the_decision_is_recorded_skipped_by_recovery_and_retried_by_an_operator(caplog):
-    before = faults_counted("confirm_credit")
+    before = faults_counted("confirm_debit")
 
     async def scenario(clock):
-        shards, driver = two_shards(clock, credit_failures={"finish_credit": [errors.InternalFault("constraint broken")]})
+        shards, driver = two_shards(clock, debit_failures={"settle_debit": [errors.InternalFault("constraint broken")]})
         begun = await driver.begin(REQUEST, "shard-0", "shard-1", 2.0)
         stopped = await driver.drive(begun.record)
         await clock.sleep(driver_module.LEASE_SECONDS * 2)
@@ -155,8 +158,9 @@ def test_a_permanent_failure_after_the_decision_is_recorded_skipped_by_recovery_
         return shards, stopped, claimed, listed, final
 
     shards, stopped, claimed, listed, final = run_virtual(scenario)
-    assert stopped.state is CoordinatorState.CONFIRMING and "confirm_credit" in stopped.fault
-    assert faults_counted("confirm_credit") == before + 1
+    assert stopped.state is CoordinatorState.TRYING and "confirm_debit" in stopped.fault
+    assert shards["shard-1"].transfers["t1"].status == TransferStatus.POSTED  # decided: the credit is posted
+    assert faults_counted("confirm_debit") == before + 1
     assert any(record.levelname == "ERROR" and "t1" in record.getMessage() and "FAULTED" in record.getMessage() for record in caplog.records)
     assert claimed == 0  # recovery does not loop on it silently
     assert [record.transfer_id for record in listed] == ["t1"] and "INTERNAL_FAULT" in listed[0].fault
@@ -172,7 +176,7 @@ def test_transient_failures_are_retried_a_bounded_number_of_times_then_left_to_r
     stopped_before = metrics.DRIVES_STOPPED._value.get()
 
     async def scenario(clock):
-        shards, driver = two_shards(clock, credit_failures={"try_credit": unavailable})
+        shards, driver = two_shards(clock, credit_failures={"settle_credit": unavailable})
         begun = await driver.begin(REQUEST, "shard-0", "shard-1", 2.0)
         started = clock.monotonic()
         stopped = await driver.drive(begun.record)
@@ -191,23 +195,43 @@ def test_transient_failures_are_retried_a_bounded_number_of_times_then_left_to_r
     assert final.state is CoordinatorState.POSTED
 
 
-def test_a_decision_whose_answer_was_lost_is_found_and_kept():
+@pytest.mark.parametrize("debit_shard_loses_it", [False, True], ids=["credit settle", "debit settle"])
+def test_an_outcome_whose_answer_was_lost_is_found_and_kept(debit_shard_loses_it):
+    name, operation = ("shard-0", "settle_debit") if debit_shard_loses_it else ("shard-1", "settle_credit")
+
     async def scenario(clock):
         shards, driver = two_shards(clock)
-        real_decide = shards["shard-0"].decide
+        real = getattr(shards[name], operation)
 
-        async def decide_then_lose_the_answer(*arguments):
-            await real_decide(*arguments)
+        async def commit_then_lose_the_answer(*arguments):
+            await real(*arguments)
             raise errors.ShardUnavailable("connection lost after commit")
 
-        shards["shard-0"].decide = decide_then_lose_the_answer
+        setattr(shards[name], operation, commit_then_lose_the_answer)
         begun = await driver.begin(REQUEST, "shard-0", "shard-1", 2.0)
         drive = asyncio.create_task(driver.drive(begun.record))
         await clock.sleep(0.01)
-        shards["shard-0"].decide = real_decide
-        return await drive
+        setattr(shards[name], operation, real)
+        return shards, await drive
 
-    assert run_virtual(scenario).state is CoordinatorState.POSTED
+    shards, final = run_virtual(scenario)
+    assert final.state is CoordinatorState.POSTED
+    assert (shards["shard-0"].accounts["payer"].debits_posted_minor, shards["shard-1"].accounts["payee"].credits_posted_minor) == (2_500, 2_500)
+
+
+def test_a_credit_shard_past_the_pending_timeout_blocks_the_try_itself():
+    async def scenario(clock):
+        shards, driver = two_shards(clock)
+        begun = await driver.begin(REQUEST, "shard-0", "shard-1", 2.0)
+        await clock.sleep(PENDING_TIMEOUT_SECONDS + 1)
+        # Called directly, as a driver whose own clock lags would: the shard's clock decides.
+        stored = await shards["shard-1"].settle_credit(begun.record, "clr-1-usd-0", TierLimits.load(), 1.0)
+        return shards, stored, await driver.drive(begun.record)
+
+    shards, stored, final = run_virtual(scenario)
+    assert stored == "blocked_by_cancel:PENDING_TIMEOUT"
+    assert (final.state, final.reason) == (CoordinatorState.VOIDED, "PENDING_TIMEOUT")
+    assert "t1" not in shards["shard-1"].transfers and shards["shard-0"].accounts["payer"].debits_pending_minor == 0
 
 
 def test_an_unknown_shard_is_a_permanent_fault_not_a_key_error():

@@ -20,9 +20,6 @@ def statements():
                 yield f"{module.__name__}.{name}", value
     for name, statement in prepared.statements().items():
         yield f"prepared {name}", statement.definition
-    for branch in (tcc_store.DEBIT_BRANCH, tcc_store.CREDIT_BRANCH):
-        for guarded in (True, False):
-            yield f"finish_branches_sql({branch}, {guarded})", tcc_store.finish_branches_sql(branch, guarded)
 
 
 @pytest.mark.parametrize("name, sql", list(statements()))
