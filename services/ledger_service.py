@@ -22,7 +22,7 @@ from services.storage import id_registry
 from services.storage.batch_posting import post_chains
 from services.storage.id_registry import Registration, transfer_registration
 from services.storage.shard_store import ShardStore
-from services.storage.tcc_store import TccStore
+from services.storage.tcc_store import Begun, TccStore
 from sharding.router import ShardRouter
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ REQUEST_TIMEOUT_SECONDS_MAX = 10.0
 DEADLINE_MARGIN_SHARE = 0.05
 DEADLINE_MARGIN_SECONDS_MAX = 0.1
 CREATE_TRANSFERS_BATCH_SIZE_MAX = 5_000
-# Transfers between shards of one CreateTransfers call driven at once. Their branch
-# operations are group-committed per shard and phase (coordinator/wiring.py), so a call's
-# transfers between shards cost a handful of transactions per shard, not one each.
-CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX = 1_000
 # Transfers between shards in flight in this process; past it, new ones get OVERLOADED
 # at once (same-shard transfers are bounded by their group-commit queues). A few
 # kilobytes each (a task and its record).
@@ -83,6 +79,7 @@ class LedgerService:
         self._committers: dict[str, GroupCommitter] = {}
         self._registrars: dict[str, GroupCommitter] = {}
         self._cross_shard_in_flight = 0
+        self._background: set[asyncio.Task] = set()
         self._collecting_status_changes = asyncio.Semaphore(COLLECTING_STATUS_CHANGES_MAX)
 
     def committer(self, shard_name: str) -> GroupCommitter:
@@ -369,21 +366,9 @@ class LedgerService:
                 for index, posted in zip(chain, chain_outcomes):
                     answers[index] = _answer_or_error(lambda: self._answer(requests[index], posted.transfer, posted.fresh_refusal))
 
-        limit = asyncio.Semaphore(CREATE_TRANSFERS_CROSS_SHARD_CONCURRENCY_MAX)
-
-        async def transfer_between_shards(index: int) -> None:
-            async with limit:
-                request = requests[index]
-                debit_shard, credit_shard = (self.router.shard_name_for(a) for a in (request.debit_account_id, request.credited))
-                remaining = deadline - asyncio.get_running_loop().time()
-                try:
-                    answers[index] = await self._transfer_between_shards(request, debit_shard, credit_shard, remaining)
-                except errors.LedgerError as error:
-                    answers[index] = error
-
         await asyncio.gather(
             *(commit_shard(name, chains) for name, chains in same_shard.items()),
-            *(transfer_between_shards(index) for index in between_shards),
+            self._transfers_between_shards(requests, between_shards, deadline, answers),
         )
         assert all(answer is not None for answer in answers), "a transfer of the batch got no answer"
         return answers  # type: ignore[return-value]
@@ -425,53 +410,125 @@ class LedgerService:
             raise refusal
         return transfer
 
+    def _admit_between_shards(self, count: int) -> int:
+        """How many of `count` new transfers between shards this process takes on now (the rest
+        get OVERLOADED); the caller gives them back with _release_between_shards."""
+        room = min(CROSS_SHARD_IN_FLIGHT_MAX - self._cross_shard_in_flight, DRIVES_IN_FLIGHT_MAX - len(self._drives))
+        admitted = max(0, min(count, room))
+        self._cross_shard_in_flight += admitted
+        return admitted
+
+    def _overloaded(self) -> errors.Overloaded:
+        return errors.Overloaded(
+            f"{self._cross_shard_in_flight} transfers between shards in flight, {len(self._drives)} drives; retry with backoff"
+        )
+
     async def _transfer_between_shards(
         self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float
     ) -> Transfer:
-        if self._cross_shard_in_flight >= CROSS_SHARD_IN_FLIGHT_MAX or len(self._drives) >= DRIVES_IN_FLIGHT_MAX:
-            raise errors.Overloaded(
-                f"{self._cross_shard_in_flight} transfers between shards in flight, {len(self._drives)} drives; retry with backoff"
-            )
-        self._cross_shard_in_flight += 1
+        if not self._admit_between_shards(1):
+            raise self._overloaded()
         try:
-            return await self._coordinate(request, debit_shard, credit_shard, timeout_seconds)
+            deadline = asyncio.get_running_loop().time() + timeout_seconds
+            begun = await self.driver.begin(
+                request, debit_shard, credit_shard, timeout_seconds, register_id_here=self._registered_by_its_batch(request, debit_shard)
+            )
+            found = self._in_flight(request, begun, debit_shard, lambda record: asyncio.create_task(self.driver.drive(record)))
+            return found if isinstance(found, Transfer) else await self._final(request, found, debit_shard, deadline)
         finally:
             self._cross_shard_in_flight -= 1
 
-    async def _coordinate(
-        self, request: TransferRequest, debit_shard: str, credit_shard: str, timeout_seconds: float
-    ) -> Transfer:
-        deadline = asyncio.get_running_loop().time() + timeout_seconds
-        begun = await self.driver.begin(
-            request, debit_shard, credit_shard, timeout_seconds, register_id_here=self._registered_by_its_batch(request, debit_shard)
-        )
+    async def _transfers_between_shards(
+        self, requests: list[TransferRequest], indexes: list[int], deadline: float, answers: list
+    ) -> None:
+        """A CreateTransfers call's transfers between shards: begun in one call per debit shard, then
+        driven together (TransferDriver.drive_many): a few transactions per shard for all of them."""
+        admitted = self._admit_between_shards(len(indexes))
+        for index in indexes[admitted:]:
+            answers[index] = self._overloaded()
+        indexes = indexes[:admitted]
+        try:
+            starts = []
+            for index in indexes:
+                request = requests[index]
+                debit_shard, credit_shard = (self.router.shard_name_for(a) for a in (request.debit_account_id, request.credited))
+                starts.append((request, debit_shard, credit_shard, self._registered_by_its_batch(request, debit_shard)))
+            if not starts:
+                return
+            all_begun = await self.driver.begin_many(starts, deadline - asyncio.get_running_loop().time())
+            together = _DrivenTogether(self.driver)
+            waits = []
+            for index, (request, debit_shard, _, _), begun in zip(indexes, starts, all_begun):
+                try:
+                    if isinstance(begun, errors.LedgerError):
+                        raise begun
+                    found = self._in_flight(request, begun, debit_shard, together.drive)
+                except errors.LedgerError as error:
+                    answers[index] = error
+                    continue
+                if isinstance(found, Transfer):
+                    answers[index] = found
+                else:
+                    waits.append((index, request, debit_shard, found))
+            self._keep(together.start())
+
+            async def wait(index: int, request: TransferRequest, debit_shard: str, drive: asyncio.Future) -> None:
+                try:
+                    answers[index] = await self._final(request, drive, debit_shard, deadline)
+                except errors.LedgerError as error:
+                    answers[index] = error
+
+            await asyncio.gather(*(wait(*waiting) for waiting in waits))
+        finally:
+            self._cross_shard_in_flight -= admitted
+
+    def _in_flight(self, request: TransferRequest, begun: Begun, debit_shard: str, drive_created) -> Transfer | asyncio.Future:
+        """What a begin found: the final transfer (its refusal or a conflict is raised), or the drive
+        to wait for: `drive_created(record)` for a transfer begun now, a drive of this process, or
+        a wait for another process's driver."""
         if begun.record is None:  # the id belongs to a same-shard transfer
             return self._answer(request, begun.same_shard_transfer, None)
         record = begun.record
         if not begun.created or begun.fresh_refusal is not None:
             self._answer(request, record.as_transfer(), begun.fresh_refusal)  # raises on conflict or refusal
-        if record.state not in FINAL_STATES:
-            drive = self._drives.get(record.transfer_id)
-            if drive is None:
-                if begun.created:
-                    drive = asyncio.create_task(self.driver.drive(record))
-                else:  # a retry while the first attempt is still in flight: wait for its driver
-                    drive = asyncio.create_task(
-                        asyncio.wait_for(self.driver.wait_until_final(record.transfer_id, debit_shard), WAIT_FOR_OTHER_DRIVER_SECONDS_MAX)
-                    )
-                self._drives[record.transfer_id] = drive
-                drive.add_done_callback(lambda _, transfer_id=record.transfer_id: self._drives.pop(transfer_id, None))
-            try:
-                async with asyncio.timeout_at(deadline):
-                    record = await asyncio.shield(drive)
-                    if record.state not in FINAL_STATES:  # our driver lost its lease: wait for the new owner
-                        record = await self.driver.wait_until_final(record.transfer_id, debit_shard)
-            except TimeoutError:
-                raise errors.DeadlineExceeded(
-                    f"transfer {request.transfer_id} is still in flight; it will complete, GetTransfer tells its state",
-                    transfer_id=request.transfer_id,
-                ) from None
+        if record.state in FINAL_STATES:
+            return outcome(record)
+        drive = self._drives.get(record.transfer_id)
+        if drive is None:
+            if begun.created:
+                drive = drive_created(record)
+            else:  # a retry while the first attempt is still in flight: wait for its driver
+                drive = asyncio.create_task(
+                    asyncio.wait_for(self.driver.wait_until_final(record.transfer_id, debit_shard), WAIT_FOR_OTHER_DRIVER_SECONDS_MAX)
+                )
+            self._drives[record.transfer_id] = drive
+            drive.add_done_callback(functools.partial(self._drive_ended, record.transfer_id))
+        return drive
+
+    def _drive_ended(self, transfer_id: str, drive: asyncio.Future) -> None:
+        self._drives.pop(transfer_id, None)
+        if not drive.cancelled():
+            drive.exception()  # read: a drive whose callers all gave up must not be logged as lost
+
+    async def _final(self, request: TransferRequest, drive: asyncio.Future, debit_shard: str, deadline: float) -> Transfer:
+        """The transfer once its drive ends, by the caller's deadline (the drive goes on without it)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                record = await asyncio.shield(drive)
+                if record.state not in FINAL_STATES:  # our driver lost its lease: wait for the new owner
+                    record = await self.driver.wait_until_final(record.transfer_id, debit_shard)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"transfer {request.transfer_id} is still in flight; it will complete, GetTransfer tells its state",
+                transfer_id=request.transfer_id,
+            ) from None
         return outcome(record)
+
+    def _keep(self, task: asyncio.Task | None) -> None:
+        """Hold a background task until it ends (the event loop keeps only weak references)."""
+        if task is not None:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
         """Let in-flight drives finish (shutdown); recovery would take them over otherwise."""
@@ -564,3 +621,37 @@ def _answer_or_error(answer) -> Transfer | errors.LedgerError:
         return answer()
     except errors.LedgerError as error:
         return error
+
+
+class _DrivenTogether:
+    """Transfers begun by one CreateTransfers call, driven by one TransferDriver.drive_many; each
+    has a future of its own, so that a retry of one waits for it like for any drive."""
+
+    def __init__(self, driver: TransferDriver) -> None:
+        self.driver = driver
+        self.records: list = []
+        self.futures: dict[str, asyncio.Future] = {}
+
+    def drive(self, record) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.records.append(record)
+        self.futures[record.transfer_id] = future
+        return future
+
+    def start(self) -> asyncio.Task | None:
+        if not self.records:
+            return None
+        task = asyncio.create_task(self.driver.drive_many(self.records))
+        task.add_done_callback(self._resolve)
+        return task
+
+    def _resolve(self, task: asyncio.Task) -> None:
+        for transfer_id, future in self.futures.items():
+            if future.done():
+                continue
+            if task.cancelled():
+                future.cancel()
+            elif task.exception() is not None:
+                future.set_exception(task.exception())
+            else:
+                future.set_result(task.result()[transfer_id])

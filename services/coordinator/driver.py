@@ -16,6 +16,7 @@ decision, record the fault after it).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -28,7 +29,7 @@ from services.ledger import errors
 from services.ledger.coordination import FINAL_STATES, CancelCause, CoordinatorState, TryOutcome, parse_try_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Transfer, TransferRequest
-from services.storage.tcc_store import Begun, TccRecord
+from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, TccRecord
 
 # A driver owns a transfer for this long without renewing; a dead driver's
 # transfers are taken over at most LEASE_SECONDS + recovery's scan interval later.
@@ -89,13 +90,139 @@ class TransferDriver:
         crash_points.reached(crash_points.AFTER_BEGIN)
         return begun
 
-    async def drive(self, record: TccRecord) -> TccRecord:
-        """Run the protocol until the transfer is final, another driver owns it, it is faulted,
-        or the drive's failure budget is spent; the record as this driver last knew it."""
+    async def begin_many(
+        self, starts: list[tuple[TransferRequest, str, str, bool]], timeout_seconds: float
+    ) -> list[Begun | errors.LedgerError]:
+        """begin for many transfers, (request, debit shard, credit shard, register id here) each, in
+        one call per debit shard: one outcome or error per transfer, in order."""
+        outcomes: list = [None] * len(starts)
+        by_shard: dict[str, list[int]] = {}
+        for index, (_, debit_shard, _, _) in enumerate(starts):
+            by_shard.setdefault(debit_shard, []).append(index)
+
+        async def begin_on(debit_shard: str, indexes: list[int]) -> None:
+            items = []
+            for index in indexes:
+                request, _, credit_shard, register_id_here = starts[index]
+                clearing = self.clearing_account_id_for(debit_shard, request.currency, request.transfer_id)
+                items.append(BeginItem(
+                    request, credit_shard, clearing, self.owner, LEASE_SECONDS, self.pending_timeout_seconds, register_id_here
+                ))
+            try:
+                begun = await self.tcc(debit_shard).begin_many(items, self.limits, timeout_seconds)
+            except errors.LedgerError as error:
+                begun = [error] * len(items)
+            for index, outcome in zip(indexes, begun):
+                outcomes[index] = outcome
+
+        await asyncio.gather(*(begin_on(shard, indexes) for shard, indexes in by_shard.items()))
+        crash_points.reached(crash_points.AFTER_BEGIN)
+        return outcomes
+
+    async def drive_many(self, records: list[TccRecord]) -> dict[str, TccRecord]:
+        """Drive many transfers together: each action of all of them in one call per shard (the
+        stores take lists, and the production ones share transactions), so a batch of transfers
+        between shards costs a few transactions per shard, not a few per transfer. A transfer
+        that meets anything but an answer of its own (a failed call, a lost compare-and-set)
+        goes on alone through drive(), from where it was, with drive's retries, backoff and
+        lease renewals; so do all that are left once the lease needs renewing. The records as
+        their drivers last knew them, by transfer id."""
         started = self.clock.monotonic()
-        step = resume(record.state, record.reason)
+        latest = {record.transfer_id: record for record in records}
+        steps = {transfer_id: resume(record.state, record.reason) for transfer_id, record in latest.items()}
+        alone: dict[str, tuple[Step, str]] = {}  # transfer id -> (step, fault text)
+        faults: dict[str, str] = {}
+        while self.clock.monotonic() - started < LEASE_SECONDS / 2:
+            groups: dict[tuple[Action, str], list[str]] = {}
+            for transfer_id, step in steps.items():
+                if step.action is not None and transfer_id not in alone:
+                    record = latest[transfer_id]
+                    shard = record.credit_shard if step.action in CREDIT_ACTIONS else self._debit_shard(record)
+                    groups.setdefault((step.action, shard), []).append(transfer_id)
+            if not groups:
+                break
+            await asyncio.gather(*(
+                self._perform_many(action, shard, transfer_ids, latest, steps, faults, alone)
+                for (action, shard), transfer_ids in groups.items()
+            ))
+        for transfer_id, step in steps.items():
+            if step.action is not None and transfer_id not in alone:
+                alone[transfer_id] = (step, faults.get(transfer_id, ""))
+            elif transfer_id not in alone:
+                metrics.DRIVES.labels(step.state.name).inc()
+                metrics.DRIVE_DURATION.observe(self.clock.monotonic() - started)
+        finished = await asyncio.gather(*(
+            self.drive(latest[transfer_id], step, fault) for transfer_id, (step, fault) in alone.items()
+        ))
+        latest.update((record.transfer_id, record) for record in finished)
+        return latest
+
+    async def _perform_many(
+        self, action: Action, shard: str, transfer_ids: list[str], latest: dict[str, TccRecord], steps: dict[str, Step],
+        faults: dict[str, str], alone: dict[str, tuple[Step, str]],
+    ) -> None:
+        """One action for many transfers on one shard; each one's event moves its step on."""
+        if action is Action.RECORD_FAULT:
+            for transfer_id in transfer_ids:
+                alone[transfer_id] = (steps[transfer_id], faults.get(transfer_id, ""))
+            return
+        if action is Action.SETTLE_CREDIT:
+            now = self.clock.now()
+            for transfer_id in [t for t in transfer_ids if latest[t].pending_expires_at <= now]:
+                steps[transfer_id] = transition(steps[transfer_id], Event.PENDING_EXPIRED)
+                transfer_ids = [t for t in transfer_ids if t != transfer_id]
+        if not transfer_ids:
+            return
+        tcc = self.tcc(shard)
+        records = [latest[transfer_id] for transfer_id in transfer_ids]
+        try:
+            if action is Action.SETTLE_CREDIT:
+                outcomes = await tcc.settle_credits(
+                    [SettleCreditItem(r, self.clearing_account_id_for(shard, r.currency, r.transfer_id)) for r in records],
+                    self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS,
+                )
+            elif action is Action.BLOCK_CREDIT:
+                outcomes = await tcc.block_credits(
+                    [BlockCreditItem(r, CancelCause(steps[r.transfer_id].reason)) for r in records], PARTICIPANT_CALL_TIMEOUT_SECONDS
+                )
+            else:
+                confirm = action is Action.CONFIRM_DEBIT
+                outcomes = await tcc.settle_debits(
+                    [SettleDebitItem(r, self._final_state(confirm, steps[r.transfer_id].reason), steps[r.transfer_id].reason)
+                     for r in records],
+                    PARTICIPANT_CALL_TIMEOUT_SECONDS,
+                )
+        except errors.LedgerError as error:
+            outcomes = [error] * len(records)
+        crash_points.reached(crash_points.AFTER_CREDIT if action in CREDIT_ACTIONS else crash_points.AFTER_DEBIT)
+        for record, outcome in zip(records, outcomes):
+            transfer_id, step = record.transfer_id, steps[record.transfer_id]
+            if isinstance(outcome, errors.LedgerError):
+                if outcome.transient:
+                    alone[transfer_id] = (step, faults.get(transfer_id, ""))  # drive() retries it, with backoff
+                    continue
+                faults[transfer_id] = self._count_fault(step, record, outcome)
+                steps[transfer_id] = transition(step, Event.PARTICIPANT_FAULT, faults[transfer_id])
+            elif action in CREDIT_ACTIONS:
+                outcome_kind, reason = parse_try_outcome(outcome)
+                steps[transfer_id] = transition(step, _CREDIT_EVENTS[outcome_kind], reason)
+            elif outcome.record is None:
+                alone[transfer_id] = (step, faults.get(transfer_id, ""))  # lost the compare-and-set: drive() finds out why
+            elif action is Action.CONFIRM_DEBIT and outcome.branch.barrier_new and not outcome.branch.moved:
+                fault = errors.InternalFault(f"debit branch of {transfer_id} was not pending when confirmed")  # see _settle_debit
+                faults[transfer_id] = self._count_fault(step, record, fault)
+                steps[transfer_id] = transition(step, Event.PARTICIPANT_FAULT, faults[transfer_id])
+            else:
+                latest[transfer_id] = outcome.record
+                steps[transfer_id] = transition(step, Event.FINISHED)
+
+    async def drive(self, record: TccRecord, step: Step | None = None, fault: str = "") -> TccRecord:
+        """Run the protocol until the transfer is final, another driver owns it, it is faulted,
+        or the drive's failure budget is spent; the record as this driver last knew it. It starts
+        from the durable record, or from `step` (with the `fault` met so far) where drive_many left it."""
+        started = self.clock.monotonic()
+        step = step or resume(record.state, record.reason)
         transient_failures = transient_failures_in_a_row = faults = 0
-        fault = ""
         lease_renewed_at = started
         while step.action is not None:
             event, event_reason, record = await self._perform(step, record, fault)
@@ -136,13 +263,19 @@ class TransferDriver:
             if error.transient:
                 log.info("%s of %s failed, outcome unknown: %s", action.value, record.transfer_id, error)
                 return None, "", record
-            metrics.FAULTS.labels(action.value).inc()
-            decided = action is not Action.SETTLE_CREDIT
-            log.error(
-                "transfer %s: %s failed permanently in %s (%s: %s); %s", record.transfer_id, action.value, step.state.name,
-                error.reason or type(error).__name__, error, "recording the fault" if decided else "cancelling it",
-            )
-            return Event.PARTICIPANT_FAULT, f"{action.value}: {error.reason or type(error).__name__}: {error}", record
+            return Event.PARTICIPANT_FAULT, self._count_fault(step, record, error), record
+
+    @staticmethod
+    def _count_fault(step: Step, record: TccRecord, error: errors.LedgerError) -> str:
+        """A permanent failure of an action, made loud (metric, ERROR log); the fault's text."""
+        action = step.action
+        metrics.FAULTS.labels(action.value).inc()
+        decided = action is not Action.SETTLE_CREDIT
+        log.error(
+            "transfer %s: %s failed permanently in %s (%s: %s); %s", record.transfer_id, action.value, step.state.name,
+            error.reason or type(error).__name__, error, "recording the fault" if decided else "cancelling it",
+        )
+        return f"{action.value}: {error.reason or type(error).__name__}: {error}"
 
     async def _act(self, step: Step, record: TccRecord, fault: str) -> tuple[Event, str, TccRecord]:
         action = step.action
@@ -170,8 +303,12 @@ class TransferDriver:
             return Event.FAULT_RECORDED, "", dataclasses.replace(record, fault=fault)
         raise AssertionError(f"no handler for {action}")
 
+    @staticmethod
+    def _final_state(confirm: bool, reason: str) -> CoordinatorState:
+        return CoordinatorState.POSTED if confirm else final_state_after_cancel(reason)
+
     async def _settle_debit(self, record: TccRecord, confirm: bool, reason: str) -> tuple[Event, str, TccRecord]:
-        final_state = CoordinatorState.POSTED if confirm else final_state_after_cancel(reason)
+        final_state = self._final_state(confirm, reason)
         debit = self.tcc(self._debit_shard(record))
         settled = await debit.settle_debit(record, final_state, reason, PARTICIPANT_CALL_TIMEOUT_SECONDS)
         if settled.record is not None:

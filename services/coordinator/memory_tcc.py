@@ -30,7 +30,7 @@ from services.ledger.accounts import Account, AccountKind, AccountStatus
 from services.ledger.coordination import BarrierOperation, CancelCause, CoordinatorState, TryOutcome, blocked_outcome, refused_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, TransferRequest, TransferStatus, clearing_refusal, credit_side_refusal, debit_side_refusal
-from services.storage.tcc_store import Begun, BranchResult, Settled, TccRecord
+from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, BranchResult, SettleCreditItem, SettleDebitItem, Settled, TccRecord
 
 CLEARING_OWNER_ID = "corebank-clearing"
 
@@ -228,6 +228,24 @@ class MemoryTcc:
         finished = self._record(record.transfer_id, state=final_state, reason=reason, finalized_at=self.now())
         return Settled(finished, BranchResult(True, barrier_new, moved))
 
+    # The list operations: each item in a transaction of its own, as the production store's
+    # group commit retries a failed shared transaction job by job; an error answers its item.
+
+    async def begin_many(self, items: list[BeginItem], limits: TierLimits, timeout_seconds: float) -> list:
+        return await _each(items, lambda item: self.begin(
+            item.request, item.credit_shard, item.clearing_account_id, limits, item.owner, item.lease_seconds,
+            item.pending_timeout_seconds, timeout_seconds, item.register_id_here,
+        ))
+
+    async def settle_credits(self, items: list[SettleCreditItem], limits: TierLimits, timeout_seconds: float) -> list:
+        return await _each(items, lambda item: self.settle_credit(item.record, item.clearing_account_id, limits, timeout_seconds))
+
+    async def block_credits(self, items: list[BlockCreditItem], timeout_seconds: float) -> list:
+        return await _each(items, lambda item: self.block_credit(item.record, item.cause, timeout_seconds))
+
+    async def settle_debits(self, items: list[SettleDebitItem], timeout_seconds: float) -> list:
+        return await _each(items, lambda item: self.settle_debit(item.record, item.final_state, item.reason, timeout_seconds))
+
     async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:
         current = self.records.get(record.transfer_id)
         if current is None or current.lease_epoch != record.lease_epoch or current.finalized_at is not None:
@@ -286,3 +304,13 @@ class MemoryTcc:
             (record for record in self.records.values() if record.finalized_at is None), key=lambda record: record.created_at
         )[:limit]
         return [dataclasses.replace(record, fault=self.faults.get(record.transfer_id, ("", None))[0]) for record in open_records]
+
+
+async def _each(items: list, operation) -> list:
+    outcomes = []
+    for item in items:
+        try:
+            outcomes.append(await operation(item))
+        except errors.LedgerError as error:
+            outcomes.append(error)
+    return outcomes

@@ -23,7 +23,8 @@ from services.ledger.coordination import CancelCause, CoordinatorState
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import TransferRequest
 # The records these ports exchange are plain frozen dataclasses defined beside their SQL.
-from services.storage.tcc_store import Begun, Settled, TccRecord
+from services.ledger.errors import LedgerError
+from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, Settled, TccRecord
 
 
 class TccPort(Protocol):
@@ -39,6 +40,22 @@ class TccPort(Protocol):
     ) -> Begun:
         """Create the record and try the debit branch in one local transaction (or find the existing one);
         `register_id_here`: this shard is the transfer id's registry home, register it in that transaction."""
+        ...
+
+    async def begin_many(self, items: list[BeginItem], limits: TierLimits, timeout_seconds: float) -> list[Begun | LedgerError]:
+        """begin for many transfers (items name each one's parameters): one outcome or error per item."""
+        ...
+
+    async def settle_credits(self, items: list[SettleCreditItem], limits: TierLimits, timeout_seconds: float) -> list[str | LedgerError]:
+        """settle_credit for many: one stored outcome or error per item."""
+        ...
+
+    async def block_credits(self, items: list[BlockCreditItem], timeout_seconds: float) -> list[str | LedgerError]:
+        """block_credit for many: one stored outcome or error per item."""
+        ...
+
+    async def settle_debits(self, items: list[SettleDebitItem], timeout_seconds: float) -> list[Settled | LedgerError]:
+        """settle_debit for many: one Settled or error per item."""
         ...
 
     async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:

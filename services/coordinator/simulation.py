@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import enum
@@ -69,6 +70,8 @@ CLIENT_BEGIN_ATTEMPTS_MAX = 5
 TRANSFERS_PER_SEED_MIN, TRANSFERS_PER_SEED_MAX = 3, 8
 ACCOUNTS_PER_SHARD_MIN, ACCOUNTS_PER_SHARD_MAX = 2, 3
 COORDINATORS = 2
+# Seeds in which a CreateTransfers call begins and drives some of the transfers together.
+BATCH_SEEDS_SHARE = 0.4
 EPOCH = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
 TIER = 1  # USD/EUR: balance cap 1,000,000, transfer cap 500,000 (tier_limits.json)
 SEEDS_PER_CHUNK = 50
@@ -218,9 +221,17 @@ class Simulation:
         return self.rng.choices(faults, [self.plan.weights[fault] for fault in faults])[0]
 
 
+# The caller a task without a name of its own works for: the batch client's drive_many
+# runs its calls in tasks asyncio.gather creates (and names Task-N); they inherit this.
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="?")
+_ROOT: contextvars.ContextVar[asyncio.Task | None] = contextvars.ContextVar("root", default=None)
+
+
 def _task_name() -> str:
     task = asyncio.current_task()
-    return task.get_name() if task is not None else "?"
+    if task is None:
+        return "?"
+    return _CALLER.get() if task.get_name().startswith("Task-") else task.get_name()
 
 
 def _summary(result: object) -> str:
@@ -254,15 +265,16 @@ class FaultyTcc:
             task_name = _task_name()
             subject = next((a.transfer_id for a in arguments if hasattr(a, "transfer_id")), "")
             simulation.note(f"{task_name} {self.shard_name}.{operation}({subject}) {fault.value}")
-            if fault in (Fault.CRASH_BEFORE, Fault.CRASH_AFTER) and not task_name.startswith(("client:", "drive:", "coordinator-")):
+            if fault in (Fault.CRASH_BEFORE, Fault.CRASH_AFTER) and not task_name.startswith(("client:", "batch:", "drive:", "coordinator-")):
                 fault = Fault.TRANSIENT_BEFORE  # the simulation's own tasks (operator, checks) do not crash
             if fault is Fault.CRASH_BEFORE:
                 await _crash()
             if fault is Fault.TRANSIENT_BEFORE:
                 raise errors.ShardUnavailable(f"{self.shard_name} unavailable (simulated)", shard=self.shard_name)
             if fault is Fault.PERMANENT:
-                if operation != "begin" and task_name.startswith(("client:", "drive:", "operator")):
-                    simulation.permanent_faults_in_drives += 1
+                if not operation.startswith("begin") and task_name.startswith(("client:", "batch:", "drive:", "operator")):
+                    # A list operation fails each of its items (services/coordinator/driver.py drive_many).
+                    simulation.permanent_faults_in_drives += len(arguments[0]) if isinstance(arguments[0], list) else 1
                 raise errors.InternalFault(f"{self.shard_name} refused {operation} (simulated)", shard=self.shard_name)
             if fault is Fault.DELAY:
                 await asyncio.sleep(simulation.rng.uniform(0, DELAY_SECONDS_MAX))
@@ -285,7 +297,11 @@ class FaultyTcc:
 
 
 async def _crash() -> None:
-    """kill -9 of the calling task: nothing after this point of it runs."""
+    """kill -9 of the calling task: nothing after this point of it runs, nor in the tasks its
+    caller runs beside it (a batch client's calls on other shards die with the process)."""
+    root = _ROOT.get()
+    if root is not None:
+        root.cancel()
     asyncio.current_task().cancel()
     await asyncio.sleep(0)
     raise AssertionError("a crashed task went on")
@@ -444,7 +460,16 @@ async def _run(simulation: Simulation, variant: Variant, logs: _CapturedLogs) ->
 
     tasks: list[asyncio.Task] = []
     worker = new_driver("grpc-0")
-    for index, (request, started_at) in enumerate(draw_transfers(rng, world)):
+    transfers = draw_transfers(rng, world)
+    # In some seeds a CreateTransfers call carries part of them: begun and driven together.
+    batched = rng.sample(range(len(transfers)), rng.randint(2, len(transfers))) if rng.random() < BATCH_SEEDS_SHARE else []
+    batch_requests = list({transfers[index][0].transfer_id: transfers[index][0] for index in sorted(batched)}.values())
+    if batch_requests:
+        batch = _batch_client(worker, world, batch_requests, rng.uniform(0, 3), clock)
+        tasks.append(simulation.watch(asyncio.create_task(batch, name=f"batch:{len(batch_requests)}")))
+    for index, (request, started_at) in enumerate(transfers):
+        if index in batched:
+            continue
         client = asyncio.create_task(_client(worker, world, request, started_at, clock), name=f"client:{request.transfer_id}:{index}")
         tasks.append(simulation.watch(client))
     stopping = asyncio.Event()
@@ -527,6 +552,22 @@ async def _client(driver: TransferDriver, world: World, request: TransferRequest
     if begun.created and begun.record.state not in FINAL_STATES:
         await driver.drive(begun.record)
     # A retry that found the record leaves it to its driver (or to recovery, if that died).
+
+
+async def _batch_client(driver: TransferDriver, world: World, requests: list[TransferRequest], started_at: float, clock: VirtualClock) -> None:
+    """A gRPC worker handling CreateTransfers: begin them all, then drive them together (services/ledger_service.py)."""
+    _CALLER.set(asyncio.current_task().get_name())
+    _ROOT.set(asyncio.current_task())
+    await clock.sleep(started_at)
+    starts = [
+        (request, world.shard_of_account[request.debit_account_id], world.shard_of_account[request.credit_account_id], False)
+        for request in requests
+    ]
+    begun = await driver.begin_many(starts, 2.0)
+    records = [b.record for b in begun if not isinstance(b, errors.LedgerError) and b.created and b.record.state not in FINAL_STATES]
+    if records:
+        await driver.drive_many(records)
+    # Whatever failed to begin is the client's to retry (or not); what began is driven or recovery's.
 
 
 async def _coordinator(number: int, new_driver, tcc_for_shard, shard_names: list[str], stopping: asyncio.Event, simulation: Simulation) -> None:

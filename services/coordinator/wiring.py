@@ -23,7 +23,9 @@ from sharding.router import ShardRouter
 class BatchingTccStore(TccStore):
     """A shard's TCC store whose branch operations, from all the transfers this process drives
     at once, share transactions: group commit per shard and phase (services/group_commit.py).
-    Each transfer keeps its own barrier rows and outcome; the other operations are TccStore's."""
+    Each transfer keeps its own barrier rows and outcome, and its own error: the list
+    operations answer one outcome or LedgerError per item, as separate jobs would. The
+    other operations are TccStore's."""
 
     def __init__(self, store: ShardStore, limits: TierLimits) -> None:
         super().__init__(store)
@@ -46,11 +48,26 @@ class BatchingTccStore(TccStore):
         self._debit_settles = committer(lambda tcc, items, limits, timeout: TccStore.settle_debits(tcc, items, timeout))
 
     @staticmethod
-    async def _one(committer: GroupCommitter, item, timeout_seconds: float):
-        ((outcome,),) = await committer.submit([[item]], asyncio.get_running_loop().time() + timeout_seconds)
+    async def _each(committer: GroupCommitter, items: list, timeout_seconds: float) -> list:
+        return await committer.submit_each(items, asyncio.get_running_loop().time() + timeout_seconds)
+
+    async def _one(self, committer: GroupCommitter, item, timeout_seconds: float):
+        (outcome,) = await self._each(committer, [item], timeout_seconds)
         if isinstance(outcome, errors.LedgerError):
             raise outcome
         return outcome
+
+    async def begin_many(self, items: list[BeginItem], limits: TierLimits, timeout_seconds: float) -> list:
+        return await self._each(self._begins, items, timeout_seconds)
+
+    async def settle_credits(self, items: list[SettleCreditItem], limits: TierLimits, timeout_seconds: float) -> list:
+        return await self._each(self._credit_settles, items, timeout_seconds)
+
+    async def block_credits(self, items: list[BlockCreditItem], timeout_seconds: float) -> list:
+        return await self._each(self._credit_blocks, items, timeout_seconds)
+
+    async def settle_debits(self, items: list[SettleDebitItem], timeout_seconds: float) -> list:
+        return await self._each(self._debit_settles, items, timeout_seconds)
 
     async def begin(
         self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
