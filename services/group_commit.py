@@ -68,7 +68,38 @@ class GroupCommitter:
 
     async def submit(self, chains: list[list[TransferRequest]], deadline: float) -> list[list[Outcome]]:
         """Outcomes per chain, in order. Chains are never split across transactions."""
-        size = sum(len(chain) for chain in chains)
+        self._admit(sum(len(chain) for chain in chains))
+        jobs = [self._enqueue(part, deadline) for part in _parts(chains)]
+        self._start_workers()
+        if len(jobs) == 1:
+            return await self._outcomes(jobs[0])
+        gathered = asyncio.gather(*(job.future for job in jobs))
+        try:
+            async with asyncio.timeout_at(deadline):
+                results = await asyncio.shield(gathered)
+        except TimeoutError:
+            gathered.add_done_callback(_read_outcome)
+            raise self._deadline_exceeded() from None
+        return [outcome for result in results for outcome in result]
+
+    async def submit_each(self, items: list, deadline: float) -> list:
+        """One outcome per item, each a job of its own, so that an error (a LedgerError, returned
+        in its place) fails only its item: a permanent fault in a shared transaction is retried
+        job by job. Items still queued or committing at the deadline get DeadlineExceeded."""
+        self._admit(len(items))
+        futures = [self._enqueue([[item]], deadline).future for item in items]
+        self._start_workers()
+        await asyncio.wait(futures, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        outcomes: list = []
+        for future in futures:
+            if not future.done():
+                future.add_done_callback(_read_outcome)
+                outcomes.append(self._deadline_exceeded())
+            else:
+                outcomes.append(future.exception() or future.result()[0][0])
+        return outcomes
+
+    def _admit(self, size: int) -> None:
         waited_seconds = asyncio.get_running_loop().time() - self._queue[0].queued_at if self._queue else 0.0
         if self._queued_transfers + size > self._queue_transfers_max or waited_seconds > self._queue_wait_seconds_max:
             metrics.OVERLOADED.labels(self.shard_name).inc()
@@ -76,16 +107,30 @@ class GroupCommitter:
                 f"{self.shard_name}: {self._queued_transfers} transfers queued, the oldest for {waited_seconds:.2f}s;"
                 " retry with backoff", shard=self.shard_name, queued=self._queued_transfers,
             )
-        jobs = [self._enqueue(part, deadline) for part in _parts(chains)]
-        self._start_workers()
+
+    async def _outcomes(self, job: _Job) -> list[list[Outcome]]:
+        """One job's outcomes: almost every call (one transfer, one registration) is one job.
+
+        The caller waits on the job's own future with a timer at its deadline, instead of a
+        timeout scope around a shielded gather: one timer, no extra futures, callbacks or
+        task lookups per call. A caller that is cancelled cancels the future, and the worker
+        leaves a finished future alone (_settle); the job stays queued and is applied, as it
+        was behind the shield.
+        """
+        expiry = asyncio.get_running_loop().call_at(job.deadline, self._expire, job.future)
         try:
-            async with asyncio.timeout_at(deadline):
-                results = await asyncio.shield(asyncio.gather(*(job.future for job in jobs)))
-        except TimeoutError:
-            raise errors.DeadlineExceeded(
-                f"{self.shard_name}: the deadline passed while queued or committing; retrying with the same ids is safe"
-            ) from None
-        return [outcome for result in results for outcome in result]
+            return await job.future
+        finally:
+            expiry.cancel()
+
+    def _expire(self, future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_exception(self._deadline_exceeded())
+
+    def _deadline_exceeded(self) -> errors.DeadlineExceeded:
+        return errors.DeadlineExceeded(
+            f"{self.shard_name}: the deadline passed while queued or committing; retrying with the same ids is safe"
+        )
 
     def _enqueue(self, chains: list[list[TransferRequest]], deadline: float) -> _Job:
         loop = asyncio.get_running_loop()
@@ -120,7 +165,7 @@ class GroupCommitter:
             live = []
             for job in jobs:
                 if job.deadline <= now:  # its caller has given up: do not start work it will not see
-                    job.future.set_exception(errors.DeadlineExceeded("the deadline passed while queued; nothing was done"))
+                    _settle(job.future, error=errors.DeadlineExceeded("the deadline passed while queued; nothing was done"))
                 else:
                     live.append(job)
             if not live:
@@ -135,7 +180,7 @@ class GroupCommitter:
                 if error.transient or len(live) == 1:
                     # An outage: each job alone would have met it too.
                     for job in live:
-                        job.future.set_exception(error)
+                        _settle(job.future, error=error)
                 else:
                     # A permanent fault may be one caller's doing: no caller's request may
                     # fail another's, so each job is tried again alone and fails on its own.
@@ -144,23 +189,39 @@ class GroupCommitter:
             except Exception as error:  # noqa: BLE001 (a bug: loud, and no caller is left waiting)
                 log.exception("batch on %s failed", self.shard_name)
                 for job in live:
-                    job.future.set_exception(errors.InternalFault(f"{self.shard_name}: batch failed ({type(error).__name__})"))
+                    _settle(job.future, error=errors.InternalFault(f"{self.shard_name}: batch failed ({type(error).__name__})"))
                 continue
             position = 0
             for job in live:
-                job.future.set_result(outcomes[position : position + len(job.chains)])
+                _settle(job.future, outcomes[position : position + len(job.chains)])
                 position += len(job.chains)
 
     async def _post_each_alone(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
         for job in jobs:
             remaining_seconds = min(job.deadline - loop.time(), BATCH_TIMEOUT_SECONDS_MAX)
             if remaining_seconds <= 0:
-                job.future.set_exception(errors.DeadlineExceeded("the deadline passed while the batch was retried"))
+                _settle(job.future, error=errors.DeadlineExceeded("the deadline passed while the batch was retried"))
                 continue
             try:
-                job.future.set_result(await self._post(self._store(), job.chains, self._limits, remaining_seconds))
+                _settle(job.future, await self._post(self._store(), job.chains, self._limits, remaining_seconds))
             except errors.LedgerError as error:
-                job.future.set_exception(error)
+                _settle(job.future, error=error)
+
+
+def _settle(future: asyncio.Future, result: list[list[Outcome]] | None = None, error: BaseException | None = None) -> None:
+    """Complete a job's future, unless its caller is gone (cancelled, or past its deadline: _expire)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _read_outcome(future: asyncio.Future) -> None:
+    """An outcome no caller waits for any more: read, so that asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _parts(chains: list[list[TransferRequest]]) -> list[list[list[TransferRequest]]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pathlib
@@ -19,6 +20,7 @@ import signal
 
 import grpc
 import prometheus_client
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -44,7 +46,25 @@ SERVICE_NAMES = (
     clearing_pb2.DESCRIPTOR.services_by_name["Clearing"].full_name,
 )
 
+EVENT_LOOP_VARIABLE = "COREBANK_EVENT_LOOP"
+EVENT_LOOPS = ("uvloop", "asyncio")  # the first is the default
+# Allocations (less deallocations) between two collections of the youngest generation:
+# Python's default, 700, runs one every call or two, each walking every young object a
+# call still holds. Calls make short-lived objects, nearly all freed by reference counting,
+# so collecting ~30 times less often costs a few MB of garbage cycles at most.
+GC_YOUNG_THRESHOLD_OBJECTS = 20_000
+
 log = logging.getLogger("corebank.server")
+
+
+def settle_heap() -> None:
+    """Once started: what start-up made lives as long as the process, so it moves to the
+    permanent generation (gc.freeze) and no full collection walks it again; then collect
+    the young generation less often (GC_YOUNG_THRESHOLD_OBJECTS)."""
+    gc.collect()
+    gc.freeze()
+    _, older_threshold, oldest_threshold = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD_OBJECTS, older_threshold, oldest_threshold)
 
 
 async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str) -> None:
@@ -72,6 +92,7 @@ async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: Ti
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    settle_heap()
     log.info("serving on %s (metrics on %s)", listen, metrics_listen)
 
     stopping = asyncio.Event()
@@ -96,9 +117,23 @@ def main() -> None:
     parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arguments.process_name} %(levelname)s %(name)s: %(message)s")
-    asyncio.run(
-        serve(arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name)
-    )
+    run(serve(arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name))
+
+
+def run(main_coroutine) -> None:
+    """Run the process on uvloop, or on asyncio's own loop when COREBANK_EVENT_LOOP=asyncio.
+
+    uvloop cut a worker's CPU per transfer by about 8% (13 interleaved pairs of runs, README:
+    Dependencies); the switch is there to measure that again, or to rule uvloop out.
+    """
+    event_loop = os.environ.get(EVENT_LOOP_VARIABLE, EVENT_LOOPS[0])
+    if event_loop not in EVENT_LOOPS:
+        main_coroutine.close()
+        raise SystemExit(f"{EVENT_LOOP_VARIABLE}={event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    if event_loop == "uvloop":
+        uvloop.run(main_coroutine)
+    else:
+        asyncio.run(main_coroutine)
 
 
 if __name__ == "__main__":

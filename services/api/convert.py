@@ -10,12 +10,30 @@ from services.ledger.accounts import Account
 from services.ledger.transfers import Transfer
 
 
-def timestamp(moment: datetime.datetime | None) -> timestamp_pb2.Timestamp | None:
+_EPOCH_UTC = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_EPOCH_NAIVE = datetime.datetime(1970, 1, 1)
+_SECONDS_PER_DAY = 86_400
+_NANOS_PER_MICROSECOND = 1_000
+
+
+def timestamp_fields(moment: datetime.datetime | None) -> dict | None:
+    """A Timestamp's fields, as Timestamp.FromDatetime sets them (a naive moment is UTC).
+
+    Given to a message's constructor as a dict: about a third of the CPU of building a
+    Timestamp with FromDatetime (Python code inside protobuf) and copying it in.
+    """
     if moment is None:
         return None
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(moment)
-    return message
+    delta = moment - (_EPOCH_UTC if moment.utcoffset() is not None else _EPOCH_NAIVE)
+    return {
+        "seconds": delta.days * _SECONDS_PER_DAY + delta.seconds,
+        "nanos": delta.microseconds * _NANOS_PER_MICROSECOND,
+    }
+
+
+def timestamp(moment: datetime.datetime | None) -> timestamp_pb2.Timestamp | None:
+    fields = timestamp_fields(moment)
+    return None if fields is None else timestamp_pb2.Timestamp(**fields)
 
 
 def account_message(account: Account, collecting_minor: int = 0) -> accounts_pb2.Account:
@@ -33,8 +51,8 @@ def account_message(account: Account, collecting_minor: int = 0) -> accounts_pb2
         credits_posted_minor=account.credits_posted_minor,
         debits_pending_minor=account.debits_pending_minor,
         credits_pending_minor=account.credits_pending_minor,
-        created_at=timestamp(account.created_at),
-        updated_at=timestamp(account.updated_at),
+        created_at=timestamp_fields(account.created_at),
+        updated_at=timestamp_fields(account.updated_at),
         collect_on_every_shard=account.collect_on_every_shard,
         collecting_minor=collecting_minor,
     )
@@ -50,6 +68,6 @@ def transfer_message(transfer: Transfer) -> transfers_pb2.Transfer:
         reference=transfer.reference,
         status=transfer.status,
         reason=transfer.reason,
-        created_at=timestamp(transfer.created_at),
-        finalized_at=timestamp(transfer.finalized_at),
+        created_at=timestamp_fields(transfer.created_at),
+        finalized_at=timestamp_fields(transfer.finalized_at),
     )

@@ -99,8 +99,9 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, full_method: str, behaviour):
         service, method = metrics.split_method(full_method)
+        # Each metric child looked up once per method and status code (17 codes at most), not per call.
         latency = metrics.GRPC_LATENCY.labels(service, method)
-        ok_requests = metrics.GRPC_REQUESTS.labels(service, method, "OK")
+        requests_by_code = {grpc.StatusCode.OK: metrics.GRPC_REQUESTS.labels(service, method, "OK")}
 
         async def measured(request, context):
             started = time.perf_counter()
@@ -132,9 +133,9 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
                 if admitted:
                     self._in_flight_calls -= 1
                 latency.observe(time.perf_counter() - started)
-                if code == grpc.StatusCode.OK:
-                    ok_requests.inc()
-                else:
-                    metrics.GRPC_REQUESTS.labels(service, method, code.name).inc()
+                requests = requests_by_code.get(code)
+                if requests is None:
+                    requests = requests_by_code[code] = metrics.GRPC_REQUESTS.labels(service, method, code.name)
+                requests.inc()
 
         return measured

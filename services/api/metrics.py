@@ -19,9 +19,18 @@ TRANSFERS_FAILED = Counter(
 SHARD_MAP_VERSION = Gauge("corebank_shard_map_version", "Version of the shard map in force in this process")
 
 
+# One entry per ErrorReason at most (a fixed enum, corebank.v1.ErrorReason).
+_TRANSFERS_FAILED_BY_REASON: dict[str, Counter] = {}
+
+
 def record_transfer_failure(error: BaseException) -> None:
     reason = error.reason if isinstance(error, errors.LedgerError) and error.reason else "INTERNAL"
-    TRANSFERS_FAILED.labels(reason).inc()
+    # The child per reason, looked up once: labels() takes a lock and builds a key every time,
+    # and a storm of refusals (funds, limits) is when this runs most.
+    counter = _TRANSFERS_FAILED_BY_REASON.get(reason)
+    if counter is None:
+        counter = _TRANSFERS_FAILED_BY_REASON[reason] = TRANSFERS_FAILED.labels(reason)
+    counter.inc()
 
 
 def split_method(full_method: str) -> tuple[str, str]:

@@ -10,6 +10,8 @@ from services.ledger import errors
 ID_LENGTH_MAX = 64
 REFERENCE_LENGTH_MAX = 256
 _ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")
+# C0 controls and DEL: one regex search, not a Python loop over up to 256 characters per call.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 ACCOUNT_ID_PREFIX = "acc_"
 # A merchant that collects on every shard (flash sales): its payments are routed by id alone.
 COLLECTING_ACCOUNT_ID_PREFIX = "hot_"
@@ -85,7 +87,7 @@ def validate_reference(reference: str) -> str:
         raise errors.FieldTooLong(
             f"reference is longer than {REFERENCE_LENGTH_MAX} characters", field="reference", limit=REFERENCE_LENGTH_MAX
         )
-    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in reference):
+    if _CONTROL_CHARACTER.search(reference):
         raise errors.InvalidField("reference may not hold control characters", field="reference")
     return reference
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import psycopg
 import psycopg.errors
@@ -24,6 +25,7 @@ from services.api.metrics import DB_ROUND_TRIPS
 from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
 from services.ledger.transfers import Branch, Transfer, TransferStatus
+from services.storage.array_literal import FastListDumper
 from services.storage.prepared import prepared
 
 log = logging.getLogger(__name__)
@@ -294,6 +296,37 @@ class ShardStore:
         return None
 
 
+def session_cursor(connection: psycopg.AsyncConnection) -> psycopg.AsyncClientCursor:
+    """The one client-side cursor of a pooled connection, made when the connection is first lent.
+
+    Made once, not per session: a cursor copies the connection's adapters when it is made, and
+    lists (most parameters: the columns of a batch) are bound by FastListDumper
+    (array_literal.py) on this cursor only. The connection's automatic prepared statements are
+    off: a client-side cursor never uses them (every query text is unique, parameters merged in),
+    so psycopg would only count and evict every text it sends. A cursor keeps the rows of its
+    last batch until the next one: at most one batch's rows per pooled connection.
+    """
+    cursor = getattr(connection, "_corebank_session_cursor", None)
+    if cursor is None or cursor.closed:
+        connection.prepare_threshold = None
+        cursor = psycopg.AsyncClientCursor(connection)
+        cursor.adapters.register_dumper(list, FastListDumper)
+        connection._corebank_session_cursor = cursor  # type: ignore[attr-defined]
+    return cursor
+
+
+# One entry per shard of the map (pools are named after their shards).
+_ROUND_TRIPS_BY_SHARD: dict[str, Any] = {}
+
+
+def _round_trips(shard_name: str):
+    """DB_ROUND_TRIPS's child for a shard, looked up once (labels() takes a lock and builds a key)."""
+    child = _ROUND_TRIPS_BY_SHARD.get(shard_name)
+    if child is None:
+        child = _ROUND_TRIPS_BY_SHARD[shard_name] = DB_ROUND_TRIPS.labels(shard_name)
+    return child
+
+
 class Session:
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, timeout_seconds: float) -> None:
         self.pool = pool
@@ -305,7 +338,7 @@ class Session:
 
     async def connect(self) -> None:
         self.connection = await self.pool.getconn(timeout=min(self.timeout_seconds, POOL_WAIT_SECONDS_MAX))
-        self.cursor = psycopg.AsyncClientCursor(self.connection)
+        self.cursor = session_cursor(self.connection)
 
     async def release(self) -> None:
         """Give the connection back to the pool, whatever interrupts the clean-up.
@@ -344,7 +377,7 @@ class Session:
                 await self.release()
                 await self.connect()
         self.batches_sent += 1
-        DB_ROUND_TRIPS.labels(self.pool.name).inc()
+        _round_trips(self.pool.name).inc()
         row_sets = []
         while True:
             # The result status, not cursor.description (which builds column objects every time).

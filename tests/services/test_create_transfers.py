@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from google.rpc import error_details_pb2
 
-from corebank.v1 import payments_pb2, transfers_pb2
+from corebank.v1 import accounts_pb2, payments_pb2, transfers_pb2
 from services.ledger_service import CREATE_TRANSFERS_BATCH_SIZE_MAX
 from services.storage.audit import audit_cluster
 from tests.fixtures.ledger import failure
@@ -149,3 +149,40 @@ def test_concurrent_single_transfers_share_commits(ledger, shard_map):
     assert [transfer.status for transfer in posted] == [transfers_pb2.POSTED] * transfers
     assert ledger.get(payee.account_id).balance_minor == transfers
     assert 0 < transactions < transfers
+
+
+BETWEEN_SHARDS_BATCH = 600
+
+
+def test_transfers_between_shards_of_one_call_share_a_few_transactions_and_each_keeps_its_outcome(ledger, shard_map, cluster):
+    """A call's transfers between shards are begun and settled together: a handful of transactions
+    per shard (read from the rows' inserting transactions), every refusal its own, and the money
+    exactly where the answers say, checked from the databases."""
+    debit_shard, credit_shard = shard_map.shards[0], shard_map.shards[1]
+    payers = [ledger.funded(1_000, debit_shard.name) for _ in range(6)]
+    payees = [ledger.open(shard=credit_shard.name) for _ in range(6)]
+    frozen = ledger.open(shard=credit_shard.name)
+    ledger.accounts.UpdateAccountStatus(accounts_pb2.UpdateAccountStatusRequest(account_id=frozen.account_id, status=accounts_pb2.FROZEN))
+    requests = []
+    for n in range(BETWEEN_SHARDS_BATCH):
+        payee = frozen if n % 50 == 7 else payees[n % 6]
+        requests.append(request(ledger, payers[n % 6], payee, 900 if n % 97 == 3 else 1))
+    results = create(ledger, requests)
+    posted = [n for n, result in enumerate(results) if result.HasField("transfer") and result.transfer.status == transfers_pb2.POSTED]
+    refused = {n: reason(result) for n, result in enumerate(results) if result.HasField("error")}
+    assert len(posted) + len(refused) == BETWEEN_SHARDS_BATCH
+    assert all(refused.get(n) == "ACCOUNT_FROZEN" for n in range(BETWEEN_SHARDS_BATCH) if n % 50 == 7)
+    assert set(refused.values()) <= {"ACCOUNT_FROZEN", "INSUFFICIENT_FUNDS"} and "INSUFFICIENT_FUNDS" in refused.values()
+    # The money is where the answers say: every payee holds what was posted to it.
+    for index, payee in enumerate(payees):
+        expected = sum(requests[n].amount_minor for n in posted if n % 6 == index)
+        assert ledger.get(payee.account_id).balance_minor == expected
+    assert ledger.get(frozen.account_id).balance_minor == 0
+    # Batched: the credit branches were written by a few transactions, not one each.
+    credited = [requests[n].transfer_id for n in posted]
+    assert inserting_transactions(credit_shard.dsn, credited) <= len(credited) // 20
+    # A retry of the whole call answers the same and moves nothing.
+    again = create(ledger, requests)
+    assert [r.HasField("transfer") for r in again] == [r.HasField("transfer") for r in results]
+    assert sum(ledger.get(p.account_id).balance_minor for p in payees) == sum(requests[n].amount_minor for n in posted)
+    assert audit_cluster(cluster["shards"]).violations() == []

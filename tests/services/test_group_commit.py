@@ -157,3 +157,28 @@ def test_an_outage_fails_the_whole_batch_without_retrying_each_job():
     results, batches = asyncio.run(scenario())
     assert all(isinstance(result, errors.ShardUnavailable) for result in results)
     assert sum(len(batch) for batch in batches) == 10  # each transfer was sent once, not once more alone
+
+
+def test_callers_that_give_up_leave_the_workers_running_and_their_jobs_applied():
+    """A caller past its deadline, or cancelled, leaves its job queued: the batch applies it (its
+    outcome waits for a retry with the same id), and the worker that finishes it carries on."""
+
+    async def scenario():
+        database = SlowDatabase()
+        shard = committer(database)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(errors.DeadlineExceeded):
+            await shard.submit([[request(1)]], loop.time() + 0.05)
+        cancelled = asyncio.create_task(shard.submit([[request(2)]], loop.time() + 10))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        database.release.set()
+        later = await shard.submit([[request(3)]], loop.time() + 10)
+        return later, database.batches, [worker for worker in shard._workers if worker.done()]
+
+    later, batches, dead_workers = asyncio.run(scenario())
+    assert len(later) == 1 and len(later[0]) == 1
+    assert {r.transfer_id for batch in batches for chain in batch for r in chain} == {"t-1", "t-2", "t-3"}
+    assert not dead_workers

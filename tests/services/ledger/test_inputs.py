@@ -81,6 +81,18 @@ def test_references_are_bounded_and_printable():
         transfer(reference="nul\x00byte").validated()
 
 
+def test_a_reference_is_refused_for_exactly_the_c0_controls_and_del():
+    for code_point in [*range(0x00, 0x100), 0x2028, 0xFEFF, 0x10FFFF]:
+        character = chr(code_point)
+        is_control = code_point < 0x20 or code_point == 0x7F
+        for reference in (character, f"before{character}", f"{character}after", f"a{character}b"):
+            if is_control:
+                with pytest.raises(errors.InvalidField):
+                    ids.validate_reference(reference)
+            else:
+                assert ids.validate_reference(reference) == reference
+
+
 def test_currency_exponents_follow_iso_4217():
     assert (money.currency_exponent("USD"), money.currency_exponent("JPY"), money.currency_exponent("KWD")) == (2, 0, 3)
 
