@@ -126,7 +126,10 @@ class LedgerService:
             for index, (fields,) in zip(indexes, outcomes):
                 first_uses[index] = fields
 
-        await asyncio.gather(*(register_on(shard_name, indexes) for shard_name, indexes in by_shard.items()))
+        if len(by_shard) == 1:  # a single Transfer or OpenAccount: no task for one coroutine
+            await register_on(*next(iter(by_shard.items())))
+        else:
+            await asyncio.gather(*(register_on(shard_name, indexes) for shard_name, indexes in by_shard.items()))
         return first_uses  # type: ignore[return-value]
 
     async def _claim_transfer_id(self, request: TransferRequest, deadline: float) -> None:
