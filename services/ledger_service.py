@@ -458,8 +458,9 @@ class LedgerService:
                 starts.append((request, debit_shard, credit_shard, self._registered_by_its_batch(request, debit_shard)))
             if not starts:
                 return
+            leased_at = self.driver.clock.monotonic()  # the driver's clock: drive_many compares with it
             all_begun = await self.driver.begin_many(starts, deadline - asyncio.get_running_loop().time())
-            together = _DrivenTogether(self.driver)
+            together = _DrivenTogether(self.driver, leased_at)
             waits = []
             for index, (request, debit_shard, _, _), begun in zip(indexes, starts, all_begun):
                 try:
@@ -497,8 +498,10 @@ class LedgerService:
         if record.state in FINAL_STATES:
             return outcome(record)
         drive = self._drives.get(record.transfer_id)
-        if drive is None:
+        if begun.created or drive is None:
             if begun.created:
+                # Whoever created it drives it, even if a retry that found the record meanwhile
+                # registered a wait here: that wait ends on its own.
                 drive = drive_created(record)
             else:  # a retry while the first attempt is still in flight: wait for its driver
                 drive = asyncio.create_task(
@@ -509,7 +512,8 @@ class LedgerService:
         return drive
 
     def _drive_ended(self, transfer_id: str, drive: asyncio.Future) -> None:
-        self._drives.pop(transfer_id, None)
+        if self._drives.get(transfer_id) is drive:
+            del self._drives[transfer_id]
         if not drive.cancelled():
             drive.exception()  # read: a drive whose callers all gave up must not be logged as lost
 
@@ -630,8 +634,9 @@ class _DrivenTogether:
     """Transfers begun by one CreateTransfers call, driven by one TransferDriver.drive_many; each
     has a future of its own, so that a retry of one waits for it like for any drive."""
 
-    def __init__(self, driver: TransferDriver) -> None:
+    def __init__(self, driver: TransferDriver, leased_at: float) -> None:
         self.driver = driver
+        self.leased_at = leased_at  # the driver's clock, before their begin: their leases run from then at the latest
         self.records: list = []
         self.futures: dict[str, asyncio.Future] = {}
 
@@ -644,17 +649,21 @@ class _DrivenTogether:
     def start(self) -> asyncio.Task | None:
         if not self.records:
             return None
-        task = asyncio.create_task(self.driver.drive_many(self.records))
-        task.add_done_callback(self._resolve)
+        task = asyncio.create_task(self.driver.drive_many(self.records, on_final=self._final, leased_at=self.leased_at))
+        task.add_done_callback(self._ended)
         return task
 
-    def _resolve(self, task: asyncio.Task) -> None:
-        for transfer_id, future in self.futures.items():
+    def _final(self, record) -> None:
+        """One transfer's driving ended: its callers hear at once, not when the whole batch does."""
+        future = self.futures[record.transfer_id]
+        if not future.done():
+            future.set_result(record)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        for future in self.futures.values():
             if future.done():
                 continue
             if task.cancelled():
                 future.cancel()
-            elif task.exception() is not None:
-                future.set_exception(task.exception())
             else:
-                future.set_result(task.result()[transfer_id])
+                future.set_exception(task.exception() or AssertionError("drive_many ended without a transfer's outcome"))

@@ -119,20 +119,25 @@ class TransferDriver:
         crash_points.reached(crash_points.AFTER_BEGIN)
         return outcomes
 
-    async def drive_many(self, records: list[TccRecord]) -> dict[str, TccRecord]:
+    async def drive_many(
+        self, records: list[TccRecord], on_final: Callable[[TccRecord], None] = lambda record: None, leased_at: float | None = None,
+    ) -> dict[str, TccRecord]:
         """Drive many transfers together: each action of all of them in one call per shard (the
         stores take lists, and the production ones share transactions), so a batch of transfers
         between shards costs a few transactions per shard, not a few per transfer. A transfer
         that meets anything but an answer of its own (a failed call, a lost compare-and-set)
         goes on alone through drive(), from where it was, with drive's retries, backoff and
-        lease renewals; so do all that are left once the lease needs renewing. The records as
+        lease renewals; so do all that are left once the lease needs renewing (`leased_at`: when
+        the leases were last set, by default now). `on_final` hears of each transfer as soon as
+        its driving ends, so that no caller waits for the slowest of the batch. The records as
         their drivers last knew them, by transfer id."""
         started = self.clock.monotonic()
+        leased_at = started if leased_at is None else leased_at
         latest = {record.transfer_id: record for record in records}
         steps = {transfer_id: resume(record.state, record.reason) for transfer_id, record in latest.items()}
         alone: dict[str, tuple[Step, str]] = {}  # transfer id -> (step, fault text)
         faults: dict[str, str] = {}
-        while self.clock.monotonic() - started < LEASE_SECONDS / 2:
+        while self.clock.monotonic() - leased_at < LEASE_SECONDS / 2:
             groups: dict[tuple[Action, str], list[str]] = {}
             for transfer_id, step in steps.items():
                 if step.action is not None and transfer_id not in alone:
@@ -145,16 +150,19 @@ class TransferDriver:
                 self._perform_many(action, shard, transfer_ids, latest, steps, faults, alone)
                 for (action, shard), transfer_ids in groups.items()
             ))
-        for transfer_id, step in steps.items():
-            if step.action is not None and transfer_id not in alone:
-                alone[transfer_id] = (step, faults.get(transfer_id, ""))
-            elif transfer_id not in alone:
-                metrics.DRIVES.labels(step.state.name).inc()
+            for transfer_id in [t for t, step in steps.items() if step.action is None and t not in alone]:
+                metrics.DRIVES.labels(steps.pop(transfer_id).state.name).inc()
                 metrics.DRIVE_DURATION.observe(self.clock.monotonic() - started)
-        finished = await asyncio.gather(*(
-            self.drive(latest[transfer_id], step, fault) for transfer_id, (step, fault) in alone.items()
-        ))
-        latest.update((record.transfer_id, record) for record in finished)
+                on_final(latest[transfer_id])
+        for transfer_id, step in steps.items():
+            if transfer_id not in alone:
+                alone[transfer_id] = (step, faults.get(transfer_id, ""))
+
+        async def drive_alone(transfer_id: str, step: Step, fault: str) -> None:
+            latest[transfer_id] = await self.drive(latest[transfer_id], step, fault, lease_renewed_at=leased_at)
+            on_final(latest[transfer_id])
+
+        await asyncio.gather(*(drive_alone(transfer_id, step, fault) for transfer_id, (step, fault) in alone.items()))
         return latest
 
     async def _perform_many(
@@ -173,9 +181,9 @@ class TransferDriver:
                 transfer_ids = [t for t in transfer_ids if t != transfer_id]
         if not transfer_ids:
             return
-        tcc = self.tcc(shard)
         records = [latest[transfer_id] for transfer_id in transfer_ids]
         try:
+            tcc = self.tcc(shard)  # a shard the map no longer has is a permanent fault of these items
             if action is Action.SETTLE_CREDIT:
                 outcomes = await tcc.settle_credits(
                     [SettleCreditItem(r, self.clearing_account_id_for(shard, r.currency, r.transfer_id)) for r in records],
@@ -216,14 +224,17 @@ class TransferDriver:
                 latest[transfer_id] = outcome.record
                 steps[transfer_id] = transition(step, Event.FINISHED)
 
-    async def drive(self, record: TccRecord, step: Step | None = None, fault: str = "") -> TccRecord:
+    async def drive(
+        self, record: TccRecord, step: Step | None = None, fault: str = "", lease_renewed_at: float | None = None
+    ) -> TccRecord:
         """Run the protocol until the transfer is final, another driver owns it, it is faulted,
         or the drive's failure budget is spent; the record as this driver last knew it. It starts
-        from the durable record, or from `step` (with the `fault` met so far) where drive_many left it."""
+        from the durable record, or from `step` (with the `fault` met so far, and the lease last set at
+        `lease_renewed_at`) where drive_many left it."""
         started = self.clock.monotonic()
         step = step or resume(record.state, record.reason)
         transient_failures = transient_failures_in_a_row = faults = 0
-        lease_renewed_at = started
+        lease_renewed_at = started if lease_renewed_at is None else lease_renewed_at
         while step.action is not None:
             event, event_reason, record = await self._perform(step, record, fault)
             if event is Event.PARTICIPANT_FAULT:

@@ -150,6 +150,19 @@ class KeyTaken(errors.InternalFault):
     and sees the stored row; anywhere else it is what its base class says: a fault."""
 
 
+# A prepared statement (services/storage/prepared.py) the connection no longer has, or whose
+# plan a schema change made invalid: that connection is closed (Session.run), and the same
+# operation succeeds on a fresh one, which prepares the statements again.
+STALE_PREPARED_SQLSTATE = "26000"  # invalid_sql_statement_name
+STALE_PLAN_SQLSTATE, STALE_PLAN_MESSAGE = "0A000", "cached plan must not change result type"
+
+
+def is_stale_prepared_statement(error: psycopg.Error) -> bool:
+    return error.sqlstate == STALE_PREPARED_SQLSTATE or (
+        error.sqlstate == STALE_PLAN_SQLSTATE and STALE_PLAN_MESSAGE in (error.diag.message_primary or "")
+    )
+
+
 def database_error(shard_name: str, error: psycopg.Error) -> errors.LedgerError:
     """The one mapping of database errors: transient (retry), deadline, or a permanent fault.
 
@@ -162,7 +175,10 @@ def database_error(shard_name: str, error: psycopg.Error) -> errors.LedgerError:
         return KeyTaken(f"{shard_name}: a key of this operation was stored by another one meanwhile", shard=shard_name)
     if sqlstate == QUERY_CANCELED_SQLSTATE:
         return errors.DeadlineExceeded(f"{shard_name}: deadline passed; the outcome may be unknown")
-    if (isinstance(error, psycopg.OperationalError) and not sqlstate) or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES:
+    if (
+        (isinstance(error, psycopg.OperationalError) and not sqlstate) or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+        or sqlstate in TRANSIENT_SQLSTATES or is_stale_prepared_statement(error)
+    ):
         return errors.ShardUnavailable(f"{shard_name} unavailable ({type(error).__name__})", shard=shard_name)
     log.error("%s: permanent database error %s: %s", shard_name, sqlstate or type(error).__name__, error)
     return errors.InternalFault(f"{shard_name} refused the operation ({sqlstate or 'no SQLSTATE'}); nothing was applied", shard=shard_name)
@@ -376,6 +392,11 @@ class Session:
                     raise
                 await self.release()
                 await self.connect()
+            except psycopg.Error as error:
+                if is_stale_prepared_statement(error):
+                    # Closed, so that the pool replaces it with a connection that prepares afresh.
+                    await self.connection.close()
+                raise
         self.batches_sent += 1
         _round_trips(self.pool.name).inc()
         row_sets = []

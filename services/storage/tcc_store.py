@@ -393,6 +393,9 @@ class TccStore:
         first (KeyTaken) plans the round again, and then sees that row."""
         results: list = [None] * len(items)
         for indexes in _rounds(items):
+            # In transfer id order: two batches that insert the same barrier keys (a zombie's block
+            # racing recovery's settle) wait for each other in one order, never in a deadlock.
+            indexes.sort(key=lambda index: items[index].transfer_id)
             for _ in range(KEY_RACE_ATTEMPTS_MAX):
                 try:
                     outcomes = await once([items[index] for index in indexes], timeout_seconds)

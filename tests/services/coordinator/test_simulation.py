@@ -241,3 +241,29 @@ def test_an_unknown_shard_is_a_permanent_fault_not_a_key_error():
 
     with pytest.raises(errors.InternalFault):
         wiring.tcc_for_shard(Router())("shard-9")
+
+
+def test_drive_many_reports_each_transfer_when_it_ends_not_when_the_slowest_does():
+    """A CreateTransfers call's transfer to a healthy shard answers at once, even while another
+    of the call's transfers waits for a shard that is down."""
+    down = [errors.ShardUnavailable("down") for _ in range(8)]
+
+    async def scenario(clock):
+        shards, driver = two_shards(clock)
+        far = Scripted("shard-2", clock.now, {"settle_credits": [down[0]], "settle_credit": down[1:]})
+        far.accounts["far"] = AccountRow("far", "USD", AccountKind.CUSTOMER, 1, AccountStatus.ACTIVE)
+        shards["shard-2"] = far
+        driver.shard_name_for = {"payer": "shard-0", "payee": "shard-1", "far": "shard-2"}.__getitem__
+        to_far = TransferRequest("t2", "payer", "far", 100, "USD")
+        begun = await driver.begin_many([(REQUEST, "shard-0", "shard-1", False), (to_far, "shard-0", "shard-2", False)], 2.0)
+        started = clock.monotonic()
+        heard: dict[str, float] = {}
+        latest = await driver.drive_many(
+            [b.record for b in begun], on_final=lambda record: heard.setdefault(record.transfer_id, clock.monotonic() - started)
+        )
+        return heard, latest
+
+    heard, latest = run_virtual(scenario)
+    assert {record.state for record in latest.values()} == {CoordinatorState.POSTED}
+    # The healthy one was reported before the other's retries (capped exponential backoff) were over.
+    assert heard["t1"] < driver_module.RETRY_DELAY_SECONDS_MIN < heard["t2"]
