@@ -5,7 +5,7 @@
 #   make down      stop everything, keep the data
 #   make clean     down, then delete the state folder
 #   make test      check the generated code, then run the tests (they start their own cluster)
-#   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then bench-scaling (JSON under the state folder's reports/)
+#   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then bench-scaling, then the capacity model (python -m loadtest.capacity; JSON under the state folder's reports/)
 #   make bench-scaling  the uniform-pairs rows and their costs on clusters of 1, 2 and 3 shards of its own, started and removed in turn (SCALING_SECONDS=10)
 #   make loadtest  a locust scenario against the running cluster, then the invariants (SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
@@ -76,10 +76,12 @@ test: deps venv
 protos: venv
 	$(PYTHON) protos/generate.py
 
-# About 5 minutes for the bench's ten rows, then about 2 for the scaling runs' three clusters.
+# About 5 minutes for the bench's ten rows, then about 2 for the scaling runs' three clusters,
+# then the capacity model computed from both reports.
 bench: up
 	$(PYTHON) -m loadtest.bench
 	$(MAKE) --no-print-directory bench-scaling
+	$(PYTHON) -m loadtest.capacity
 
 # Measured seconds per row of the scaling runs; their clusters take ports from 18100 (--port-base).
 SCALING_SECONDS ?= 10
