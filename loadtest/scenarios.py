@@ -94,6 +94,17 @@ async def open_funded_customers(
     )
 
 
+async def transfer(stubs: Stubs, transfer_id: str, debit_account_id: str, credit_account_id: str, rng: random.Random) -> None:
+    """One bench Transfer call of a small random amount."""
+    await stubs.payments.Transfer(
+        payments_pb2.TransferRequest(
+            transfer_id=transfer_id, debit_account_id=debit_account_id, credit_account_id=credit_account_id,
+            amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX), currency=CURRENCY, reference="bench",
+        ),
+        timeout=CALL_TIMEOUT_SECONDS,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class SameShardTransfers:
     """Random customer -> customer transfers of small amounts, all on one shard."""
@@ -109,17 +120,7 @@ class SameShardTransfers:
 
     async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> None:
         debit_account_id, credit_account_id = rng.sample(self.account_ids, 2)
-        await stubs.payments.Transfer(
-            payments_pb2.TransferRequest(
-                transfer_id=f"{self.run_id}:{worker_label}:{sequence}",
-                debit_account_id=debit_account_id,
-                credit_account_id=credit_account_id,
-                amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX),
-                currency=CURRENCY,
-                reference="bench",
-            ),
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
+        await transfer(stubs, f"{self.run_id}:{worker_label}:{sequence}", debit_account_id, credit_account_id, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,17 +168,7 @@ class UniformPairTransfers:
 
     async def call(self, stubs: Stubs, worker_label: str, sequence: int, rng: random.Random) -> None:
         debit_account_id, credit_account_id = self.pairs.draw(rng)
-        await stubs.payments.Transfer(
-            payments_pb2.TransferRequest(
-                transfer_id=f"{self.run_id}:{worker_label}:{sequence}",
-                debit_account_id=debit_account_id,
-                credit_account_id=credit_account_id,
-                amount_minor=rng.randint(1, TRANSFER_AMOUNT_MINOR_MAX),
-                currency=CURRENCY,
-                reference="bench",
-            ),
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
+        await transfer(stubs, f"{self.run_id}:{worker_label}:{sequence}", debit_account_id, credit_account_id, rng)
 
 
 @dataclasses.dataclass(frozen=True)

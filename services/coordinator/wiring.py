@@ -12,11 +12,9 @@ from services.coordinator.clearing import clearing_account_id
 from services.coordinator.driver import TransferDriver
 from services.group_commit import GroupCommitter
 from services.ledger import errors
-from services.ledger.coordination import CancelCause, CoordinatorState
 from services.ledger.limits import TierLimits
-from services.ledger.transfers import TransferRequest
 from services.storage.shard_store import ShardStore
-from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, Settled, TccRecord, TccStore
+from services.storage.tcc_store import BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, TccStore
 from sharding.router import ShardRouter
 
 
@@ -24,8 +22,8 @@ class BatchingTccStore(TccStore):
     """A shard's TCC store whose branch operations, from all the transfers this process drives
     at once, share transactions: group commit per shard and phase (services/group_commit.py).
     Each transfer keeps its own barrier rows and outcome, and its own error: the list
-    operations answer one outcome or LedgerError per item, as separate jobs would. The
-    other operations are TccStore's."""
+    operations answer one outcome or LedgerError per item, as separate jobs would (the
+    single-item operations, TccStore's, go through them). The other operations are TccStore's."""
 
     def __init__(self, store: ShardStore, limits: TierLimits) -> None:
         super().__init__(store)
@@ -51,12 +49,6 @@ class BatchingTccStore(TccStore):
     async def _each(committer: GroupCommitter, items: list, timeout_seconds: float) -> list:
         return await committer.submit_each(items, asyncio.get_running_loop().time() + timeout_seconds)
 
-    async def _one(self, committer: GroupCommitter, item, timeout_seconds: float):
-        (outcome,) = await self._each(committer, [item], timeout_seconds)
-        if isinstance(outcome, errors.LedgerError):
-            raise outcome
-        return outcome
-
     async def begin_many(self, items: list[BeginItem], limits: TierLimits, timeout_seconds: float) -> list:
         return await self._each(self._begins, items, timeout_seconds)
 
@@ -68,23 +60,6 @@ class BatchingTccStore(TccStore):
 
     async def settle_debits(self, items: list[SettleDebitItem], timeout_seconds: float) -> list:
         return await self._each(self._debit_settles, items, timeout_seconds)
-
-    async def begin(
-        self, request: TransferRequest, credit_shard: str, clearing_account_id: str, limits: TierLimits,
-        owner: str, lease_seconds: float, pending_timeout_seconds: float, timeout_seconds: float,
-        register_id_here: bool = False,
-    ) -> Begun:
-        item = BeginItem(request, credit_shard, clearing_account_id, owner, lease_seconds, pending_timeout_seconds, register_id_here)
-        return await self._one(self._begins, item, timeout_seconds)
-
-    async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
-        return await self._one(self._credit_settles, SettleCreditItem(record, clearing_account_id), timeout_seconds)
-
-    async def block_credit(self, record: TccRecord, cause: CancelCause, timeout_seconds: float) -> str:
-        return await self._one(self._credit_blocks, BlockCreditItem(record, cause), timeout_seconds)
-
-    async def settle_debit(self, record: TccRecord, final_state: CoordinatorState, reason: str, timeout_seconds: float) -> Settled:
-        return await self._one(self._debit_settles, SettleDebitItem(record, final_state, reason), timeout_seconds)
 
 
 def tcc_for_shard(router: ShardRouter[ShardStore], limits: TierLimits | None = None) -> Callable[[str], TccStore]:

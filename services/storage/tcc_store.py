@@ -585,13 +585,13 @@ class TccStore:
         return _raised_or_returned((await self.begin_many([item], limits, timeout_seconds))[0])
 
     async def settle_credit(self, record: TccRecord, clearing_account_id: str, limits: TierLimits, timeout_seconds: float) -> str:
-        return (await self.settle_credits([SettleCreditItem(record, clearing_account_id)], limits, timeout_seconds))[0]
+        return _raised_or_returned((await self.settle_credits([SettleCreditItem(record, clearing_account_id)], limits, timeout_seconds))[0])
 
     async def block_credit(self, record: TccRecord, cause: CancelCause, timeout_seconds: float) -> str:
-        return (await self.block_credits([BlockCreditItem(record, cause)], timeout_seconds))[0]
+        return _raised_or_returned((await self.block_credits([BlockCreditItem(record, cause)], timeout_seconds))[0])
 
     async def settle_debit(self, record: TccRecord, final_state: CoordinatorState, reason: str, timeout_seconds: float) -> Settled:
-        return (await self.settle_debits([SettleDebitItem(record, final_state, reason)], timeout_seconds))[0]
+        return _raised_or_returned((await self.settle_debits([SettleDebitItem(record, final_state, reason)], timeout_seconds))[0])
 
     async def renew_lease(self, record: TccRecord, lease_seconds: float, timeout_seconds: float) -> bool:
         async with self.store.session(timeout_seconds) as session:
@@ -660,6 +660,8 @@ class TccStore:
 
 
 def _raised_or_returned(result):
+    """A list operation's outcome for one item: an error is raised (a subclass, BatchingTccStore,
+    answers errors per item)."""
     if isinstance(result, errors.LedgerError):
         raise result
     return result
