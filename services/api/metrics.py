@@ -42,8 +42,3 @@ BATCH_TRANSFERS = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
 OVERLOADED = Counter("corebank_overloaded", "Calls refused with OVERLOADED because a shard's queue was full or slow", ["shard"])
-# One per batch of statements sent (Session.run), whichever layer sent it: `make bench` divides
-# its increase by the transfers of a window to report round trips per transfer.
-DB_ROUND_TRIPS = Counter(
-    "corebank_db_round_trips", "Batches of statements sent to a shard, one round trip each", ["shard"]
-)

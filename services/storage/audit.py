@@ -42,7 +42,7 @@ from collections.abc import Iterable
 import psycopg
 
 from services.ledger.accounts import AccountKind
-from services.ledger.coordination import FINAL_STATES, CoordinatorState
+from services.ledger.coordination import FINAL_STATES, BarrierOperation, CoordinatorState
 from services.ledger import ids
 from services.ledger.ids import IdNamespace
 from services.ledger.transfers import Branch, TransferStatus
@@ -113,6 +113,9 @@ class Invariant(enum.StrEnum):
     TRANSFER_ID_REUSED = "transfer_id_names_several_transfers"
     ID_NOT_REGISTERED = "transfer_id_not_registered"
     ID_REGISTRY_DIFFERS = "transfer_differs_from_registry"
+    # Undone after its debit was reserved, with no refusal or cancel stored on the credit shard:
+    # nothing keeps a late credit try from applying ("no hanging").
+    UNDONE_WITHOUT_CREDIT_DECISION = "undone_without_credit_decision"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +217,9 @@ REGISTERED_TRANSFER_IDS = f"SELECT id, fields FROM id_registry WHERE namespace =
 # Fresh reads of suspicious transfers.
 RECORDS_OF = f"{RECORDS} WHERE transfer_id = ANY(%s)"
 BRANCHES_OF = f"{TRANSFER_ROWS} WHERE transfer_id = ANY(%s) AND branch = %s"
+CREDIT_TRY_OUTCOMES_OF = f"""
+    SELECT transfer_id, outcome FROM tcc_barriers
+    WHERE transfer_id = ANY(%s) AND branch = {int(Branch.CREDIT)} AND operation = '{BarrierOperation.TRY}'"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,6 +602,42 @@ def _read_credit_branches(shards: list[dict], transfer_ids: list[str]) -> dict[s
     return found
 
 
+def _read_credit_try_outcomes(shards: list[dict], ids_by_shard: dict[str, list[str]]) -> dict[str, str]:
+    """The stored credit try outcome of each transfer, read on the credit shard its record names."""
+    found = {}
+    for shard in shards:
+        transfer_ids = ids_by_shard.get(shard["name"])
+        if not transfer_ids:
+            continue
+        try:
+            with _connect(shard["name"], shard["dsn"]) as connection:
+                for chunk in _chunks(transfer_ids):
+                    found.update(connection.execute(CREDIT_TRY_OUTCOMES_OF, [chunk]).fetchall())
+        except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
+            raise ShardUnreadable(shard["name"], error) from error
+    return found
+
+
+def undone_without_credit_decision(records: dict[str, Record], debits: dict[str, Row], shards: list[dict]) -> list[Violation]:
+    """A transfer undone after its debit was reserved (its debit branch VOIDED) was undone on the
+    credit shard's word: a refusal, or a cancel stored in the credit try's place, which keeps a
+    late try from ever applying. Final records never change, and that row is written before the
+    record goes final, so one later read is sound."""
+    undone = {
+        transfer_id: record for transfer_id, record in records.items()
+        if record.state in UNDONE_STATES and transfer_id in debits and debits[transfer_id].status == TransferStatus.VOIDED
+    }
+    ids_by_shard: dict[str, list[str]] = collections.defaultdict(list)
+    for transfer_id, record in undone.items():
+        ids_by_shard[record.credit_shard].append(transfer_id)
+    stored = _read_credit_try_outcomes(shards, ids_by_shard) if undone else {}
+    return [
+        Violation(Invariant.UNDONE_WITHOUT_CREDIT_DECISION, record.credit_shard, transfer_id,
+                  f"record {record.state.name} with its debit released, but no credit try outcome is stored")
+        for transfer_id, record in sorted(undone.items()) if transfer_id not in stored
+    ]
+
+
 def _read_records_and_debit_branches(shards: list[dict], transfer_ids: list[str]) -> tuple[dict[str, Record], dict[str, Row]]:
     records, debits = {}, {}
     for shard in shards:
@@ -669,6 +711,8 @@ def audit_cluster(shards: list[dict]) -> ClusterAudit:
                 transfer_id, fresh_records.get(transfer_id), fresh_debits.get(transfer_id),
                 credits_before.get(transfer_id), credits_after.get(transfer_id),
             )
+
+    findings += undone_without_credit_decision(records, debits, shards)
 
     # The clearing accounts of all shards net to what is in flight. Per shard that is an
     # identity checked inside one snapshot; summed, and with every posted credit branch

@@ -21,7 +21,7 @@ import psycopg.errors
 import psycopg_pool
 from psycopg.pq import ExecStatus, TransactionStatus
 
-from services.api.metrics import DB_ROUND_TRIPS
+from services.storage.metrics import DB_ROUND_TRIPS
 from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
 from services.ledger.transfers import Branch, Transfer, TransferStatus

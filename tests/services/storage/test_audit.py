@@ -104,7 +104,14 @@ def seeded(ledger, shard_map):
     between = ledger.transfer(payer.account_id, far_payee.account_id, 200)
     collected = ledger.transfer(payer.account_id, merchant.account_id, 300)
     assert {t.status for t in (same_shard, between, collected)} == {transfers_pb2.POSTED}
+    # Refused by the credit side after the debit was reserved: undone on the credit shard's word.
+    frozen_payee = ledger.open(shard=second)
+    ledger.accounts.UpdateAccountStatus(accounts_pb2.UpdateAccountStatusRequest(account_id=frozen_payee.account_id, status=accounts_pb2.FROZEN))
+    refused_between = ledger.unique_id("refused-between")
+    with pytest.raises(grpc.RpcError):
+        ledger.transfer(payer.account_id, frozen_payee.account_id, 50, transfer_id=refused_between)
     return {
+        "refused_between": refused_between,
         "payer": payer.account_id, "same_shard_payee": same_shard_payee.account_id, "far_payee": far_payee.account_id,
         "same_shard": same_shard.transfer_id, "between": between.transfer_id, "collected": collected.transfer_id,
         "first": first, "second": second,
@@ -407,6 +414,14 @@ def test_a_posted_record_with_a_pending_credit_branch_is_seen(scratch, seeded):
     assert subjects(audit, Invariant.RECORD_VS_CREDIT_BRANCH) == {seeded["between"]}
     assert invariants(audit) == {Invariant.RECORD_VS_CREDIT_BRANCH}
     assert audit.figures.rechecked_transfers >= 1
+
+
+def test_an_undone_transfer_without_a_stored_credit_decision_is_seen(scratch, seeded):
+    """Its debit was released, but nothing on the credit shard stops a late try from applying."""
+    scratch.execute(seeded["second"], "DELETE FROM tcc_barriers WHERE transfer_id = %s", [seeded["refused_between"]])
+    audit = scratch.audit()
+    assert subjects(audit, Invariant.UNDONE_WITHOUT_CREDIT_DECISION) == {seeded["refused_between"]}
+    assert invariants(audit) == {Invariant.UNDONE_WITHOUT_CREDIT_DECISION}
 
 
 def test_a_record_that_disagrees_with_its_debit_branch_is_seen(scratch, seeded):
