@@ -415,7 +415,7 @@ class LedgerService:
 
     def _admit_between_shards(self, count: int) -> int:
         """How many of `count` new transfers between shards this process takes on now (the rest
-        get OVERLOADED); the caller gives them back with _release_between_shards."""
+        get OVERLOADED); the caller takes them off `_cross_shard_in_flight` when it is done."""
         room = min(CROSS_SHARD_IN_FLIGHT_MAX - self._cross_shard_in_flight, DRIVES_IN_FLIGHT_MAX - len(self._drives))
         admitted = max(0, min(count, room))
         self._cross_shard_in_flight += admitted

@@ -29,7 +29,7 @@ from services.ledger import errors
 from services.ledger.coordination import FINAL_STATES, CancelCause, CoordinatorState, TryOutcome, parse_try_outcome
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Transfer, TransferRequest
-from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, TccRecord
+from services.storage.tcc_store import Begun, BeginItem, BlockCreditItem, SettleCreditItem, SettleDebitItem, Settled, TccRecord
 
 # A driver owns a transfer for this long without renewing; a dead driver's
 # transfers are taken over at most LEASE_SECONDS + recovery's scan interval later.
@@ -175,20 +175,17 @@ class TransferDriver:
                 alone[transfer_id] = (steps[transfer_id], faults.get(transfer_id, ""))
             return
         if action is Action.SETTLE_CREDIT:
-            now = self.clock.now()
-            for transfer_id in [t for t in transfer_ids if latest[t].pending_expires_at <= now]:
+            expired = {t for t in transfer_ids if self._expired(latest[t])}
+            for transfer_id in expired:
                 steps[transfer_id] = transition(steps[transfer_id], Event.PENDING_EXPIRED)
-                transfer_ids = [t for t in transfer_ids if t != transfer_id]
+            transfer_ids = [t for t in transfer_ids if t not in expired]
         if not transfer_ids:
             return
         records = [latest[transfer_id] for transfer_id in transfer_ids]
         try:
             tcc = self.tcc(shard)  # a shard the map no longer has is a permanent fault of these items
             if action is Action.SETTLE_CREDIT:
-                outcomes = await tcc.settle_credits(
-                    [SettleCreditItem(r, self.clearing_account_id_for(shard, r.currency, r.transfer_id)) for r in records],
-                    self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS,
-                )
+                outcomes = await tcc.settle_credits([self._settle_credit_item(r) for r in records], self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS)
             elif action is Action.BLOCK_CREDIT:
                 outcomes = await tcc.block_credits(
                     [BlockCreditItem(r, CancelCause(steps[r.transfer_id].reason)) for r in records], PARTICIPANT_CALL_TIMEOUT_SECONDS
@@ -216,8 +213,7 @@ class TransferDriver:
                 steps[transfer_id] = transition(step, _CREDIT_EVENTS[outcome_kind], reason)
             elif outcome.record is None:
                 alone[transfer_id] = (step, faults.get(transfer_id, ""))  # lost the compare-and-set: drive() finds out why
-            elif action is Action.CONFIRM_DEBIT and outcome.branch.barrier_new and not outcome.branch.moved:
-                fault = errors.InternalFault(f"debit branch of {transfer_id} was not pending when confirmed")  # see _settle_debit
+            elif (fault := _unapplied_confirm(record, action is Action.CONFIRM_DEBIT, outcome)) is not None:
                 faults[transfer_id] = self._count_fault(step, record, fault)
                 steps[transfer_id] = transition(step, Event.PARTICIPANT_FAULT, faults[transfer_id])
             else:
@@ -293,10 +289,10 @@ class TransferDriver:
         if action in CREDIT_ACTIONS:
             credit = self.tcc(record.credit_shard)
             if action is Action.SETTLE_CREDIT:
-                if record.pending_expires_at <= self.clock.now():
+                if self._expired(record):
                     return Event.PENDING_EXPIRED, "", record
-                clearing = self.clearing_account_id_for(record.credit_shard, record.currency, record.transfer_id)
-                stored = await credit.settle_credit(record, clearing, self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS)
+                item = self._settle_credit_item(record)
+                stored = await credit.settle_credit(record, item.clearing_account_id, self.limits, PARTICIPANT_CALL_TIMEOUT_SECONDS)
             else:
                 stored = await credit.block_credit(record, CancelCause(step.reason), PARTICIPANT_CALL_TIMEOUT_SECONDS)
             crash_points.reached(crash_points.AFTER_CREDIT)
@@ -314,6 +310,13 @@ class TransferDriver:
             return Event.FAULT_RECORDED, "", dataclasses.replace(record, fault=fault)
         raise AssertionError(f"no handler for {action}")
 
+    def _expired(self, record: TccRecord) -> bool:
+        """Past the pending timeout on this driver's clock: block the credit try rather than send it."""
+        return record.pending_expires_at <= self.clock.now()
+
+    def _settle_credit_item(self, record: TccRecord) -> SettleCreditItem:
+        return SettleCreditItem(record, self.clearing_account_id_for(record.credit_shard, record.currency, record.transfer_id))
+
     @staticmethod
     def _final_state(confirm: bool, reason: str) -> CoordinatorState:
         return CoordinatorState.POSTED if confirm else final_state_after_cancel(reason)
@@ -323,10 +326,9 @@ class TransferDriver:
         debit = self.tcc(self._debit_shard(record))
         settled = await debit.settle_debit(record, final_state, reason, PARTICIPANT_CALL_TIMEOUT_SECONDS)
         if settled.record is not None:
-            if confirm and settled.branch.barrier_new and not settled.branch.moved:
-                # A confirm that wrote its barrier must have found the reserved debit branch:
-                # the decided transfer cannot be applied. A bug; recorded as a fault.
-                raise errors.InternalFault(f"debit branch of {record.transfer_id} was not pending when confirmed")
+            fault = _unapplied_confirm(record, confirm, settled)
+            if fault is not None:
+                raise fault
             crash_points.reached(crash_points.AFTER_DEBIT)
             return Event.FINISHED, "", settled.record
         # Lost the compare-and-set: an earlier attempt of ours may have committed before its
@@ -369,6 +371,14 @@ class TransferDriver:
                 return record
             await self.clock.sleep(delay_seconds)
             delay_seconds = min(delay_seconds * 2, POLL_INTERVAL_SECONDS_MAX)
+
+
+def _unapplied_confirm(record: TccRecord, confirm: bool, settled: Settled) -> errors.InternalFault | None:
+    """A confirm that won its compare-and-set and wrote its barrier must have found the reserved
+    debit branch; if not, the decided transfer cannot be applied: a bug, recorded as a fault."""
+    if confirm and settled.record is not None and settled.branch.barrier_new and not settled.branch.moved:
+        return errors.InternalFault(f"debit branch of {record.transfer_id} was not pending when confirmed")
+    return None
 
 
 def outcome(record: TccRecord) -> Transfer:

@@ -392,7 +392,7 @@ class Session:
                     raise
                 await self.release()
                 await self.connect()
-            except psycopg.Error as error:
+            except psycopg.Error as error:  # every database error passes on; this only looks for a stale statement
                 if is_stale_prepared_statement(error):
                     # Closed, so that the pool replaces it with a connection that prepares afresh.
                     await self.connection.close()

@@ -268,40 +268,36 @@ class BeginItem:
 
 
 @dataclasses.dataclass(frozen=True)
-class SettleCreditItem:
+class _RecordItem:
+    """An operation on a transfer that has its record already."""
+
+    record: TccRecord
+
+    @property
+    def transfer_id(self) -> str:
+        return self.record.transfer_id
+
+
+@dataclasses.dataclass(frozen=True)
+class SettleCreditItem(_RecordItem):
     """Try and confirm a credit branch in one local transaction (on the credit shard)."""
 
-    record: TccRecord
     clearing_account_id: str
 
-    @property
-    def transfer_id(self) -> str:
-        return self.record.transfer_id
-
 
 @dataclasses.dataclass(frozen=True)
-class BlockCreditItem:
+class BlockCreditItem(_RecordItem):
     """Store a cancel, with its cause, in a credit try's place (on the credit shard)."""
 
-    record: TccRecord
     cause: CancelCause
-
-    @property
-    def transfer_id(self) -> str:
-        return self.record.transfer_id
 
 
 @dataclasses.dataclass(frozen=True)
-class SettleDebitItem:
+class SettleDebitItem(_RecordItem):
     """Finish a record with its debit branch: confirm to POSTED, or cancel to REJECTED or VOIDED."""
 
-    record: TccRecord
     final_state: CoordinatorState
     reason: str = ""
-
-    @property
-    def transfer_id(self) -> str:
-        return self.record.transfer_id
 
     @property
     def confirm(self) -> bool:
@@ -337,23 +333,18 @@ def _columns(rows: list[tuple]) -> list[list]:
     return [list(column) for column in zip(*rows)]
 
 
-def _reserve(accounts: dict[str, Account], changes: dict[str, list[int]], account_id: str, debits: int, credits: int) -> None:
-    """A reservation planned in this transaction: the tentative account state for the next
-    item's rules, and the summed change RESERVE writes."""
-    account = accounts[account_id]
-    accounts[account_id] = dataclasses.replace(
-        account, debits_pending_minor=account.debits_pending_minor + debits, credits_pending_minor=account.credits_pending_minor + credits
-    )
-    change = changes.setdefault(account_id, [0, 0])
-    change[0] += debits
-    change[1] += credits
+# The counters a planned change moves (_plan).
+RESERVED_COUNTERS, POSTED_COUNTERS = "pending", "posted"
 
 
-def _post(accounts: dict[str, Account], changes: dict[str, list[int]], account_id: str, debits: int, credits: int) -> None:
-    """A posting planned in this transaction, as _reserve plans a reservation."""
+def _plan(accounts: dict[str, Account], changes: dict[str, list[int]], account_id: str, debits: int, credits: int, counters: str) -> None:
+    """A change planned in this transaction to an account's `counters` ("pending": a reservation,
+    RESERVE; "posted": a posting, APPLY_BALANCE_CHANGES): the tentative account state for the
+    next item's rules, and the summed change the statement writes."""
     account = accounts[account_id]
+    debits_field, credits_field = f"debits_{counters}_minor", f"credits_{counters}_minor"
     accounts[account_id] = dataclasses.replace(
-        account, debits_posted_minor=account.debits_posted_minor + debits, credits_posted_minor=account.credits_posted_minor + credits
+        account, **{debits_field: getattr(account, debits_field) + debits, credits_field: getattr(account, credits_field) + credits}
     )
     change = changes.setdefault(account_id, [0, 0])
     change[0] += debits
@@ -475,8 +466,8 @@ class TccStore:
                     item.clearing_account_id, refused,
                 ))
                 if not refused:
-                    _reserve(accounts, changes, request.debit_account_id, amount, 0)
-                    _reserve(accounts, changes, item.clearing_account_id, 0, amount)
+                    _plan(accounts, changes, request.debit_account_id, amount, 0, RESERVED_COUNTERS)
+                    _plan(accounts, changes, item.clearing_account_id, 0, amount, RESERVED_COUNTERS)
             if not record_rows:
                 if registrations:
                     await session.run(COMMIT)
@@ -528,8 +519,8 @@ class TccStore:
                         record.transfer_id, record.debit_account_id, record.credit_account_id, record.amount_minor, record.currency,
                         record.reference, int(TransferStatus.POSTED), "", CREDIT_BRANCH, item.clearing_account_id, True,
                     ))
-                    _post(accounts, changes, record.credit_account_id, 0, record.amount_minor)
-                    _post(accounts, changes, item.clearing_account_id, record.amount_minor, 0)
+                    _plan(accounts, changes, record.credit_account_id, 0, record.amount_minor, POSTED_COUNTERS)
+                    _plan(accounts, changes, item.clearing_account_id, record.amount_minor, 0, POSTED_COUNTERS)
             if barrier_rows:
                 # Plain inserts: a barrier row a racing copy (or a cancel) stored first is a
                 # KeyTaken, and the round is planned again with that row's outcome.
