@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 async def prepare_session(connection: psycopg.AsyncConnection) -> None:
     """Each new pooled connection prepares the hot statements once (services/storage/prepared.py)."""
-    await psycopg.AsyncClientCursor(connection).execute(prepared.session_setup())
+    cursor = psycopg.AsyncClientCursor(connection)
+    for statement in prepared.session_setup():
+        await cursor.execute(statement)
 
 
 async def open_shard_store(shard: Shard) -> ShardStore:

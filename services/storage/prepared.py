@@ -4,7 +4,7 @@ PostgreSQL plans a statement every time it arrives as text, and the batches of t
 layer are sent as text (one multi-statement round trip, services/storage/shard_store.py).
 Planning the TCC statements' chains of CTEs costs about 2 ms of database CPU, several
 times what running them costs. So every pooled connection PREPAREs the hot statements
-when it opens (`SESSION_SETUP`, run by the pool's configure callback) and the batches
+when it opens (`session_setup()`, run by the pool's configure callback) and the batches
 send `EXECUTE name(...)` instead: the same multi-statement round trip, no planning.
 
 `prepared(name, sql)` returns the EXECUTE text, a str that binds the same parameters as
@@ -56,6 +56,10 @@ def statements() -> dict[str, Prepared]:
     return dict(_STATEMENTS)
 
 
-def session_setup() -> str:
-    """What a new connection runs once: generic plans, then every registered PREPARE."""
-    return ";\n".join(["SET plan_cache_mode = force_generic_plan", *(statement.definition for statement in _STATEMENTS.values())])
+def session_setup() -> list[str]:
+    """What a new connection runs once, statement by statement: generic plans, then every
+    registered PREPARE. Not as one batch: a multi-statement batch is one transaction, and
+    preparing takes the locks its statement would (a share lock on accounts for one, a write
+    lock on it for a later one), held to the end. Right after a shard restart, while `make up`
+    applies the schema (DROP TRIGGER waits for an exclusive lock), that upgrade deadlocked."""
+    return ["SET plan_cache_mode = force_generic_plan", *(statement.definition for statement in _STATEMENTS.values())]
