@@ -9,6 +9,8 @@ Everything lives under one state folder (default .corebank):
     cluster.json            endpoints and pids, rewritten by every `up`
     shards/shard-N/         PostgreSQL data dir, log and unix socket of shard N
     etcd/                   etcd's data dir
+    secrets/                0700: a libpq passfile per database role (0600), made at the first `up`
+    auth/                   0700: the cluster's CA, a certificate per process, token signing keys
     logs/, run/             logs and pid files of etcd and the gRPC workers
 
 Port plan from the port base B: gRPC B; etcd client B+1, peer B+2; metrics of
@@ -45,7 +47,9 @@ from typing import Protocol
 from deploy import processes
 from deploy.coordinator import Coordinator
 from deploy.etcd import Etcd
-from deploy.grpc_worker import GrpcWorker
+from deploy.grpc_worker import PROBE_CERTIFICATE, GrpcWorker
+from services.auth import auth_dir
+from deploy import postgres
 from deploy.postgres import PostgresShard
 
 DEFAULT_STATE_DIR = ".corebank"
@@ -74,7 +78,12 @@ PORT_MAX = 65535
 LOCK_TIMEOUT_SECONDS = 300
 SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS = 30
 
+# cluster.json's client certificate and admin token (the subject tools act as).
+ADMIN_CLIENT_CERTIFICATE = "admin"
+ADMIN_SUBJECT = "cluster-admin"
+
 SETTINGS_FILE = "cluster-settings.json"
+PRIVATE_FILE_MODE = 0o600
 CLUSTER_FILE = "cluster.json"
 LOCK_FILE = ".lock"
 
@@ -154,9 +163,12 @@ class ProcessStatus:
 
 
 def write_json_atomically(path: pathlib.Path, data: object) -> None:
-    # A reader (a test, the bench) never sees a half-written file.
+    """Readable by its owner only (cluster.json holds the admin token); a reader (a test, the
+    bench) never sees a half-written file."""
     scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(json.dumps(data, indent=2) + "\n")
+    scratch.unlink(missing_ok=True)
+    with os.fdopen(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE), "w") as file:
+        file.write(json.dumps(data, indent=2) + "\n")
     scratch.replace(path)
 
 
@@ -234,6 +246,10 @@ class Cluster:
     def run_dir(self) -> pathlib.Path:
         return self.state_dir / "run"
 
+    @property
+    def auth_dir(self) -> pathlib.Path:
+        return auth_dir(self.state_dir)
+
     def exists(self) -> bool:
         return self.settings_path.exists()
 
@@ -248,6 +264,7 @@ class Cluster:
                 name=f"shard-{index}",
                 shard_dir=self.state_dir / "shards" / f"shard-{index}",
                 port=self.settings.port_base + POSTGRES_PORT_OFFSET + index,
+                secrets_dir=postgres.secrets_dir(self.state_dir),
             )
             for index in range(self.settings.shard_count)
         ]
@@ -270,6 +287,7 @@ class Cluster:
             etcd_endpoint=self.etcd.endpoint,
             log_path=self.logs_dir / f"grpc-{index}.log",
             pid_path=self.run_dir / f"grpc-{index}.pid",
+            auth_dir=self.auth_dir,
         )
 
     @property
@@ -335,6 +353,7 @@ class Cluster:
                 list(executor.map(self._up_shard, self.shards))
             self._start_etcd()
             self._bootstrap_shard_map()
+            self._ensure_identities()
             for worker in self._surplus_grpc_workers():
                 log.info("stopping %s (GRPC_WORKERS is now %d)", worker.name, self.settings.grpc_workers)
                 worker.stop()
@@ -356,6 +375,33 @@ class Cluster:
             write_json_atomically(self.cluster_json_path, description)
             log.info("cluster up in %.1fs", time.monotonic() - started_seconds)
             return description
+
+    def _ensure_identities(self) -> None:
+        """The CA, a certificate per process and per client of ours, and a token signing key."""
+        from services.auth import pki, tokens
+
+        authority = pki.CertificateAuthority(self.auth_dir)
+        for worker in self.grpc_workers:
+            authority.issue(worker.name, server=True)
+        for coordinator in self.coordinators:
+            authority.issue(coordinator.name)
+        for client in (ADMIN_CLIENT_CERTIFICATE, PROBE_CERTIFICATE):
+            authority.issue(client)
+        tokens.ensure_signing_key(self.auth_dir)
+
+    def _auth_description(self) -> dict:
+        """cluster.json's "auth": what any tool needs to call the cluster as admin."""
+        from services.auth import pki, tokens
+        from services.ledger.access import Role
+
+        authority = pki.CertificateAuthority(self.auth_dir)
+        client = authority.paths(ADMIN_CLIENT_CERTIFICATE)
+        return {
+            "ca_cert": str(authority.cert_path),
+            "client_cert": str(client.cert),
+            "client_key": str(client.key),
+            "admin_token": tokens.mint(self.auth_dir, Role.ADMIN, ADMIN_SUBJECT, tokens.TOKEN_TTL_SECONDS_MAX),
+        }
 
     def _up_shard(self, shard: PostgresShard) -> None:
         shard.init()
@@ -399,7 +445,7 @@ class Cluster:
         coordinator.spawn()
 
     def _bootstrap_shard_map(self) -> None:
-        from sharding.etcd_shard_map import bootstrap, etcd_client
+        from sharding.etcd_shard_map import bootstrap, etcd_client, publish
         from sharding.shard_map import Shard, ShardMap
 
         proposed = ShardMap.evenly([Shard(shard.name, shard.dsn) for shard in self.shards])
@@ -407,7 +453,12 @@ class Cluster:
         async def run() -> ShardMap:
             client = etcd_client(self.etcd.endpoint)
             try:
-                return await asyncio.wait_for(bootstrap(client, proposed), SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS)
+                current = await asyncio.wait_for(bootstrap(client, proposed), SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS)
+                if postgres.only_passfiles_added(current.shards, proposed.shards):
+                    # A map stored before the database roles had passwords: same shards, now with their passfiles.
+                    current = dataclasses.replace(current, version=current.version + 1, shards=proposed.shards)
+                    await asyncio.wait_for(publish(client, current), SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS)
+                return current
             finally:
                 await client.close()
 
@@ -461,7 +512,12 @@ class Cluster:
             "etcd_endpoint": self.etcd.endpoint,
             "metrics_endpoints": [worker.metrics_endpoint for worker in workers],
             "shards": [
-                {"name": s.name, "dsn": s.dsn, "pid": s.pid(), "port": s.port, "data_dir": str(s.data_dir)}
+                {
+                    "name": s.name, "dsn": s.dsn, "pid": s.pid(), "port": s.port, "data_dir": str(s.data_dir),
+                    # Each role's own DSN (services/storage/roles.py); "dsn" is the service role's.
+                    # Passwords stay in the passfiles the DSNs name; the superuser only on the socket.
+                    "owner_dsn": s.owner_dsn, "auditor_dsn": s.auditor_dsn, "superuser_dsn": s.superuser_dsn(),
+                }
                 for s in shards
             ],
             "processes": [
@@ -474,6 +530,7 @@ class Cluster:
                 ),
             ],
             "state_dir": str(self.state_dir),
+            "auth": self._auth_description(),
         }
 
     # One process at a time (fault injection in tests).

@@ -42,7 +42,7 @@ class Etcd(processes.PidFileProcess):
 
     def is_healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:  # nosec B310 # a literal http:// URL to a cluster endpoint
                 return json.loads(response.read()).get("health") == "true"
         except (OSError, ValueError):
             return False

@@ -20,12 +20,23 @@ from deploy import processes
 HOST = "127.0.0.1"
 SERVER_MODULE = "services.server"
 HEALTH_TIMEOUT_SECONDS = 2
+# The client certificate `make up` and `make status` probe health with.
+PROBE_CERTIFICATE = "deploy"
 
 
+def probe_credentials(auth_dir: pathlib.Path) -> grpc.ChannelCredentials:
+    """TLS with the deploy tool's own client certificate: health checks need no token."""
+    from services.auth import pki
+    from services.auth.client import ClientTls
 
-def grpc_is_serving(endpoint: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> bool:
-    """grpc.health.v1 Check for the whole server (service "") answers SERVING."""
-    with grpc.insecure_channel(endpoint) as channel:
+    authority = pki.CertificateAuthority(auth_dir)
+    paths = authority.paths(PROBE_CERTIFICATE)
+    return ClientTls.from_paths(authority.cert_path, paths.cert, paths.key).credentials()
+
+
+def grpc_is_serving(endpoint: str, auth_dir: pathlib.Path, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> bool:
+    """grpc.health.v1 Check for the whole server (service "") answers SERVING, over mTLS."""
+    with grpc.secure_channel(endpoint, probe_credentials(auth_dir)) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_seconds
@@ -37,7 +48,7 @@ def grpc_is_serving(endpoint: str, timeout_seconds: float = HEALTH_TIMEOUT_SECON
 
 def metrics_answer(endpoint: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=timeout_seconds) as response:
+        with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=timeout_seconds) as response:  # nosec B310 # a literal http:// URL to a cluster endpoint
             return response.status == 200
     except (OSError, ValueError):
         return False
@@ -51,6 +62,7 @@ class GrpcWorker(processes.PythonModuleProcess):
     etcd_endpoint: str
     log_path: pathlib.Path
     pid_path: pathlib.Path
+    auth_dir: pathlib.Path
 
     module = SERVER_MODULE
     name_prefix = "grpc"
@@ -61,7 +73,7 @@ class GrpcWorker(processes.PythonModuleProcess):
 
 
     def is_healthy(self) -> bool:
-        return self.is_running() and metrics_answer(self.metrics_endpoint) and grpc_is_serving(self.endpoint)
+        return self.is_running() and metrics_answer(self.metrics_endpoint) and grpc_is_serving(self.endpoint, self.auth_dir)
 
     def arguments(self) -> list[str]:
         return [
@@ -69,4 +81,6 @@ class GrpcWorker(processes.PythonModuleProcess):
             "--metrics-listen", self.metrics_endpoint,
             "--etcd", self.etcd_endpoint,
             "--process-name", self.name,
+            "--auth-dir", str(self.auth_dir),
+            "--certificate", self.name,
         ]  # fmt: skip

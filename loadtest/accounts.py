@@ -26,6 +26,7 @@ from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.auth.client import Target
 from sharding.shard_map import ShardMap
 
 CURRENCY = "USD"
@@ -68,7 +69,7 @@ def load_shard_map(etcd_endpoint: str) -> ShardMap:
     """The slot map from etcd's JSON gateway: plain HTTP, so it works under gevent too."""
     body = json.dumps({"key": base64.b64encode(SHARD_MAP_KEY).decode()}).encode()
     request = urllib.request.Request(f"http://{etcd_endpoint}/v3/kv/range", data=body, method="POST")
-    with urllib.request.urlopen(request, timeout=ETCD_TIMEOUT_SECONDS) as response:
+    with urllib.request.urlopen(request, timeout=ETCD_TIMEOUT_SECONDS) as response:  # nosec B310 # a literal http:// URL to a cluster endpoint
         stored = json.load(response)
     if not stored.get("kvs"):
         raise SystemExit(f"no shard map in etcd at {etcd_endpoint}: is the cluster up?")
@@ -314,7 +315,7 @@ class _RetryingFuture:
 
 
 def open_account_set(
-    grpc_endpoint: str,
+    target: Target,
     etcd_endpoint: str,
     customer_count: int,
     merchant_count: int = 0,
@@ -327,7 +328,7 @@ def open_account_set(
     run_id = run_id or new_run_id()
     shard_map = load_shard_map(etcd_endpoint)
     started = time.monotonic()
-    with grpc.insecure_channel(grpc_endpoint) as channel:
+    with target.channel() as channel:
         grpc.channel_ready_future(channel).result(timeout=SETUP_CALL_TIMEOUT_SECONDS)
         setup = Setup(channel, shard_map, run_id)
         system_by_shard = setup.open_system_accounts()

@@ -213,7 +213,7 @@ def run_all(arguments: argparse.Namespace, cluster: Cluster) -> list[ScenarioRes
         results.append(
             run_scenario(
                 scenario,
-                cluster.grpc_endpoint,
+                cluster.traffic_target(),
                 clients=clients,
                 seconds=arguments.seconds,
                 warmup_seconds=arguments.warmup_seconds,
@@ -254,7 +254,7 @@ def run_half_peak(
     checkpoint(cluster)
     print(f"[bench] {name}: open loop at {rate:.0f}/s", file=sys.stderr)
     return run_open_loop(
-        scenario, cluster.grpc_endpoint, rate, arguments.seconds, arguments.warmup_seconds,
+        scenario, cluster.traffic_target(), rate, arguments.seconds, arguments.warmup_seconds,
         in_flight_max=arguments.half_peak_in_flight_max, watched_pid_by_name=watched_pids(cluster),
         counters=costs.ClusterCounters(cluster),
     )  # fmt: skip

@@ -41,6 +41,7 @@ from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_
 
 from loadtest.accounts import RETRYABLE_CODES, AccountSet, describe_rpc_error
 from loadtest.cluster import load_cluster
+from services.auth.client import Target
 from services.storage.audit import audit_cluster
 
 # Transfers between shards left in doubt become final within the pending timeout
@@ -216,7 +217,7 @@ def check_run(
     )  # fmt: skip
 
     retried: collections.Counter = collections.Counter()
-    with grpc.insecure_channel(cluster_raw["grpc_endpoint"]) as channel:
+    with Target.of_cluster(cluster_raw).channel() as channel:
         sample = rng.sample(acknowledged, min(ACKNOWLEDGED_SAMPLE_SIZE, len(acknowledged)))
         answers = get_transfers(channel, [t.transfer_id for t in sample], retried)
         wrong = [

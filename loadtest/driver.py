@@ -39,6 +39,8 @@ from corebank.v1 import accounts_pb2_grpc, payments_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.auth.client import Target
+
 # A call that takes longer than this counts as DEADLINE_EXCEEDED: a bench must end.
 CALL_TIMEOUT_SECONDS = 10.0
 # Spawned client processes import grpc and connect before the clock starts.
@@ -327,7 +329,7 @@ def _record(sample: _ProcessSample, code: str, outcome: CallOutcome | None, late
 
 
 async def _run_workers(
-    scenario: Scenario, grpc_endpoint: str, worker_labels: list[str], window_start: float, window_end: float
+    scenario: Scenario, target: Target, worker_labels: list[str], window_start: float, window_end: float
 ) -> _ProcessSample:
     sample = _ProcessSample([], collections.Counter(), 0.0)
     async with contextlib.AsyncExitStack() as channels:
@@ -337,7 +339,7 @@ async def _run_workers(
         stubs_by_channel = []
         for _ in range(min(CHANNELS_PER_CLIENT_PROCESS, len(worker_labels))):
             channel = await channels.enter_async_context(
-                grpc.aio.insecure_channel(grpc_endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+                target.channel(aio=True, options=[("grpc.use_local_subchannel_pool", 1)])
             )
             await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_TIMEOUT_SECONDS)
             stubs_by_channel.append(Stubs.for_channel(channel))
@@ -360,7 +362,7 @@ async def _run_workers(
 
 def _client_process_main(
     scenario: Scenario,
-    grpc_endpoint: str,
+    target: Target,
     worker_labels: list[str],
     ready_queue: multiprocessing.Queue,
     window: multiprocessing.Array,
@@ -372,7 +374,7 @@ def _client_process_main(
     if not go.wait(CLIENT_PROCESS_START_TIMEOUT_SECONDS):
         return
     try:
-        sample = asyncio.run(_run_workers(scenario, grpc_endpoint, worker_labels, window[0], window[1]))
+        sample = asyncio.run(_run_workers(scenario, target, worker_labels, window[0], window[1]))
     except Exception as error:  # noqa: BLE001  (any failure goes to the parent, which fails the run)
         sample = _ProcessSample([], collections.Counter(), 0.0, failure=repr(error))
     result_queue.put(sample)
@@ -389,7 +391,7 @@ def _worker_labels(clients: int, client_processes: int) -> list[list[str]]:
 
 def run_scenario(
     scenario: Scenario,
-    grpc_endpoint: str,
+    target: Target,
     clients: int,
     seconds: float,
     warmup_seconds: float,
@@ -408,7 +410,7 @@ def run_scenario(
         window_end = window_start + seconds
 
         async def measured() -> tuple[_ProcessSample, WindowFigures]:
-            run = asyncio.create_task(_run_workers(scenario, grpc_endpoint, labels[0], window_start, window_end))
+            run = asyncio.create_task(_run_workers(scenario, target, labels[0], window_start, window_end))
             await asyncio.sleep(max(0.0, window_start - time.monotonic()))
             await asyncio.to_thread(meter.start)
             await asyncio.sleep(max(0.0, window_end - time.monotonic()))
@@ -418,7 +420,7 @@ def run_scenario(
         sample, figures = asyncio.run(measured())
         samples = [sample]
     else:
-        samples, figures = _run_in_processes(scenario, grpc_endpoint, labels, seconds, warmup_seconds, meter)
+        samples, figures = _run_in_processes(scenario, target, labels, seconds, warmup_seconds, meter)
 
     failures = [sample.failure for sample in samples if sample.failure]
     if failures:
@@ -453,7 +455,7 @@ def run_scenario(
 
 def _run_in_processes(
     scenario: Scenario,
-    grpc_endpoint: str,
+    target: Target,
     labels: list[list[str]],
     seconds: float,
     warmup_seconds: float,
@@ -468,7 +470,7 @@ def _run_in_processes(
     processes = [
         context.Process(
             target=_client_process_main,
-            args=(scenario, grpc_endpoint, process_labels, ready_queue, window, go, result_queue),
+            args=(scenario, target, process_labels, ready_queue, window, go, result_queue),
             daemon=True,
         )
         for process_labels in labels
@@ -505,7 +507,7 @@ OPEN_LOOP_IN_FLIGHT_MAX_DEFAULT = 256
 
 def run_open_loop(
     scenario: Scenario,
-    grpc_endpoint: str,
+    target: Target,
     rate_per_second: float,
     seconds: float,
     warmup_seconds: float,
@@ -542,7 +544,7 @@ def run_open_loop(
             stubs_by_channel = []
             for _ in range(CHANNELS_PER_CLIENT_PROCESS):
                 channel = await channels.enter_async_context(
-                    grpc.aio.insecure_channel(grpc_endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+                    target.channel(aio=True, options=[("grpc.use_local_subchannel_pool", 1)])
                 )
                 await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_TIMEOUT_SECONDS)
                 stubs_by_channel.append(Stubs.for_channel(channel))

@@ -132,7 +132,7 @@ def _open_accounts(environment) -> setup_accounts.AccountSet:
     cluster = load_cluster()
     flash_sale = SCENARIO == "flash-sale"
     return setup_accounts.open_account_set(
-        cluster.grpc_endpoint,
+        cluster.target,
         cluster.etcd_endpoint,
         customer_count=ACCOUNTS,
         merchant_count=1 if flash_sale else 0,
@@ -154,11 +154,11 @@ def _on_init(environment, **_kwargs) -> None:
         for shard_name, ids in Run.accounts.customer_account_ids_by_shard.items()
         for account_id in ids
     }
-    endpoint = load_cluster().grpc_endpoint
+    traffic = load_cluster().traffic_target()
     # A local subchannel pool per channel keeps them on separate connections, so
     # SO_REUSEPORT spreads them over the service's worker processes.
     Run.channels = [
-        grpc.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNEL_COUNT)
+        traffic.channel(options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNEL_COUNT)
     ]
     for channel in Run.channels:
         grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_SECONDS)

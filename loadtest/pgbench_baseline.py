@@ -7,6 +7,7 @@ what the ledger's layers cost on top of the database they sit on.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import resource
@@ -16,7 +17,7 @@ import tempfile
 
 import psycopg
 
-from loadtest.cluster import SUPERUSER, ShardEndpoint
+from loadtest.cluster import ShardEndpoint
 from loadtest.driver import CounterSampler, ScenarioResult, WindowMeter, latency_figures_ms
 
 BASELINE_DATABASE = "pgbench_baseline"
@@ -37,15 +38,26 @@ def pgbench_executable() -> str:
 
 
 def _connection_arguments(shard: ShardEndpoint) -> list[str]:
-    fields = psycopg.conninfo.conninfo_to_dict(shard.dsn)
-    return ["-h", str(fields["host"]), "-p", str(fields["port"]), "-U", SUPERUSER]
+    """pgbench as the shard's owner role over TCP 127.0.0.1, as the service connects (not the socket)."""
+    fields = psycopg.conninfo.conninfo_to_dict(shard.owner_dsn)
+    return ["-h", str(fields["host"]), "-p", str(fields["port"]), "-U", str(fields["user"])]
+
+
+def _environment(shard: ShardEndpoint) -> dict[str, str]:
+    passfile = psycopg.conninfo.conninfo_to_dict(shard.owner_dsn).get("passfile")
+    return {**os.environ, **({"PGPASSFILE": str(passfile)} if passfile else {})}
 
 
 def ensure_database(shard: ShardEndpoint) -> None:
+    owner = psycopg.conninfo.conninfo_to_dict(shard.owner_dsn)["user"]
     with psycopg.connect(shard.superuser_conninfo("postgres"), autocommit=True) as connection:
         exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BASELINE_DATABASE,)).fetchone()
         if exists is None:
-            connection.execute(f'CREATE DATABASE "{BASELINE_DATABASE}"')
+            connection.execute(f'CREATE DATABASE "{BASELINE_DATABASE}" OWNER "{owner}"')  # nosec B608  # names of ours
+        else:
+            connection.execute(f'ALTER DATABASE "{BASELINE_DATABASE}" OWNER TO "{owner}"')  # nosec B608  # names of ours
+    with psycopg.connect(shard.superuser_conninfo(BASELINE_DATABASE), autocommit=True) as connection:
+        connection.execute(f'ALTER SCHEMA public OWNER TO "{owner}"')  # nosec B608  # names of ours
 
 
 def initialise(shard: ShardEndpoint, scale: int) -> None:
@@ -56,6 +68,7 @@ def initialise(shard: ShardEndpoint, scale: int) -> None:
         capture_output=True,
         text=True,
         timeout=PGBENCH_INIT_TIMEOUT_SECONDS,
+        env=_environment(shard),
     )
 
 
@@ -80,6 +93,7 @@ def _run(
         capture_output=True,
         text=True,
         timeout=seconds + PGBENCH_RUN_SLACK_SECONDS,
+        env=_environment(shard),
     )
 
 

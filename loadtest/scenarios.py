@@ -23,7 +23,6 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 
-import grpc
 from corebank.v1 import payments_pb2
 
 from loadtest.accounts import (
@@ -82,7 +81,7 @@ async def open_funded_customers(
     key = (cluster.grpc_endpoint, customer_count)
     if key not in _account_sets:
         _account_sets[key] = await asyncio.to_thread(
-            open_account_set, cluster.grpc_endpoint, cluster.etcd_endpoint, customer_count, run_id=run_id,
+            open_account_set, cluster.target, cluster.etcd_endpoint, customer_count, run_id=run_id,
             log=lambda line: print(f"[bench] {line}", file=sys.stderr),
         )  # fmt: skip
     account_set = _account_sets[key]
@@ -337,7 +336,7 @@ async def prepare_create_transfers_uniform(cluster: Cluster, options: PrepareOpt
 
 def _open_merchants(cluster: Cluster, run_id: str, count: int, collect_on_every_shard: bool) -> tuple[str, ...]:
     # The synchronous API (loadtest.accounts): this runs in a thread, outside the event loop.
-    with grpc.insecure_channel(cluster.grpc_endpoint) as channel:
+    with cluster.target.channel() as channel:
         setup = Setup(channel, load_shard_map(cluster.etcd_endpoint), run_id)
         return tuple(setup.open_merchants(count, collect_on_every_shard))
 

@@ -20,12 +20,31 @@ from sharding.shard_map import Shard, ShardMap
 
 SHARD_MAP_WAIT_SECONDS_MAX = 60.0
 
+# The shard map's DSNs name the service role (services/storage/roles.py), whose grants keep
+# it from changing history (services/storage/grants.sql). A DSN naming a mightier role (a
+# superuser, the database's owner) would run the same code without that net, so such a
+# connection is refused: the shard then looks unreachable, and the log says why.
+ROLE_IS_OVERPRIVILEGED = """
+    SELECT r.rolsuper OR r.rolbypassrls OR r.rolcreaterole OR r.rolcreatedb OR pg_has_role(r.oid, d.datdba, 'MEMBER')
+    FROM pg_roles AS r, pg_database AS d WHERE r.rolname = current_user AND d.datname = current_database()"""
+
 log = logging.getLogger(__name__)
 
 
+class OverprivilegedRole(psycopg.ProgrammingError):
+    """A pooled connection whose role may do more than the service role: never used."""
+
+
 async def prepare_session(connection: psycopg.AsyncConnection) -> None:
-    """Each new pooled connection prepares the hot statements once (services/storage/prepared.py)."""
+    """Each new pooled connection checks its role, then prepares the hot statements once
+    (services/storage/prepared.py)."""
     cursor = psycopg.AsyncClientCursor(connection)
+    await cursor.execute(ROLE_IS_OVERPRIVILEGED)
+    row = await cursor.fetchone()
+    if row is None or row[0]:
+        user = connection.info.user
+        await connection.close()
+        raise OverprivilegedRole(f"role {user} may do more than the service role; not serving through it")
     for statement in prepared.session_setup():
         await cursor.execute(statement)
 

@@ -1,22 +1,39 @@
-"""Use cases: route each request to its shard, apply idempotency, bound it by the deadline.
+"""Use cases: authorise the caller, route each request to its shard, apply idempotency, bound it
+by the deadline.
 
-No gRPC here: servicers translate messages, this layer speaks domain types.
+No gRPC here: servicers translate messages, this layer speaks domain types. Every use case
+a client can call takes the authenticated Caller first and, before anything is registered
+or recorded, applies in turn: the caller's rate limit (services/ledger/rate_limits.py), what
+its role may never do, the request's validation, the rules on the accounts it names
+(services/ledger/authorization.py: the table is there, owners looked up through a
+per-process cache, services/account_owners.py) and, for transfers, the debit accounts'
+velocity limit. A refused call changes nothing in the ledger. The ledger's own work
+(sweeps) is access.LEDGER's and is neither authorised nor limited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable
 
 from services import collection
+from services.account_owners import AccountOwners
 from services.coordinator.driver import TransferDriver, outcome
 from services.ledger.coordination import FINAL_STATES
 from services.group_commit import GroupCommitter
-from services.ledger import errors, ids, paging
+from services.ledger import authorization, errors, ids, paging
+from services.ledger.access import Caller
 from services.ledger.accounts import Account, AccountStatus, OpenAccountRequest, check_status_change, closed_status
+from services.ledger.authorization import AccountOwnership, Action
 from services.ledger.limits import TierLimits
+from services.ledger.rate_limits import RateLimiter, RateLimits
 from services.ledger.transfers import Transfer, TransferRequest, linked_transfer_failed
 from services.storage import id_registry
 from services.storage.batch_posting import post_chains
@@ -55,6 +72,14 @@ DRAIN_SECONDS_MAX = 5.0
 # per transfer id at most, and at most this many in the process. Past it, new transfers
 # between shards get OVERLOADED; recovery finishes whatever a full process leaves.
 DRIVES_IN_FLIGHT_MAX = 10_000
+# A JSON file of rate limits to use instead of the built-in ones (services/ledger/rate_limits.json).
+RATE_LIMITS_VARIABLE = "COREBANK_RATE_LIMITS"
+
+
+def configured_rate_limits() -> RateLimits:
+    """The rate limits of this process: the file COREBANK_RATE_LIMITS names, or the defaults."""
+    path = os.environ.get(RATE_LIMITS_VARIABLE)
+    return RateLimits.load(pathlib.Path(path) if path else None)
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
@@ -69,10 +94,16 @@ def bounded_timeout(time_remaining_seconds: float | None) -> float:
 
 
 class LedgerService:
-    def __init__(self, router: ShardRouter[ShardStore], limits: TierLimits, driver: TransferDriver) -> None:
+    def __init__(
+        self, router: ShardRouter[ShardStore], limits: TierLimits, driver: TransferDriver,
+        rate_limits: RateLimits | None = None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.router = router
         self.limits = limits
         self.driver = driver
+        # Per process, like every bucket of the limiter: see services/ledger/rate_limits.py.
+        self.rate_limiter = RateLimiter(rate_limits or configured_rate_limits(), clock)
+        self.owners = AccountOwners(router)
         # Drives outlive the request that started them (a client deadline does not stop a
         # transfer); keyed by transfer id, so retries of one transfer share one task.
         self._drives: dict[str, asyncio.Task] = {}
@@ -137,7 +168,9 @@ class LedgerService:
         (first_use,) = await self._register([transfer_registration(request)], deadline)
         _raise_on_transfer_conflict(request, first_use)
 
-    async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
+    async def open_account(self, caller: Caller, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
+        self.rate_limiter.admit_call(caller)
+        authorization.check_open_account(caller, request.owner_id, request.kind, request.tier)
         request.validated(self.limits)
         deadline = asyncio.get_running_loop().time() + timeout_seconds
         # Registered bank-wide first: two racing OpenAccount calls with one request_id and
@@ -170,17 +203,35 @@ class LedgerService:
             await self._change_status(account.account_id, lambda merchant: merchant.status, open_sub_accounts, timeout_seconds)
         return account, created
 
-    async def get_account(self, account_id: str, timeout_seconds: float) -> tuple[Account, int]:
+    async def get_account(self, caller: Caller, account_id: str, timeout_seconds: float) -> tuple[Account, int]:
         """The account, and what it is collecting on every shard and has not swept in yet."""
+        self.rate_limiter.admit_call(caller)
+        authorization.check_role(caller, Action.READ)
         ids.validate_client_account_id(account_id, "account_id")
+        return await self._read_account(account_id, timeout_seconds, caller)
+
+    async def _read_account(self, account_id: str, timeout_seconds: float, caller: Caller | None = None) -> tuple[Account, int]:
+        """The account (authorised for `caller` from the row it reads: a read changes nothing)."""
         store = self.router.handle_for(account_id)
         if ids.is_collecting_account(account_id):
             account, swept_in_minor = await store.get_account_and_swept_in(account_id, timeout_seconds)
         else:
             account, swept_in_minor = await store.get_account(account_id, timeout_seconds), 0
+        ownership = None if account is None else AccountOwnership(account.owner_id, account.kind)
+        if ownership is not None:
+            self.owners.remember(account_id, ownership)
+        if caller is not None and authorization.needs_ownership(caller, Action.READ):
+            authorization.check_account(caller, Action.READ, account_id, ownership)
         if account is None:
-            raise errors.AccountNotFound(f"account {account_id} not found", account_id=account_id)
+            raise authorization.account_not_found(account_id)
         return account, await self._collecting(account, swept_in_minor, timeout_seconds)
+
+    async def _authorise_account(self, caller: Caller, action: Action, account_id: str, deadline: float) -> None:
+        """The role's rule for one account it names (check_role came first), looking its owner up
+        only if the rule needs it."""
+        if authorization.needs_ownership(caller, action):
+            ownership = await self.owners.of(account_id, _time_left(deadline))
+            authorization.check_account(caller, action, account_id, ownership)
 
     async def _collecting(self, account: Account, swept_in_minor: int, timeout_seconds: float) -> int:
         """Collected so far on every shard, less what sweeps brought in: exact while sweeps run.
@@ -197,8 +248,13 @@ class LedgerService:
         )
         return sum(collected) - swept_in_minor
 
-    async def update_account_status(self, account_id: str, status: int, timeout_seconds: float) -> tuple[Account, int]:
+    async def update_account_status(self, caller: Caller, account_id: str, status: int, timeout_seconds: float) -> tuple[Account, int]:
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        self.rate_limiter.admit_call(caller)
+        authorization.check_role(caller, Action.UPDATE_STATUS)
         ids.validate_client_account_id(account_id, "account_id")
+        await self._authorise_account(caller, Action.UPDATE_STATUS, account_id, deadline)
+        timeout_seconds = _time_left(deadline)
 
         async def to_sub_accounts(account: Account, new_status: AccountStatus) -> None:
             # Under the merchant's row lock, before its own row changes: once this call
@@ -208,10 +264,15 @@ class LedgerService:
                 await self._set_sub_account_statuses(account_id, new_status, self.router.handles(), timeout_seconds)
 
         await self._change_status(account_id, lambda account: check_status_change(account, status), to_sub_accounts, timeout_seconds)
-        return await self.get_account(account_id, timeout_seconds)
+        return await self._read_account(account_id, timeout_seconds)
 
-    async def close_account(self, account_id: str, timeout_seconds: float) -> Account:
+    async def close_account(self, caller: Caller, account_id: str, timeout_seconds: float) -> Account:
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        self.rate_limiter.admit_call(caller)
+        authorization.check_role(caller, Action.CLOSE)
         ids.validate_client_account_id(account_id, "account_id")
+        await self._authorise_account(caller, Action.CLOSE, account_id, deadline)
+        timeout_seconds = _time_left(deadline)
 
         async def close_sub_accounts(account: Account, new_status: AccountStatus) -> None:
             # Each shard closes its sub-accounts only if they hold nothing, under their row
@@ -285,26 +346,41 @@ class LedgerService:
             self._collecting_status_changes.release()
 
     async def list_account_transfers(
-        self, account_id: str, page_size: int, page_token: str, timeout_seconds: float
+        self, caller: Caller, account_id: str, page_size: int, page_token: str, timeout_seconds: float
     ) -> tuple[list[Transfer], str]:
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        self.rate_limiter.admit_call(caller)
+        authorization.check_role(caller, Action.READ)
         ids.validate_client_account_id(account_id, "account_id")
         limit = paging.validate_page_size(page_size)
         before_seq = paging.decode_page_token(page_token, account_id)
+        await self._authorise_account(caller, Action.READ, account_id, deadline)
         # One row more than asked tells whether another page exists.
         transfers = await self.router.handle_for(account_id).list_account_transfers(
-            account_id, before_seq, limit + 1, timeout_seconds
+            account_id, before_seq, limit + 1, _time_left(deadline)
         )
         if len(transfers) <= limit:
             return transfers, ""
         page = transfers[:limit]
         return page, paging.encode_page_token(account_id, page[-1].seq)
 
-    async def transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
-        """A client's transfer: the final transfer; a refusal is raised after it is recorded."""
-        return await self._transfer(collection.routed(request.validated(), self.router.shard_map), timeout_seconds)
+    async def transfer(self, caller: Caller, request: TransferRequest, timeout_seconds: float) -> Transfer:
+        """A client's transfer: the final transfer; a business refusal is raised after it is recorded,
+        an authorisation or rate-limit refusal before anything is."""
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        self.rate_limiter.admit_call(caller)
+        authorization.check_role(caller, Action.DEBIT)
+        request = collection.routed(request.validated(), self.router.shard_map)
+        if authorization.needs_ownership(caller, Action.DEBIT):
+            ownership = await self.owners.of(request.debit_account_id, _time_left(deadline))
+            authorization.check_account(caller, Action.DEBIT, request.debit_account_id, ownership, transfer_id=request.transfer_id)
+        if self.rate_limiter.debits_limited(caller):
+            self.rate_limiter.admit_debits(caller, {request.debit_account_id: 1})
+        return await self._transfer(request, _time_left(deadline))
 
     async def sweep(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
-        """A collecting merchant's sweep, made by the ledger itself (services/collection.py)."""
+        """A collecting merchant's sweep, made by the ledger itself (services/collection.py) as
+        access.LEDGER: between the merchant's own accounts, so neither authorised nor limited."""
         return await self._transfer(request.validated_sweep(), timeout_seconds)
 
     async def _transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
@@ -319,23 +395,35 @@ class LedgerService:
         return self._answer(request, posted.transfer, posted.fresh_refusal)
 
     async def create_transfers(
-        self, requests: list[TransferRequest], linked: list[bool], timeout_seconds: float
+        self, caller: Caller, requests: list[TransferRequest], linked: list[bool], timeout_seconds: float
     ) -> list[Transfer | errors.LedgerError]:
-        """One answer per request, in order: the final transfer or the error Transfer would raise."""
+        """One answer per request, in order: the final transfer or the error Transfer would raise.
+
+        A transfer the caller may not make gets its own error (its linked chain fails whole);
+        a call over a rate or velocity limit is refused whole. Neither records anything."""
         if len(requests) > CREATE_TRANSFERS_BATCH_SIZE_MAX:
             raise errors.BatchTooLarge(
                 f"at most {CREATE_TRANSFERS_BATCH_SIZE_MAX} transfers per call", limit=CREATE_TRANSFERS_BATCH_SIZE_MAX
             )
-        _refuse_duplicate_ids(requests)
         deadline = asyncio.get_running_loop().time() + timeout_seconds
+        self.rate_limiter.admit_call(caller, max(1, len(requests)))
+        authorization.check_role(caller, Action.DEBIT)
+        _refuse_duplicate_ids(requests)
         answers: list[Transfer | errors.LedgerError | None] = [None] * len(requests)
         routed_chains = []  # (chain of request indexes, (debit shard, credit shard))
         for chain in _chains(linked):
             shard = self._route_chain(requests, chain, linked, answers)
             if shard is not None:
                 routed_chains.append((chain, shard))
+        routed_chains = await self._authorised_chains(caller, requests, routed_chains, answers, deadline)
+        if self.rate_limiter.debits_limited(caller):
+            self.rate_limiter.admit_debits(
+                caller, collections.Counter(requests[index].debit_account_id for chain, _ in routed_chains for index in chain)
+            )
         # Every id is claimed bank-wide before anything is applied; a chain with a member
-        # whose id names another transfer is refused whole, and nothing of it is recorded.
+        # whose id names another transfer is refused whole, and nothing of it is recorded:
+        # first read (its other members must not be claimed by a chain that fails), then claim.
+        routed_chains = await self._without_conflicting_chains(requests, routed_chains, answers, deadline)
         indexes = [
             index for chain, shard in routed_chains for index in chain if not self._registered_by_its_batch(requests[index], shard[0])
         ]
@@ -375,6 +463,79 @@ class LedgerService:
         )
         assert all(answer is not None for answer in answers), "a transfer of the batch got no answer"
         return answers  # type: ignore[return-value]
+
+    async def _authorised_chains(
+        self, caller: Caller, requests: list[TransferRequest], routed_chains: list, answers: list, deadline: float
+    ) -> list:
+        """The chains whose every debit the caller may make; each other chain is answered here,
+        like a chain refused by validation (its failing member with its error, the others with
+        LINKED_TRANSFER_FAILED), before anything of the call is registered."""
+        if not routed_chains or not authorization.needs_ownership(caller, Action.DEBIT):
+            return routed_chains
+        debit_account_ids = list({requests[index].debit_account_id: None for chain, _ in routed_chains for index in chain})
+        ownerships = await self.owners.of_many(debit_account_ids, _time_left(deadline))
+        authorised = []
+        for chain, shard in routed_chains:
+            failure = None
+            for index in chain:
+                request = requests[index]
+                ownership = ownerships[request.debit_account_id]
+                try:
+                    if isinstance(ownership, errors.LedgerError):
+                        raise ownership
+                    authorization.check_account(caller, Action.DEBIT, request.debit_account_id, ownership, transfer_id=request.transfer_id)
+                except errors.LedgerError as error:
+                    failure = (index, error)
+                    break
+            if failure is None:
+                authorised.append((chain, shard))
+            else:
+                _fail_chain(requests, chain, *failure, answers)
+        return authorised
+
+    async def _without_conflicting_chains(
+        self, requests: list[TransferRequest], routed_chains: list, answers: list, deadline: float
+    ) -> list:
+        """The chains none of whose members' ids was first used with other fields; the others are
+        answered (refused whole) before any of their ids is claimed. Only chains of several
+        transfers are read first: a lone transfer's claim is its own check. A use racing between
+        this read and the claim is still refused, by the claim, but its chain's other ids stay
+        claimed (with their own fields: a retry with them succeeds)."""
+        linked_chains = [(chain, shard) for chain, shard in routed_chains if len(chain) > 1]
+        if not linked_chains:
+            return routed_chains
+        by_shard: dict[str, list[int]] = {}
+        for chain, _ in linked_chains:
+            for index in chain:
+                by_shard.setdefault(self._registry_shard(requests[index].transfer_id), []).append(index)
+        loop = asyncio.get_running_loop()
+
+        async def read(shard_name: str, indexes: list[int]) -> dict:
+            try:
+                return await id_registry.registered(
+                    self.router.handle(shard_name), [transfer_registration(requests[i]) for i in indexes], deadline - loop.time()
+                )
+            except errors.LedgerError:
+                return {}  # unknown here: the claim that follows meets the same shard and answers for it
+
+        stored: dict = {}
+        for found in await asyncio.gather(*(read(name, indexes) for name, indexes in by_shard.items())):
+            stored.update(found)
+        kept = []
+        for chain, shard in routed_chains:
+            failure = None
+            for index in chain if len(chain) > 1 else ():
+                first_use = stored.get((int(ids.IdNamespace.TRANSFER), requests[index].transfer_id))
+                try:
+                    if first_use is not None:
+                        _raise_on_transfer_conflict(requests[index], first_use)
+                except errors.LedgerError as error:
+                    failure = failure or (index, error)
+            if failure is None:
+                kept.append((chain, shard))
+            else:
+                _fail_chain(requests, chain, *failure, answers)
+        return kept
 
     def _route_chain(
         self, requests: list[TransferRequest], chain: list[int], linked: list[bool], answers: list
@@ -542,10 +703,25 @@ class LedgerService:
         if self._drives:
             await asyncio.wait(list(self._drives.values()), timeout=DRAIN_SECONDS_MAX)
 
-    async def get_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer:
+    async def get_transfer(self, caller: Caller, transfer_id: str, timeout_seconds: float) -> Transfer:
+        """The transfer, if the caller may see it (a customer: only from or to its own accounts)."""
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        self.rate_limiter.admit_call(caller)
+        ids.validate_id(transfer_id, "transfer_id")
+        transfer = await self._find_transfer(transfer_id, timeout_seconds)
+        if authorization.needs_transfer_parties(caller):
+            parties = await self.owners.of_many([transfer.debit_account_id, transfer.credit_account_id], _time_left(deadline))
+            sides = [parties[transfer.debit_account_id], parties[transfer.credit_account_id]]
+            known = [side for side in sides if not isinstance(side, errors.LedgerError)]
+            if len(known) < len(sides) and not any(side is not None and authorization.owns(caller, side) for side in known):
+                # A side whose shard did not answer may be the caller's: "not found" would be a guess.
+                raise next(side for side in sides if isinstance(side, errors.LedgerError))
+            authorization.check_transfer_visible(caller, transfer_id, known)
+        return transfer
+
+    async def _find_transfer(self, transfer_id: str, timeout_seconds: float) -> Transfer:
         """Ask every shard at once and answer as soon as the one that holds it does, so a
         shard that is down or frozen only slows the lookups it could matter to."""
-        ids.validate_id(transfer_id, "transfer_id")
         lookups = [
             asyncio.ensure_future(TccStore(store).find(transfer_id, timeout_seconds)) for store in self.router.handles()
         ]
@@ -568,8 +744,20 @@ class LedgerService:
                 lookup.cancel()
         if failures:
             # A shard that did not answer might hold it: "not found" would be a guess.
-            raise failures[0] if isinstance(failures[0], errors.LedgerError) else errors.ShardUnavailable(str(failures[0]))
-        raise errors.TransferNotFound(f"transfer {transfer_id} not found", transfer_id=transfer_id)
+            if isinstance(failures[0], errors.LedgerError):
+                raise failures[0]
+            # Not mapped by the storage layer, so a bug: its words go to the log, not to the client.
+            log.error("looking up transfer %s failed", transfer_id, exc_info=failures[0])
+            raise errors.ShardUnavailable(f"a shard did not answer the lookup of transfer {transfer_id}; retry")
+        raise authorization.transfer_not_found(transfer_id)
+
+
+def _time_left(deadline: float) -> float:
+    """What is left of a request's time (bounded_timeout's margin is already taken off)."""
+    time_left_seconds = deadline - asyncio.get_running_loop().time()
+    if time_left_seconds <= 0:
+        raise errors.DeadlineExceeded("the deadline passed before the request was authorised")
+    return time_left_seconds
 
 
 def _chains(linked: list[bool]) -> list[list[int]]:

@@ -1,11 +1,21 @@
 """The composition root of a corebank service process.
 
-    python -m services.server --listen 127.0.0.1:7100 --metrics-listen 127.0.0.1:7110 --etcd 127.0.0.1:7101
+    python -m services.server --listen 127.0.0.1:7100 --metrics-listen 127.0.0.1:7110 --etcd 127.0.0.1:7101 \
+        --auth-dir .corebank/auth --certificate grpc-0
 
 Loads the shard map from etcd (and keeps watching it), opens a connection pool
 per shard, and serves corebank.v1 Accounts, Payments and Clearing with gRPC
 health checking and reflection. Several processes may share one --listen port
 (SO_REUSEPORT); each has its own --metrics-listen.
+
+The port speaks TLS only and asks every client for a certificate signed by the
+cluster's CA (mTLS); every corebank.v1 call must also carry a bearer token signed by
+one of the keys in --auth-dir (services/auth).
+
+--insecure-benchmark-baseline exists for one purpose: `python -m loadtest.security_cost`
+measures what TLS and token checks cost against a process without them. It serves
+plaintext, treats every call as BASELINE_CALLER without looking for a token, and
+refuses any listen address but loopback. `make up` never uses it.
 """
 
 from __future__ import annotations
@@ -26,10 +36,16 @@ from grpc_reflection.v1alpha import reflection
 
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc
 from corebank.v1 import payments_pb2, payments_pb2_grpc
+from services.api.audit_trail import AuditTrail
 from services.api.interceptor import LedgerInterceptor
+from services.audit_log.store import ShardAuditStore
+from services.audit_log.writer import AuditWriter, limits_digest
 from services.api.servicers import AccountsServicer, ClearingServicer, PaymentsServicer
+from services.auth import pki
+from services.auth.tokens import TokenVerifier
 from services.bootstrap import ShardConnections
 from services.coordinator import wiring
+from services.ledger.access import Caller, Role
 from services.ledger.limits import TierLimits
 from services.ledger_service import LedgerService
 
@@ -67,14 +83,49 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD_OBJECTS, older_threshold, oldest_threshold)
 
 
-async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str) -> None:
+# The benchmark baseline's one identity: the role of the bench's own traffic (loadtest/cluster.py).
+BASELINE_CALLER = Caller("benchmark-baseline", Role.ADMIN)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class BaselineVerifier:
+    """--insecure-benchmark-baseline: no token is looked for; every call is BASELINE_CALLER."""
+
+    def verify(self, authorization: str | None) -> Caller:
+        return BASELINE_CALLER
+
+
+def server_credentials(auth_dir: pathlib.Path, certificate_name: str) -> grpc.ServerCredentials:
+    """TLS with this process's certificate, requiring a client certificate signed by the cluster's CA."""
+    authority = pki.CertificateAuthority(auth_dir)
+    paths = authority.paths(certificate_name)
+    return grpc.ssl_server_credentials(
+        [(paths.key.read_bytes(), paths.cert.read_bytes())],
+        root_certificates=authority.cert_path.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+async def serve(
+    listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str,
+    auth_dir: pathlib.Path | None, certificate_name: str | None,
+) -> None:
+    """Serve over mTLS with tokens; with no auth_dir, as the benchmark baseline (plaintext, loopback only)."""
+    if auth_dir is None:
+        credentials, verifier = None, BaselineVerifier()
+        log.warning("INSECURE benchmark baseline: plaintext, no tokens, every caller is %s", BASELINE_CALLER)
+    else:
+        credentials, verifier = server_credentials(auth_dir, certificate_name), TokenVerifier(auth_dir)
     metrics_host, metrics_port = metrics_listen.rsplit(":", 1)
     prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
 
     shards = await ShardConnections.open(etcd_endpoint)
     ledger = LedgerService(shards.router, limits, wiring.transfer_driver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
+    # This process's chain of the audit log; its first entry names the tier limits in force.
+    audit_log = AuditWriter(ShardAuditStore(shards.router), process_name, {"tier_limits_sha256": limits_digest(limits)})
+    audit_log.start()
     server = grpc.aio.server(
-        interceptors=[LedgerInterceptor()],
+        interceptors=[LedgerInterceptor(verifier, audit_trail=AuditTrail(audit_log))],
         maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
         options=[
             ("grpc.so_reuseport", 1),
@@ -88,7 +139,10 @@ async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: Ti
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    server.add_insecure_port(listen)
+    if credentials is None:
+        server.add_insecure_port(listen)
+    else:
+        server.add_secure_port(listen, credentials)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -105,6 +159,7 @@ async def serve(listen: str, metrics_listen: str, etcd_endpoint: str, limits: Ti
     await health_servicer.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     await ledger.drain()
+    await audit_log.close()
     await shards.close()
 
 
@@ -115,9 +170,23 @@ def main() -> None:
     parser.add_argument("--etcd", required=True, help="etcd client endpoint, HOST:PORT")
     parser.add_argument("--process-name", default="grpc", help="name in logs")
     parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
+    parser.add_argument("--auth-dir", type=pathlib.Path, help="the cluster's auth folder: CA, certificates, token keys")
+    parser.add_argument("--certificate", help="this process's certificate name under AUTH_DIR/certs")
+    parser.add_argument(
+        "--insecure-benchmark-baseline", action="store_true",
+        help="plaintext and no tokens, on loopback only: the baseline loadtest.security_cost measures against",
+    )
     arguments = parser.parse_args()
+    if arguments.insecure_benchmark_baseline:
+        if arguments.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS or arguments.auth_dir or arguments.certificate:
+            parser.error("--insecure-benchmark-baseline listens on loopback only, without --auth-dir or --certificate")
+    elif not (arguments.auth_dir and arguments.certificate):
+        parser.error("--auth-dir and --certificate are required: the service speaks mTLS only")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arguments.process_name} %(levelname)s %(name)s: %(message)s")
-    run(serve(arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name))
+    run(serve(
+        arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name,
+        arguments.auth_dir, arguments.certificate,
+    ))
 
 
 def run(main_coroutine) -> None:

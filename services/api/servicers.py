@@ -1,4 +1,8 @@
-"""corebank.v1 Accounts, Payments and Clearing. Each method: message in, use case, message out."""
+"""corebank.v1 Accounts, Payments and Clearing. Each method: message in, use case, message out.
+
+Each use case is called as the call's authenticated caller (current_caller(), set by the
+interceptor once the token is verified); the use cases authorise it.
+"""
 
 import grpc
 
@@ -6,8 +10,9 @@ from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2_grpc, paym
 from corebank.v1 import transfers_pb2
 from services.api import metrics
 from services.api.convert import account_message, transfer_message
+from services.api.identity import current_caller
 from services.api.interceptor import status_message
-from services.ledger import errors
+from services.ledger import authorization, errors
 from services.ledger.accounts import OpenAccountRequest
 from services.ledger.transfers import TransferRequest
 from services.ledger_service import LedgerService, bounded_timeout
@@ -23,6 +28,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
 
     async def OpenAccount(self, request, context) -> accounts_pb2.Account:
         account, _ = await self.ledger.open_account(
+            current_caller(),
             OpenAccountRequest(
                 request.request_id, request.owner_id, request.currency, request.kind, request.tier, request.collect_on_every_shard
             ),
@@ -31,17 +37,17 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
         return account_message(account)
 
     async def GetAccount(self, request, context) -> accounts_pb2.Account:
-        return account_message(*await self.ledger.get_account(request.account_id, _timeout(context)))
+        return account_message(*await self.ledger.get_account(current_caller(), request.account_id, _timeout(context)))
 
     async def UpdateAccountStatus(self, request, context) -> accounts_pb2.Account:
-        return account_message(*await self.ledger.update_account_status(request.account_id, request.status, _timeout(context)))
+        return account_message(*await self.ledger.update_account_status(current_caller(), request.account_id, request.status, _timeout(context)))
 
     async def CloseAccount(self, request, context) -> accounts_pb2.Account:
-        return account_message(await self.ledger.close_account(request.account_id, _timeout(context)))
+        return account_message(await self.ledger.close_account(current_caller(), request.account_id, _timeout(context)))
 
     async def ListAccountTransfers(self, request, context) -> accounts_pb2.ListAccountTransfersResponse:
         transfers, next_page_token = await self.ledger.list_account_transfers(
-            request.account_id, request.page_size, request.page_token, _timeout(context)
+            current_caller(), request.account_id, request.page_size, request.page_token, _timeout(context)
         )
         return accounts_pb2.ListAccountTransfersResponse(
             transfers=[transfer_message(t) for t in transfers], next_page_token=next_page_token
@@ -56,17 +62,19 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
         try:
             if request.linked:
                 raise errors.LinkedChainOpen("linked chains need CreateTransfers: a single transfer closes its chain")
-            transfer = await self.ledger.transfer(_transfer_request(request), _timeout(context))
+            transfer = await self.ledger.transfer(current_caller(), _transfer_request(request), _timeout(context))
         except Exception as error:  # noqa: BLE001 (counted by reason, then re-raised to the interceptor)
             metrics.record_transfer_failure(error)
             raise
         return transfer_message(transfer)
 
     async def GetTransfer(self, request, context) -> transfers_pb2.Transfer:
-        return transfer_message(await self.ledger.get_transfer(request.transfer_id, _timeout(context)))
+        return transfer_message(await self.ledger.get_transfer(current_caller(), request.transfer_id, _timeout(context)))
 
     async def CreateTransfers(self, request, context) -> payments_pb2.CreateTransfersResponse:
+        caller = current_caller()
         answers = await self.ledger.create_transfers(
+            caller,
             [_transfer_request(transfer) for transfer in request.transfers],
             [transfer.linked for transfer in request.transfers],
             _timeout(context),
@@ -75,7 +83,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
         for answer in answers:
             if isinstance(answer, errors.LedgerError):
                 metrics.record_transfer_failure(answer)
-                results.append(payments_pb2.TransferResult(error=status_message(answer)))
+                results.append(payments_pb2.TransferResult(error=status_message(authorization.disclosed(caller, answer))))
             else:
                 results.append(payments_pb2.TransferResult(transfer=transfer_message(answer)))
         return payments_pb2.CreateTransfersResponse(results=results)

@@ -1,7 +1,7 @@
 """Operators' view of transfers between shards that are not final yet.
 
     python -m services.coordinator.operator list [--json] [--cluster .corebank/cluster.json]
-    python -m services.coordinator.operator retry TRANSFER_ID
+    python -m services.coordinator.operator retry TRANSFER_ID [--actor NAME]
 
 `list` marks FAULTED the transfers whose driver met a permanent failure after
 the decision (a bug or a broken invariant, also counted in
@@ -10,6 +10,10 @@ corebank_tcc_faults_total and logged at ERROR): recovery leaves those alone.
 can change nothing any more) and drives it to a final state, following the
 same protocol as any coordinator: nothing an operator does here can post a
 transfer twice, or post one side without the other.
+
+Every `retry` is written to the audit log (services/audit_log), as operator NAME (--actor,
+default the OS user): once before it acts, and refused (exit 3, nothing done) when that
+entry cannot be stored; then with how it ended.
 """
 
 from __future__ import annotations
@@ -17,18 +21,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import getpass
 import json
 import os
 import pathlib
+import sys
 
+from services.audit_log import chain
+from services.audit_log.store import ShardAuditStore
+from services.audit_log.writer import AuditWriter, limits_digest, now_us
 from services.bootstrap import ShardConnections
 from services.coordinator import wiring
 from services.coordinator.driver import LEASE_SECONDS, PARTICIPANT_CALL_TIMEOUT_SECONDS, TccForShard, TransferDriver
+from services.ledger.access import Role
 from services.ledger.limits import TierLimits
 from services.storage.tcc_store import TccRecord
 
 IN_DOUBT_LISTED_MAX = 1000
 RETRY_SECONDS_MAX = 60.0
+# The audit log's entry of a retry must be stored within this time, or the retry is not made.
+AUDIT_WAIT_SECONDS_MAX = 10.0
+EXIT_AUDIT_LOG_UNAVAILABLE = 3
 
 
 def describe(record: TccRecord, now: datetime.datetime) -> str:
@@ -88,18 +101,56 @@ async def run(arguments: argparse.Namespace) -> int:
             faulted = sum(1 for record in records if record.fault)
             print(f"{len(records)} transfer(s) in doubt{f', {faulted} FAULTED' if faulted else ''}")
             return 0
-        driver = wiring.transfer_driver(shards.router, TierLimits.load(), owner=f"operator:{os.getpid()}")
-        final = await retry(tcc, shard_names, driver, arguments.transfer_id)
-        if final is None:
-            print(f"{arguments.transfer_id}: no unfinished transfer between shards with this id")
-            return 1
-        if final.fault:
-            print(f"{arguments.transfer_id}: FAULTED again in {final.state.name}: {final.fault}")
-            return 2
-        print(f"{arguments.transfer_id}: {final.state.name}{' (' + final.reason + ')' if final.reason else ''}")
-        return 0
+        limits = TierLimits.load()
+        driver = wiring.transfer_driver(shards.router, limits, owner=f"operator:{os.getpid()}")
+        audit_log = AuditWriter(ShardAuditStore(shards.router), "operator", {"tier_limits_sha256": limits_digest(limits)})
+        audit_log.start()
+        try:
+            return await audited_retry(audit_log, arguments.actor, tcc, shard_names, driver, arguments.transfer_id)
+        finally:
+            if not await audit_log.close():
+                print("WARNING: the audit log's entries of this retry may not all be stored; see the log", file=sys.stderr)
     finally:
         await shards.close()
+
+
+async def audited_retry(
+    audit_log: AuditWriter, actor: str, tcc: TccForShard, shard_names: list[str], driver: TransferDriver, transfer_id: str,
+) -> int:
+    """`retry`, between its two audit log entries: before it acts (stored first, or nothing is
+    done) and how it ended."""
+
+    def entry(outcome: str, detail: dict) -> chain.Event:
+        return chain.event(now_us(), actor, Role.OPERATOR.value, "operator_retry", transfer_id, chain.detail_text(detail), outcome)
+
+    started = audit_log.append([entry("STARTED", {"driver": driver.owner})])
+    if not await audit_log.written(started, AUDIT_WAIT_SECONDS_MAX):
+        print(f"{transfer_id}: the audit log cannot be written now; nothing was done", file=sys.stderr)
+        return EXIT_AUDIT_LOG_UNAVAILABLE
+    try:
+        final = await retry(tcc, shard_names, driver, transfer_id)
+    except BaseException as error:  # noqa: BLE001 (logged as the outcome, then re-raised)
+        audit_log.append([entry(f"error:{type(error).__name__}", {})])
+        raise
+    if final is None:
+        audit_log.append([entry("not_found:TRANSFER_NOT_FOUND", {})])
+        print(f"{transfer_id}: no unfinished transfer between shards with this id")
+        return 1
+    detail = {"state": final.state.name, "reason": final.reason, "lease_epoch": final.lease_epoch}
+    if final.fault:
+        audit_log.append([entry(f"FAULTED:{final.state.name}", {**detail, "fault": chain.clean_text(final.fault)})])
+        print(f"{transfer_id}: FAULTED again in {final.state.name}: {final.fault}")
+        return 2
+    audit_log.append([entry(final.state.name, detail)])
+    print(f"{transfer_id}: {final.state.name}{' (' + final.reason + ')' if final.reason else ''}")
+    return 0
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return f"uid:{os.getuid()}"
 
 
 def main() -> None:
@@ -110,6 +161,7 @@ def main() -> None:
     list_parser.add_argument("--json", action="store_true", help="a JSON array, one object per transfer")
     retry_parser = commands.add_parser("retry", help="take over one transfer now and drive it to a final state")
     retry_parser.add_argument("transfer_id")
+    retry_parser.add_argument("--actor", default=_os_user(), help="who retries, as the audit log names them (default: the OS user)")
     raise SystemExit(asyncio.run(run(parser.parse_args())))
 
 

@@ -27,6 +27,9 @@ class Category(enum.Enum):
     UNAVAILABLE = "unavailable"  # outcome unknown; retry with the same ids
     DEADLINE = "deadline"  # outcome unknown; retry with the same ids
     INTERNAL = "internal"  # a bug or a broken invariant; never retried
+    UNAUTHENTICATED = "unauthenticated"  # no valid token: nothing read or recorded
+    PERMISSION_DENIED = "permission_denied"  # a valid identity without the right: nothing recorded
+    RATE_LIMITED = "rate_limited"  # a rate or velocity limit is used up: nothing recorded, retry after a delay
 
 _error_class_by_reason: dict[str, type[LedgerError]] = {}
 
@@ -221,6 +224,48 @@ class LinkedChainSpansShards(Refusal):
 class Overloaded(LedgerError):
     category = Category.OVERLOADED
     reason = "OVERLOADED"
+
+
+# A rate limit of the caller or a velocity limit of a debit account is used up: nothing was
+# recorded; the API layer adds a google.rpc.RetryInfo of `retry_after_seconds`.
+class RateLimited(LedgerError):
+    category = Category.RATE_LIMITED
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after_seconds: float, **metadata: object) -> None:
+        super().__init__(message, retry_after_ms=max(1, round(retry_after_seconds * 1000)), **metadata)
+        self.retry_after_seconds = retry_after_seconds
+
+
+# Who is calling: no valid token. Nothing was read or recorded.
+class Unauthenticated(LedgerError):
+    category = Category.UNAUTHENTICATED
+
+
+class TokenMissing(Unauthenticated):
+    reason = "TOKEN_MISSING"
+
+
+class TokenInvalid(Unauthenticated):
+    reason = "TOKEN_INVALID"
+
+
+class TokenExpired(Unauthenticated):
+    reason = "TOKEN_EXPIRED"
+
+
+# A valid identity whose role may not do this. Nothing was recorded. (A customer naming an
+# account it does not own gets AccountNotFound instead: no existence oracle.)
+class PermissionDenied(LedgerError):
+    category = Category.PERMISSION_DENIED
+
+
+class RoleNotAllowed(PermissionDenied):
+    reason = "ROLE_NOT_ALLOWED"
+
+
+class OwnerMismatch(PermissionDenied):
+    reason = "OWNER_MISMATCH"
 
 
 # The system cancelled the transfer: final, like a refusal, but not the client's doing.

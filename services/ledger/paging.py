@@ -9,6 +9,9 @@ PAGE_SIZE_DEFAULT = 50
 PAGE_SIZE_MAX = 500
 # A first page starts before every seq a shard can hand out (bigserial).
 SEQ_BEFORE_FIRST_PAGE = 2**63 - 1
+# The tokens this service issues are about 150 characters (an id of at most 64 and a seq);
+# anything much longer is refused before it is decoded.
+PAGE_TOKEN_CHARS_MAX = 512
 
 
 def validate_page_size(page_size: int) -> int:
@@ -28,12 +31,15 @@ def decode_page_token(token: str, account_id: str) -> int:
     """The seq to list before; a token is only valid for the account it was issued for."""
     if not token:
         return SEQ_BEFORE_FIRST_PAGE
+    if len(token) > PAGE_TOKEN_CHARS_MAX:
+        raise errors.InvalidPageToken("page_token is not one this service issued")
     try:
         payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         before_seq = payload["before_seq"]
         issued_for = payload["account_id"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
         raise errors.InvalidPageToken("page_token is not one this service issued") from error
-    if issued_for != account_id or not isinstance(before_seq, int) or not 0 < before_seq <= SEQ_BEFORE_FIRST_PAGE:
+    # type() and not isinstance(): JSON true is a Python bool, and bool is an int.
+    if issued_for != account_id or type(before_seq) is not int or not 0 < before_seq <= SEQ_BEFORE_FIRST_PAGE:
         raise errors.InvalidPageToken("page_token was issued for another listing")
     return before_seq

@@ -4,6 +4,7 @@
 
 Exit status: 0 when every invariant holds, 1 when any is broken, 2 when a shard
 cannot be read. Tests and load tests call `audit_cluster(shards).violations()`.
+It connects as the auditor role (cluster.json's "auditor_dsn"), which may only read.
 
 How it reads a cluster that keeps moving:
 1. Each shard is read in one snapshot (REPEATABLE READ READ ONLY: plain reads, so
@@ -150,7 +151,7 @@ ACCOUNTS_BELOW_ZERO = f"""
     FROM accounts
     WHERE kind IN ({AccountKind.CUSTOMER:d}, {AccountKind.MERCHANT:d})
       AND credits_posted_minor::numeric - debits_posted_minor::numeric - debits_pending_minor::numeric < 0
-    ORDER BY account_id"""
+    ORDER BY account_id"""  # nosec B608 # constants only, no request data
 # Which account each row debits and credits on this shard: a row of a transfer between
 # shards (Branch.DEBIT, Branch.CREDIT) has the shard's clearing account on its far side;
 # a payment collected for a merchant (Branch.COLLECTED) credits the merchant's sub-account
@@ -160,7 +161,7 @@ ENTRIES = f"""
            CASE WHEN branch = {Branch.CREDIT:d} THEN clearing_account_id ELSE debit_account_id END AS debited,
            CASE WHEN branch IN ({Branch.DEBIT:d}, {Branch.COLLECTED:d}) THEN clearing_account_id
                 ELSE credit_account_id END AS credited
-    FROM transfers"""
+    FROM transfers"""  # nosec B608 # constants only, no request data
 # Every account's four counters must be exactly what its transfer rows say.
 ACCOUNTS_NOT_MATCHING_TRANSFERS = f"""
     WITH entries AS ({ENTRIES} WHERE status IN ({TransferStatus.PENDING:d}, {TransferStatus.POSTED:d})
@@ -188,7 +189,7 @@ ACCOUNTS_NOT_MATCHING_TRANSFERS = f"""
     WHERE (a.debits_posted_minor, a.credits_posted_minor, a.debits_pending_minor, a.credits_pending_minor)
           IS DISTINCT FROM (coalesce(s.debits_posted, 0), coalesce(s.credits_posted, 0),
                             coalesce(s.debits_pending, 0), coalesce(s.credits_pending, 0))
-    ORDER BY a.account_id"""
+    ORDER BY a.account_id"""  # nosec B608 # constants only, no request data
 # Every account a counted row moves must exist on this shard (debited and credited above
 # are exactly the accounts of this shard that the row names, for every branch).
 TRANSFERS_NAMING_MISSING_ACCOUNTS = f"""
@@ -197,29 +198,29 @@ TRANSFERS_NAMING_MISSING_ACCOUNTS = f"""
     FROM entries e CROSS JOIN LATERAL (VALUES (e.debited), (e.credited)) AS named (account_id)
     WHERE named.account_id IS NULL
        OR NOT EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = named.account_id)
-    ORDER BY e.transfer_id"""
+    ORDER BY e.transfer_id"""  # nosec B608 # constants only, no request data
 CLEARING_BALANCE_BY_CURRENCY = f"""
     SELECT currency, sum(credits_posted_minor::numeric - debits_posted_minor::numeric) FROM accounts
     WHERE owner_id = '{CLEARING_OWNER_ID}' AND kind = {AccountKind.SYSTEM:d}
       AND starts_with(account_id, '{CLEARING_ACCOUNT_ID_PREFIX}')
-    GROUP BY currency"""
+    GROUP BY currency"""  # nosec B608 # constants only, no request data
 # What this shard's clearing accounts must hold: every posted debit branch credited one of
 # them, every posted credit branch debited one.
 IN_FLIGHT_BY_CURRENCY = f"""
     SELECT currency, sum(CASE WHEN branch = {Branch.DEBIT:d} THEN amount_minor::numeric ELSE -amount_minor::numeric END)
     FROM transfers WHERE status = {TransferStatus.POSTED:d} AND branch IN ({Branch.DEBIT:d}, {Branch.CREDIT:d})
-    GROUP BY currency"""
+    GROUP BY currency"""  # nosec B608 # constants only, no request data
 TRANSFER_FIELDS = "transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference"
-RECORDS = f"SELECT {TRANSFER_FIELDS}, state, credit_shard FROM tcc_transfers"
-TRANSFER_ROWS = f"SELECT {TRANSFER_FIELDS}, branch, status FROM transfers"
+RECORDS = f"SELECT {TRANSFER_FIELDS}, state, credit_shard FROM tcc_transfers"  # nosec B608 # constants only, no request data
+TRANSFER_ROWS = f"SELECT {TRANSFER_FIELDS}, branch, status FROM transfers"  # nosec B608 # constants only, no request data
 ID_REGISTRY_EXISTS = "SELECT to_regclass('id_registry') IS NOT NULL"
-REGISTERED_TRANSFER_IDS = f"SELECT id, fields FROM id_registry WHERE namespace = {IdNamespace.TRANSFER:d}"
+REGISTERED_TRANSFER_IDS = f"SELECT id, fields FROM id_registry WHERE namespace = {IdNamespace.TRANSFER:d}"  # nosec B608 # constants only, no request data
 # Fresh reads of suspicious transfers.
 RECORDS_OF = f"{RECORDS} WHERE transfer_id = ANY(%s)"
 BRANCHES_OF = f"{TRANSFER_ROWS} WHERE transfer_id = ANY(%s) AND branch = %s"
 CREDIT_TRY_OUTCOMES_OF = f"""
     SELECT transfer_id, outcome FROM tcc_barriers
-    WHERE transfer_id = ANY(%s) AND branch = {int(Branch.CREDIT)} AND operation = '{BarrierOperation.TRY}'"""
+    WHERE transfer_id = ANY(%s) AND branch = {int(Branch.CREDIT)} AND operation = '{BarrierOperation.TRY}'"""  # nosec B608 # constants only, no request data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +509,12 @@ def _sum_by_currency(parts: Iterable[dict[str, int]]) -> dict[str, int]:
 # Reading.
 
 
+def reader_dsn(shard: dict) -> str:
+    """The auditor role's DSN (cluster.json's "auditor_dsn": SELECT only), else "dsn"
+    (cluster.json files and scratch shards that name one DSN)."""
+    return shard.get("auditor_dsn") or shard["dsn"]
+
+
 def _connect(shard_name: str, dsn: str) -> psycopg.Connection:
     try:
         connection = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS, autocommit=True)
@@ -592,7 +599,7 @@ def _read_credit_branches(shards: list[dict], transfer_ids: list[str]) -> dict[s
     found = {}
     for shard in shards:
         try:
-            with _connect(shard["name"], shard["dsn"]) as connection:
+            with _connect(shard["name"], reader_dsn(shard)) as connection:
                 for chunk in _chunks(transfer_ids):
                     for row in connection.execute(BRANCHES_OF, [chunk, int(Branch.CREDIT)]):
                         transfer_id, branch = _row(shard["name"], row)
@@ -610,7 +617,7 @@ def _read_credit_try_outcomes(shards: list[dict], ids_by_shard: dict[str, list[s
         if not transfer_ids:
             continue
         try:
-            with _connect(shard["name"], shard["dsn"]) as connection:
+            with _connect(shard["name"], reader_dsn(shard)) as connection:
                 for chunk in _chunks(transfer_ids):
                     found.update(connection.execute(CREDIT_TRY_OUTCOMES_OF, [chunk]).fetchall())
         except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
@@ -642,7 +649,7 @@ def _read_records_and_debit_branches(shards: list[dict], transfer_ids: list[str]
     records, debits = {}, {}
     for shard in shards:
         try:
-            with _connect(shard["name"], shard["dsn"]) as connection:
+            with _connect(shard["name"], reader_dsn(shard)) as connection:
                 # One snapshot: a record and its debit branch change together.
                 _snapshot(connection)
                 for chunk in _chunks(transfer_ids):
@@ -661,7 +668,7 @@ def _read_registries(shards: list[dict], audits: list[ShardAudit]) -> dict[str, 
         if not audit.has_id_registry:
             continue
         try:
-            with _connect(shard["name"], shard["dsn"]) as connection:
+            with _connect(shard["name"], reader_dsn(shard)) as connection:
                 for transfer_id, fields in connection.execute(REGISTERED_TRANSFER_IDS):
                     registered[transfer_id].append((shard["name"], fields))
         except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
@@ -681,7 +688,7 @@ def audit_cluster(shards: list[dict]) -> ClusterAudit:
     """Audit every shard (dicts with "name" and "dsn", as in cluster.json); raises ShardUnreadable."""
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(SHARD_READERS_MAX, len(shards)))) as pool:
-        audits = list(pool.map(lambda shard: audit_shard(shard["name"], shard["dsn"]), shards))
+        audits = list(pool.map(lambda shard: audit_shard(shard["name"], reader_dsn(shard)), shards))
     registered = _read_registries(shards, audits) if any(audit.has_id_registry for audit in audits) else None
     findings: list[Violation] = []
 

@@ -25,15 +25,15 @@ from services.storage.shard_store import batch, transfer_from_row
 
 # Every transaction that locks several accounts locks them here, all at once and in
 # account_id order, so two transactions never wait on each other's rows in opposite orders.
-LOCK_ACCOUNTS = prepared("lock_accounts", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE")
-SELECT_TRANSFERS = prepared("select_transfers", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)")
+LOCK_ACCOUNTS = prepared("lock_accounts", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE")  # nosec B608 # constants only, no request data
+SELECT_TRANSFERS = prepared("select_transfers", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ANY(%s)")  # nosec B608 # constants only, no request data
 # branch 3 rows credit a collecting merchant's sub-account (clearing_account_id).
 INSERT_TRANSFERS = prepared("insert_transfers", f"""
     INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                            status, reason, branch, clearing_account_id, finalized_at)
     SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],
                                 %s::smallint[], %s::text[], %s::smallint[], %s::text[])
-    RETURNING {TRANSFER_COLUMNS}""")
+    RETURNING {TRANSFER_COLUMNS}""")  # nosec B608 # constants only, no request data
 APPLY_BALANCE_CHANGES = prepared("apply_balance_changes", """
     UPDATE accounts SET debits_posted_minor = debits_posted_minor + change.debits,
                         credits_posted_minor = credits_posted_minor + change.credits, updated_at = now()

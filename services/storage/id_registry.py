@@ -50,6 +50,14 @@ def first_uses(rows: list[tuple]) -> dict[tuple[int, str], dict]:
     return {(namespace, key): fields for namespace, key, fields in rows}
 
 
+async def registered(store: ShardStore, registrations: list[Registration], timeout_seconds: float) -> dict[tuple[int, str], dict]:
+    """The first uses stored for these ids, registering nothing: (namespace, id) -> fields."""
+    namespaces = [int(entry.namespace) for entry in registrations]
+    async with store.session(timeout_seconds) as session:
+        (stored,) = await session.run(session.begin(SELECT_REGISTERED, COMMIT), [namespaces, [entry.id for entry in registrations]])
+    return first_uses(stored)
+
+
 async def register(
     store: ShardStore, chains: list[list[Registration]], limits: TierLimits, timeout_seconds: float
 ) -> list[list[dict]]:

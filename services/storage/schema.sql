@@ -194,3 +194,47 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The audit log (services/audit_log): every money movement and privileged action, who, what,
+-- when and how it ended, in hash chains (services/audit_log/chain.py). Each writing process
+-- appends to a chain of its own, kept on one shard; `python -m services.audit_log verify`
+-- proves every chain of every shard. Append-only: the service role needs INSERT and SELECT on
+-- it and nothing else (its inserts are ON CONFLICT DO NOTHING, which needs no UPDATE right),
+-- and these triggers refuse UPDATE, DELETE and TRUNCATE to anyone, the owner included, as long
+-- as the triggers stand; a change made past them (the owner disabling them, a superuser's
+-- session_replication_role) breaks a hash that `verify` names.
+-- at_us: microseconds since the Unix epoch on the writer's clock (to_timestamp(at_us / 1e6));
+-- detail: canonical JSON text, hashed as stored (text, not jsonb, which would reorder it).
+-- written_at is the database's clock when the row arrived: outside the hash, for lag only.
+CREATE TABLE IF NOT EXISTS audit_log (
+    chain_id   text NOT NULL,
+    seq        bigint NOT NULL CHECK (seq >= 1),
+    at_us      bigint NOT NULL,
+    subject    text NOT NULL,
+    role       text NOT NULL,
+    action     text NOT NULL,
+    target     text NOT NULL,
+    detail     text NOT NULL,
+    outcome    text NOT NULL,
+    prev_hash  bytea NOT NULL CHECK (length(prev_hash) = 32),
+    hash       bytea NOT NULL CHECK (length(hash) = 32),
+    written_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (chain_id, seq)
+);
+
+CREATE OR REPLACE FUNCTION audit_log_is_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only (% refused)', TG_OP USING ERRCODE = 'restrict_violation';
+END;
+$$;
+
+DROP TRIGGER IF EXISTS audit_log_is_append_only ON audit_log;
+CREATE TRIGGER audit_log_is_append_only BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_log_is_append_only();
+DROP TRIGGER IF EXISTS audit_log_is_never_truncated ON audit_log;
+CREATE TRIGGER audit_log_is_never_truncated BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_is_append_only();
+-- End of the audit log's section.
+-- ---------------------------------------------------------------------------------------------

@@ -49,15 +49,17 @@ TRANSFER_COLUMNS = (
     " created_at, finalized_at, branch"
 )
 
-SELECT_TRANSFER = prepared("select_transfer", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = %s")
-SELECT_ACCOUNT = prepared("select_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s")
-LOCK_ACCOUNT = prepared("lock_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s FOR UPDATE")
+SELECT_TRANSFER = prepared("select_transfer", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = %s")  # nosec B608 # constants only, no request data
+SELECT_ACCOUNT = prepared("select_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s")  # nosec B608 # constants only, no request data
+# Who owns each of some accounts, and their kind (authorisation: services/ledger/authorization.py).
+SELECT_ACCOUNT_OWNERS = prepared("select_account_owners", "SELECT account_id, owner_id, kind FROM accounts WHERE account_id = ANY(%s)")
+LOCK_ACCOUNT = prepared("lock_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s FOR UPDATE")  # nosec B608 # constants only, no request data
 INSERT_ACCOUNT = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status, collect_on_every_shard, parent_account_id)
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (account_id) DO NOTHING
-    RETURNING {ACCOUNT_COLUMNS}"""
-SET_STATUS = f"UPDATE accounts SET status = %s, updated_at = now() WHERE account_id = %s RETURNING {ACCOUNT_COLUMNS}"
+    RETURNING {ACCOUNT_COLUMNS}"""  # nosec B608 # constants only, no request data
+SET_STATUS = f"UPDATE accounts SET status = %s, updated_at = now() WHERE account_id = %s RETURNING {ACCOUNT_COLUMNS}"  # nosec B608 # constants only, no request data
 SET_COLLECTION_STATUS = "UPDATE accounts SET status = %s, updated_at = now() WHERE parent_account_id = %s"
 # A merchant's sub-accounts are credited only by payments and debited only by sweeps, so
 # their credits so far are every payment collected, whatever sweeps are in flight.
@@ -68,7 +70,7 @@ RECEIVED_FROM_SWEEPS = f"""
     SELECT coalesce(sum(amount_minor), 0) FROM transfers
     WHERE credit_account_id = %s AND status = {int(TransferStatus.POSTED)}
       AND branch IN ({int(Branch.SAME_SHARD)}, {int(Branch.CREDIT)})
-      AND starts_with(debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')"""
+      AND starts_with(debit_account_id, '{ids.COLLECTION_ACCOUNT_ID_PREFIX}')"""  # nosec B608 # constants only, no request data
 # A sub-account whose last sweep failed is tried again this long after, not at every scan:
 # a merchant that refuses credits would otherwise leave a failed sweep behind every second.
 SWEEP_RETRY_AFTER_FAILURE_SECONDS = 10
@@ -90,7 +92,7 @@ SWEEPABLE = f"""
       AND status NOT IN ({int(AccountStatus.FROZEN)}, {int(AccountStatus.CLOSED)})
       AND credits_posted_minor - debits_posted_minor - debits_pending_minor > 0
       AND (failed.last_at IS NULL OR failed.last_at <= now() - make_interval(secs => {SWEEP_RETRY_AFTER_FAILURE_SECONDS}))
-    LIMIT %s"""
+    LIMIT %s"""  # nosec B608 # constants only, no request data
 # A collecting merchant's sub-accounts on one shard, locked, with whether each holds anything.
 LOCK_COLLECTION_ACCOUNTS = """
     SELECT account_id, credits_posted_minor <> debits_posted_minor OR debits_pending_minor <> 0 OR credits_pending_minor <> 0
@@ -103,7 +105,7 @@ LIST_ACCOUNT_TRANSFERS = f"""
         UNION ALL
         (SELECT {TRANSFER_COLUMNS} FROM transfers WHERE credit_account_id = %s AND seq < %s
          ORDER BY seq DESC LIMIT %s)
-    ) AS both_sides ORDER BY seq DESC LIMIT %s"""
+    ) AS both_sides ORDER BY seq DESC LIMIT %s"""  # nosec B608 # constants only, no request data
 
 
 COMMIT = "COMMIT"
@@ -205,7 +207,8 @@ class ShardStore:
                 finally:
                     await session.release()
         except psycopg_pool.PoolTimeout as error:
-            raise errors.ShardUnavailable(f"{self.shard_name}: no connection ({error})", shard=self.shard_name) from error
+            # The pool logs why it could not connect; the client hears only that it could not.
+            raise errors.ShardUnavailable(f"{self.shard_name}: no connection to the shard", shard=self.shard_name) from error
         except TimeoutError as error:
             raise errors.DeadlineExceeded(f"{self.shard_name}: deadline passed; the outcome may be unknown") from error
         except psycopg.Error as error:  # the one place database errors are mapped, by SQLSTATE
@@ -288,6 +291,12 @@ class ShardStore:
         async with self.session(timeout_seconds) as session:
             (found,) = await session.run(session.begin(SELECT_ACCOUNT, COMMIT), [account_id])
         return account_from_row(found[0]) if found else None
+
+    async def get_owners(self, account_ids: list[str], timeout_seconds: float) -> list[tuple[str, str, AccountKind]]:
+        """(account_id, owner_id, kind) of each of `account_ids` that exists on this shard, in one round trip."""
+        async with self.session(timeout_seconds) as session:
+            (rows,) = await session.run(session.begin(SELECT_ACCOUNT_OWNERS, COMMIT), [account_ids])
+        return [(account_id, owner_id, AccountKind(kind)) for account_id, owner_id, kind in rows]
 
     async def list_account_transfers(
         self, account_id: str, before_seq: int, limit: int, timeout_seconds: float

@@ -40,13 +40,13 @@ TCC_COLUMNS = (
     " finalized_at"
 )
 SELECT_NOW = "SELECT now()"
-SELECT_RECORD = prepared("select_record", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s")
+SELECT_RECORD = prepared("select_record", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s")  # nosec B608 # constants only, no request data
 ENSURE_CLEARING_ACCOUNTS = f"""
     INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status)
     SELECT id, id, '{ids.CLEARING_OWNER_ID}', currency, {int(AccountKind.SYSTEM)}, 0, {int(AccountStatus.ACTIVE)}
     FROM unnest(%s::text[], %s::text[]) AS clearing(id, currency)
-    ON CONFLICT (account_id) DO NOTHING"""
-SELECT_RECORDS = prepared("select_records", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = ANY(%s)")
+    ON CONFLICT (account_id) DO NOTHING"""  # nosec B608 # constants only, no request data
+SELECT_RECORDS = prepared("select_records", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = ANY(%s)")  # nosec B608 # constants only, no request data
 INSERT_RECORDS = prepared("insert_records", f"""
     INSERT INTO tcc_transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
                                credit_shard, state, reason, lease_owner, lease_expires_at, pending_expires_at, finalized_at)
@@ -57,7 +57,7 @@ INSERT_RECORDS = prepared("insert_records", f"""
                 %s::text[], %s::text[], %s::float8[], %s::float8[], %s::bool[])
          AS record(id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
                    lease_seconds, pending_seconds, final)
-    RETURNING {TCC_COLUMNS}""")
+    RETURNING {TCC_COLUMNS}""")  # nosec B608 # constants only, no request data
 INSERT_BARRIERS = prepared("insert_barriers", """
     INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
     SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[])""")
@@ -76,18 +76,18 @@ RESERVE = prepared("reserve", """
     WHERE accounts.account_id = change.account_id""")
 SELECT_CREDIT_TRY_OUTCOMES = prepared("select_credit_try_outcomes", f"""
     SELECT transfer_id, outcome FROM tcc_barriers
-    WHERE transfer_id = ANY(%s) AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'""")
+    WHERE transfer_id = ANY(%s) AND branch = {CREDIT_BRANCH} AND operation = '{BarrierOperation.TRY}'""")  # nosec B608 # constants only, no request data
 # A cancel stored in the credit try's place (the try then never applies), unless the try came first.
 BLOCK_CREDIT_TRIES = prepared("block_credit_tries", f"""
     INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
     SELECT id, {CREDIT_BRANCH}, '{BarrierOperation.TRY}', outcome FROM unnest(%s::text[], %s::text[]) AS blocked(id, outcome)
-    ON CONFLICT DO NOTHING""")
+    ON CONFLICT DO NOTHING""")  # nosec B608 # constants only, no request data
 # The debit branches' accounts (customer and clearing), locked before the settle changes them.
 LOCK_DEBIT_BRANCH_ACCOUNTS = prepared("lock_debit_branch_accounts", f"""
     SELECT 1 FROM accounts WHERE account_id IN (
         SELECT unnest(%(customers)s::text[])
         UNION SELECT clearing_account_id FROM transfers WHERE transfer_id = ANY(%(ids)s) AND branch = {DEBIT_BRANCH}
-    ) ORDER BY account_id FOR UPDATE""")
+    ) ORDER BY account_id FOR UPDATE""")  # nosec B608 # constants only, no request data
 RENEW_LEASE = prepared("renew_lease", """
     UPDATE tcc_transfers SET lease_expires_at = now() + make_interval(secs => %s), attempts = attempts + 1, updated_at = now()
     WHERE transfer_id = %s AND lease_epoch = %s AND finalized_at IS NULL RETURNING transfer_id""")
@@ -97,19 +97,19 @@ CLAIM_EXPIRED = f"""
     WHERE transfer_id IN (SELECT transfer_id FROM tcc_transfers
                           WHERE finalized_at IS NULL AND lease_expires_at < now()
                           ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED)
-    RETURNING {TCC_COLUMNS}"""
+    RETURNING {TCC_COLUMNS}"""  # nosec B608 # constants only, no request data
 # An operator's retry takes the lease whoever holds it; the old owner's next
 # compare-and-set fails on the epoch, so it can change nothing any more.
 CLAIM_NOW = f"""
     UPDATE tcc_transfers SET lease_owner = %s, lease_epoch = lease_epoch + 1, updated_at = now(),
                              lease_expires_at = now() + make_interval(secs => %s)
     WHERE transfer_id = %s AND finalized_at IS NULL
-    RETURNING {TCC_COLUMNS}"""
+    RETURNING {TCC_COLUMNS}"""  # nosec B608 # constants only, no request data
 IN_DOUBT_SUMMARY = """
     SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
     FROM tcc_transfers WHERE finalized_at IS NULL"""
 LIST_IN_DOUBT = f"""
-    SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""
+    SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""  # nosec B608 # constants only, no request data
 
 # Faults (services/coordinator/driver.py): a decided transfer that cannot be applied is marked,
 # so that recovery stops claiming it and an operator sees it; `operator retry` clears the mark.
@@ -123,14 +123,14 @@ CLAIM_EXPIRED_UNFAULTED = f"""
     WHERE transfer_id IN (SELECT transfer_id FROM tcc_transfers
                           WHERE finalized_at IS NULL AND lease_expires_at < now() AND faulted_at IS NULL
                           ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED)
-    RETURNING {TCC_COLUMNS}"""
+    RETURNING {TCC_COLUMNS}"""  # nosec B608 # constants only, no request data
 CLAIM_NOW_CLEARING_FAULT = f"""
     UPDATE tcc_transfers SET lease_owner = %s, lease_epoch = lease_epoch + 1, updated_at = now(),
                              lease_expires_at = now() + make_interval(secs => %s), fault = '', faulted_at = NULL
     WHERE transfer_id = %s AND finalized_at IS NULL
-    RETURNING {TCC_COLUMNS}"""
+    RETURNING {TCC_COLUMNS}"""  # nosec B608 # constants only, no request data
 LIST_IN_DOUBT_WITH_FAULTS = f"""
-    SELECT {TCC_COLUMNS_WITH_FAULT} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""
+    SELECT {TCC_COLUMNS_WITH_FAULT} FROM tcc_transfers WHERE finalized_at IS NULL ORDER BY created_at LIMIT %s"""  # nosec B608 # constants only, no request data
 
 
 def _settle_debits_sql() -> str:
@@ -180,7 +180,7 @@ def _settle_debits_sql() -> str:
         RETURNING a.account_id
     )
     SELECT op.id, barrier.id IS NOT NULL, moved.id IS NOT NULL, {", ".join(f"guard.{column}" for column in record_columns)}
-    FROM op LEFT JOIN guard ON guard.id = op.id LEFT JOIN barrier ON barrier.id = op.id LEFT JOIN moved ON moved.id = op.id"""
+    FROM op LEFT JOIN guard ON guard.id = op.id LEFT JOIN barrier ON barrier.id = op.id LEFT JOIN moved ON moved.id = op.id"""  # nosec B608 # constants only, no request data
 
 
 SETTLE_DEBITS = prepared("settle_debits", _settle_debits_sql())

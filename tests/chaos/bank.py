@@ -55,6 +55,7 @@ from grpc_status import rpc_status
 
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2
 from deploy.cluster import Cluster
+from services.auth.client import Target
 from services.storage.audit import audit_cluster
 from tests.fixtures import faults
 from tests.fixtures.cluster import make_state_dir
@@ -205,10 +206,10 @@ def error_reason(error: grpc.RpcError) -> str:
     return ""
 
 
-def open_channel(endpoint: str) -> grpc.Channel:
+def open_channel(target: Target) -> grpc.Channel:
     # A private subchannel pool: otherwise every channel to the same target shares
     # one connection, and so one service worker.
-    return grpc.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+    return target.channel(options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 # The cluster.
@@ -389,7 +390,7 @@ def open_accounts(ledger: LedgerClient, shard_names: list[str], accounts_per_sha
 
 
 class Workload:
-    def __init__(self, endpoint: str, accounts: Accounts, config: Config, history: History, clock) -> None:
+    def __init__(self, endpoint: Target, accounts: Accounts, config: Config, history: History, clock) -> None:
         self.endpoint = endpoint
         self.accounts = accounts
         self.config = config
@@ -465,7 +466,7 @@ def cross_shard_refused(description: dict) -> bool:
     The probe's accounts are its own, so a run's accounts and totals are untouched.
     """
     shard_names = [shard["name"] for shard in description["shards"]]
-    with open_channel(description["grpc_endpoint"]) as channel:
+    with open_channel(Target.of_cluster(description)) as channel:
         grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_TIMEOUT_SECONDS)
         ledger = LedgerClient(channel, asyncio.run(_load_shard_map(description["etcd_endpoint"])))
         debit = ledger.funded(OPENING_BALANCE_MINOR, shard_names[0])
@@ -553,7 +554,7 @@ def transfer_statuses(payments, transfer_ids: list[str]) -> list[str | None]:
     return statuses
 
 
-def resolve(endpoint: str, transfers: list[Op], healed_seconds: float, clock) -> list[Op]:
+def resolve(endpoint: Target, transfers: list[Op], healed_seconds: float, clock) -> list[Op]:
     """Ask GetTransfer about each transfer until it is final or `deadline_seconds` passes; the ones never final."""
     waiting = list(transfers)
     with open_channel(endpoint) as channel:
@@ -614,9 +615,9 @@ def check(
     transfers = history.transfers()
 
     # The unknowns first, timed; then every other transfer: an acknowledged one must read POSTED, a failed one must not.
-    unresolved = resolve(description["grpc_endpoint"], [op for op in transfers if op.outcome == UNKNOWN], healed_seconds, clock)
+    unresolved = resolve(Target.of_cluster(description), [op for op in transfers if op.outcome == UNKNOWN], healed_seconds, clock)
     all_final_seconds = clock() - healed_seconds
-    unresolved += resolve(description["grpc_endpoint"], [op for op in transfers if op.outcome != UNKNOWN], healed_seconds, clock)
+    unresolved += resolve(Target.of_cluster(description), [op for op in transfers if op.outcome != UNKNOWN], healed_seconds, clock)
     for op in unresolved[:20]:
         violations.append(f"{op.transfer_id} ({op.outcome}): not final {FINAL_WITHIN_SECONDS}s after healing")
     if len(unresolved) > 20:
@@ -676,7 +677,7 @@ def check(
 def run(chaos: ChaosCluster, config: Config) -> Report:
     """Accounts, workload with nemesis, healing, checks; on a cluster that is up."""
     description = chaos.description
-    endpoint = description["grpc_endpoint"]
+    endpoint = Target.of_cluster(description)
     shard_names = [shard["name"] for shard in description["shards"]]
     with open_channel(endpoint) as channel:
         grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_TIMEOUT_SECONDS)

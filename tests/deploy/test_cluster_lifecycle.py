@@ -7,6 +7,8 @@ is idempotent, so each test also works alone.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,8 +21,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from deploy import processes
+from deploy import postgres, processes
 from deploy.cluster import DOWN, HEALTHY, Cluster, ClusterError
+from sharding import etcd_shard_map
+from sharding.shard_map import Shard, ShardMap
 from tests.fixtures.cluster import make_state_dir
 
 LIFECYCLE_PORT_BASE = int(os.environ.get("COREBANK_TEST_LIFECYCLE_PORT_BASE") or 17300)
@@ -28,8 +32,8 @@ LIFECYCLE_SHARD_COUNT = 2
 REPO_DIR = pathlib.Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_SECONDS = 120
 
-CLUSTER_JSON_KEYS = {"grpc_endpoint", "etcd_endpoint", "metrics_endpoints", "shards", "processes", "state_dir"}
-SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir"}
+CLUSTER_JSON_KEYS = {"grpc_endpoint", "etcd_endpoint", "metrics_endpoints", "shards", "processes", "state_dir", "auth"}
+SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir", "owner_dsn", "auditor_dsn", "superuser_dsn"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +86,7 @@ def test_cluster_json_has_the_required_shape(lifecycle: Cluster) -> None:
 
     assert set(description) == CLUSTER_JSON_KEYS
     assert description == json.loads(on_disk)
+    assert lifecycle.cluster_json_path.stat().st_mode & 0o777 == 0o600  # it holds the admin token
     assert description["grpc_endpoint"] == f"127.0.0.1:{LIFECYCLE_PORT_BASE}"
     assert description["etcd_endpoint"] == f"127.0.0.1:{LIFECYCLE_PORT_BASE + 1}"
     assert description["metrics_endpoints"] == [f"127.0.0.1:{LIFECYCLE_PORT_BASE + 10}"]
@@ -89,7 +94,15 @@ def test_cluster_json_has_the_required_shape(lifecycle: Cluster) -> None:
     for index, shard in enumerate(description["shards"]):
         assert set(shard) == SHARD_KEYS
         assert shard["port"] == LIFECYCLE_PORT_BASE + 100 + index
-        assert shard["dsn"] == f"host=127.0.0.1 port={shard['port']} dbname=corebank user=corebank"
+        # The service role's DSN; its password is in the passfile it names, never in the DSN.
+        secrets = lifecycle.state_dir / "secrets"
+        assert shard["dsn"] == (
+            f"host=127.0.0.1 port={shard['port']} dbname=corebank user=corebank passfile={secrets / 'service.pgpass'}"
+        )
+        assert shard["owner_dsn"].endswith(f"user=corebank_owner passfile={secrets / 'owner.pgpass'}")
+        assert shard["auditor_dsn"].endswith(f"user=corebank_auditor passfile={secrets / 'auditor.pgpass'}")
+        assert shard["superuser_dsn"].startswith(f"host={pathlib.Path(shard['data_dir']).parent} ")
+        assert "password" not in json.dumps(shard)
     roles = {process["name"]: process["role"] for process in description["processes"]}
     assert roles == {"grpc-0": "grpc", "etcd": "etcd", "shard-0": "postgres", "shard-1": "postgres"}
     assert description["processes"][0]["metrics"] == description["metrics_endpoints"][0]
@@ -136,7 +149,8 @@ def test_status_command_fails_when_a_process_is_down(lifecycle: Cluster) -> None
 
 
 def test_down_then_up_keeps_the_data(lifecycle: Cluster) -> None:
-    shard_0_dsn = lifecycle.up()["shards"][0]["dsn"]
+    # Schema changes are the owner's: the service role may not create tables.
+    shard_0_dsn = lifecycle.up()["shards"][0]["owner_dsn"]
     with psycopg.connect(shard_0_dsn, autocommit=True) as connection:
         connection.execute("CREATE TABLE IF NOT EXISTS lifecycle_scratch (note text)")
         connection.execute("INSERT INTO lifecycle_scratch VALUES ('written before down')")
@@ -150,6 +164,31 @@ def test_down_then_up_keeps_the_data(lifecycle: Cluster) -> None:
     with psycopg.connect(shard_0_dsn) as connection:
         notes = [row[0] for row in connection.execute("SELECT note FROM lifecycle_scratch")]
     assert notes == ["written before down"]
+
+
+def test_up_gives_the_shard_map_of_an_older_cluster_its_passfiles(lifecycle: Cluster) -> None:
+    """A map stored before the roles had passwords (DSNs without a passfile) is republished with them."""
+    lifecycle.up()
+
+    async def shard_map_after(publish_first: bool) -> ShardMap:
+        client = etcd_shard_map.etcd_client(lifecycle.etcd.endpoint)
+        try:
+            current = await etcd_shard_map.load(client)
+            if publish_first:
+                # As deploy wrote them before: the service role's DSN, no passfile.
+                older = [Shard(shard.name, postgres.dsn(shard.port)) for shard in lifecycle.shards]
+                await etcd_shard_map.publish(client, dataclasses.replace(current, version=current.version + 1, shards=tuple(older)))
+            return await etcd_shard_map.load(client)
+        finally:
+            await client.close()
+
+    older = asyncio.run(shard_map_after(publish_first=True))
+    assert all("passfile" not in shard.dsn for shard in older.shards)
+    lifecycle.up()
+    current = asyncio.run(shard_map_after(publish_first=False))
+    assert current.version == older.version + 1
+    assert [shard.dsn for shard in current.shards] == [shard.dsn for shard in lifecycle.shards]
+    assert current.slot_ranges == older.slot_ranges
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

@@ -9,7 +9,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 INSTALL_SECONDS_MAX = 300
 MODULES = (
     "services.coordinator.recovery", "services.coordinator.operator", "services.server", "services.storage.audit",
-    "services.storage.schema", "deploy.cluster", "corebank.v1.payments_pb2_grpc",
+    "services.storage.schema", "deploy.cluster", "corebank.v1.payments_pb2_grpc", "services.auth.__main__",
+    "services.audit_log.__main__", "services.ledger.authorization",
 )
 
 

@@ -72,7 +72,7 @@ def test_a_cluster_reads_its_stored_settings(tmp_path: pathlib.Path) -> None:
 
 def test_a_reused_pid_is_not_taken_for_our_process(tmp_path: pathlib.Path) -> None:
     # This pytest process stands in for an unrelated process that got the pid of a dead worker.
-    worker = GrpcWorker(0, 17300, 17310, "127.0.0.1:17301", tmp_path / "grpc-0.log", tmp_path / "grpc-0.pid")
+    worker = GrpcWorker(0, 17300, 17310, "127.0.0.1:17301", tmp_path / "grpc-0.log", tmp_path / "grpc-0.pid", tmp_path / "auth")
     worker.pid_path.write_text(f"{os.getpid()}\n")
 
     assert worker.pid() is None

@@ -8,6 +8,7 @@ import psycopg
 
 from corebank.v1 import payments_pb2, payments_pb2_grpc
 from services.api.interceptor import IN_FLIGHT_CALLS_MAX
+from services.auth import client
 from tests.fixtures.ledger import failure
 from tests.services.coordinator.test_crash_recovery import service_process
 
@@ -19,7 +20,7 @@ REFUSAL_SECONDS_MAX = 2.0  # "at once", with slack for a loaded 2-core machine
 def test_calls_beyond_the_bounds_are_refused_at_once_and_the_rest_complete(cluster, ledger, shard_map):
     shard = shard_map.shards[0]
     payer, payee = ledger.funded(100_000, shard.name), ledger.open(shard=shard.name)
-    with service_process("services.server", cluster, "backpressure") as (_, endpoint), grpc.insecure_channel(endpoint) as channel:
+    with service_process("services.server", cluster, "backpressure") as (_, endpoint), client.channel(cluster, address=endpoint) as channel:
         stub = payments_pb2_grpc.PaymentsStub(channel)
         with psycopg.connect(shard.dsn) as blocker:
             # Every transfer from the payer now waits on its row: the process fills up.

@@ -186,3 +186,24 @@ def test_transfers_between_shards_of_one_call_share_a_few_transactions_and_each_
     assert [r.HasField("transfer") for r in again] == [r.HasField("transfer") for r in results]
     assert sum(ledger.get(p.account_id).balance_minor for p in payees) == sum(requests[n].amount_minor for n in posted)
     assert audit_cluster(cluster["shards"]).violations() == []
+
+
+def test_a_chain_refused_for_a_reused_id_claims_none_of_its_other_ids(ledger, shard_map, cluster):
+    """A linked chain whose member reuses an id with other fields is refused whole before any of
+    its ids is claimed: its new ids stay free (no id_registry row on any shard) and can be used
+    with other fields afterwards (helper review of issue 9)."""
+    shard = shard_map.shards[0].name
+    payer, payee = ledger.funded(1_000, shard), ledger.open(shard=shard)
+    earlier = ledger.transfer(payer.account_id, payee.account_id, 1)
+    # Several fresh ids, so that some have their registry on another shard than the debit's.
+    fresh = [ledger.unique_id("chain-fresh") for _ in range(6)]
+    requests = [request(ledger, payer, payee, 1, transfer_id=transfer_id, linked=True) for transfer_id in fresh]
+    requests.append(request(ledger, payer, payee, 2, transfer_id=earlier.transfer_id))  # same id, other amount
+    results = create(ledger, requests)
+    assert [reason(r) for r in results] == ["LINKED_TRANSFER_FAILED"] * len(fresh) + ["IDEMPOTENCY_CONFLICT"]
+    for shard_entry in cluster["shards"]:
+        with psycopg.connect(shard_entry["dsn"]) as connection:
+            claimed = connection.execute("SELECT id FROM id_registry WHERE id = ANY(%s)", [fresh]).fetchall()
+        assert claimed == [], f"{shard_entry['name']} holds claims of a refused chain: {claimed}"
+    again = create(ledger, [request(ledger, payer, payee, 3, transfer_id=fresh[0])])
+    assert again[0].HasField("transfer") and again[0].transfer.status == transfers_pb2.POSTED

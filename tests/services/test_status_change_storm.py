@@ -15,6 +15,7 @@ import grpc
 
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc
 from corebank.v1 import transfers_pb2
+from services.auth import client
 
 STORM_CALLS = 40
 VICTIM_TRANSFERS = 30
@@ -27,7 +28,7 @@ def test_a_status_change_storm_on_one_merchant_does_not_fail_unrelated_transfers
     customer = ledger.open(shard=shard)
 
     async def run() -> list[str]:
-        channel = grpc.aio.insecure_channel(cluster["grpc_endpoint"])
+        channel = client.channel(cluster, aio=True)
         accounts = accounts_pb2_grpc.AccountsStub(channel)
         payments = payments_pb2_grpc.PaymentsStub(channel)
         stop = asyncio.Event()

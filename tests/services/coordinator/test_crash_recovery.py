@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from corebank.v1 import accounts_pb2, payments_pb2, payments_pb2_grpc, transfers_pb2
+from services.auth import auth_dir, client, pki
 from services.coordinator import crash_points
 from services.coordinator.driver import LEASE_SECONDS
 from services.coordinator.recovery import RECOVERY_SCAN_INTERVAL_SECONDS
@@ -39,11 +40,13 @@ def service_process(module: str, cluster: dict, name: str, extra_env: dict[str, 
     grpc_port, metrics_port = free_port(), free_port()
     argv = [sys.executable, "-m", module, "--etcd", cluster["etcd_endpoint"], "--metrics-listen", f"127.0.0.1:{metrics_port}", "--process-name", name]
     if listen:
-        argv += ["--listen", f"127.0.0.1:{grpc_port}"]
+        # A server certificate of its own, signed by the cluster's CA.
+        pki.CertificateAuthority(auth_dir(cluster["state_dir"])).issue(name, server=True)
+        argv += ["--listen", f"127.0.0.1:{grpc_port}", "--auth-dir", str(auth_dir(cluster["state_dir"])), "--certificate", name]
     process = subprocess.Popen(argv, env={**os.environ, **(extra_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if listen:
-            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with client.channel(cluster, address=f"127.0.0.1:{grpc_port}") as channel:
                 grpc.channel_ready_future(channel).result(timeout=PROCESS_READY_TIMEOUT_SECONDS)
         yield process, f"127.0.0.1:{grpc_port}"
     finally:
@@ -74,7 +77,7 @@ def wait_until_final(ledger, transfer_id: str, bound_seconds: float) -> tuple[tr
 def crash_mid_transfer(cluster, ledger, crash_at: str, payer, payee, amount: int) -> str:
     transfer_id = ledger.unique_id(f"crash-{crash_at}")
     with service_process("services.server", cluster, f"crashing-{crash_at}", {crash_points.CRASH_AT_ENV: crash_at}) as (process, endpoint):
-        with grpc.insecure_channel(endpoint) as channel:
+        with client.channel(cluster, address=endpoint) as channel:
             with pytest.raises(grpc.RpcError) as raised:
                 payments_pb2_grpc.PaymentsStub(channel).Transfer(
                     payments_pb2.TransferRequest(

@@ -133,6 +133,29 @@ def test_garbage_page_tokens_fail_cleanly(token):
     assert 0 < before_seq <= paging.SEQ_BEFORE_FIRST_PAGE  # a token that happens to decode must still be in range
 
 
+def _token_of(payload: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "[" * 1000 + "0" + "]" * 1000,  # RecursionError in json, once answered INTERNAL (found by the fuzz)
+        '{"account_id": "acc_a", "before_seq": true}',  # a bool is an int in Python, not in SQL (same)
+        '{"account_id": "acc_a", "before_seq": false}',
+        '{"account_id": "acc_a", "before_seq": 9223372036854775808}',
+        '{"account_id": "acc_a", "before_seq": 1.5}',
+        '{"account_id": "acc_a", "before_seq": "12"}',
+        '{"account_id": "acc_a", "before_seq": 1, "pad": "' + "x" * paging.PAGE_TOKEN_CHARS_MAX + '"}',
+    ],
+)
+def test_forged_page_tokens_are_invalid_page_tokens(payload):
+    with pytest.raises(errors.InvalidPageToken):
+        paging.decode_page_token(_token_of(payload), "acc_a")
+
+
 def test_page_sizes_are_bounded():
     assert paging.validate_page_size(0) == paging.PAGE_SIZE_DEFAULT
     assert paging.validate_page_size(paging.PAGE_SIZE_MAX) == paging.PAGE_SIZE_MAX

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 
 from corebank.v1 import accounts_pb2, transfers_pb2
-from deploy.postgres import POSTGRES_USER, dsn as postgres_dsn
+from deploy.postgres import dsn as postgres_dsn
 from services.ledger.coordination import CoordinatorState
 from services.ledger.ids import IdNamespace
 from services.ledger.transfers import Branch, TransferStatus
@@ -69,8 +69,9 @@ FILL_REGISTRY = f"""
     ON CONFLICT DO NOTHING"""
 
 
-def superuser_dsn(shard_dsn: str, dbname: str) -> str:
-    return postgres_dsn(int(psycopg.conninfo.conninfo_to_dict(shard_dsn)["port"]), user=POSTGRES_USER, dbname=dbname)
+def superuser_dsn(shard: dict, dbname: str) -> str:
+    """The shard's superuser (on its unix socket: never over TCP), on database `dbname`."""
+    return psycopg.conninfo.make_conninfo(shard["superuser_dsn"], dbname=dbname)
 
 
 def invariants(audit) -> set[Invariant]:
@@ -123,14 +124,14 @@ class Scratch:
 
     def __init__(self, live_shards: list[dict]) -> None:
         self.live_shards = live_shards
-        self.shards = [{"name": s["name"], "dsn": superuser_dsn(s["dsn"], SCRATCH_DATABASE)} for s in live_shards]
+        self.shards = [{"name": s["name"], "dsn": superuser_dsn(s, SCRATCH_DATABASE)} for s in live_shards]
 
     def dsn(self, shard_name: str) -> str:
         return next(s["dsn"] for s in self.shards if s["name"] == shard_name)
 
     def create(self) -> None:
         for shard in self.live_shards:
-            with psycopg.connect(superuser_dsn(shard["dsn"], "postgres"), autocommit=True) as connection:
+            with psycopg.connect(superuser_dsn(shard, "postgres"), autocommit=True) as connection:
                 connection.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DATABASE} WITH (FORCE)")
                 connection.execute(f"CREATE DATABASE {SCRATCH_DATABASE}")
         for shard in self.shards:
@@ -138,7 +139,7 @@ class Scratch:
 
     def drop(self) -> None:
         for shard in self.live_shards:
-            with psycopg.connect(superuser_dsn(shard["dsn"], "postgres"), autocommit=True) as connection:
+            with psycopg.connect(superuser_dsn(shard, "postgres"), autocommit=True) as connection:
                 connection.execute(f"DROP DATABASE IF EXISTS {SCRATCH_DATABASE} WITH (FORCE)")
 
     def clone(self) -> None:
@@ -146,7 +147,7 @@ class Scratch:
 
         def copy(pair: tuple[dict, dict]) -> None:
             live, scratch = pair
-            with psycopg.connect(live["dsn"]) as source, psycopg.connect(scratch["dsn"]) as target:
+            with psycopg.connect(live["auditor_dsn"]) as source, psycopg.connect(scratch["dsn"]) as target:
                 source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 tables = list(CLONED_TABLES)
                 if source.execute("SELECT to_regclass('id_registry') IS NOT NULL").fetchone()[0]:
@@ -269,17 +270,22 @@ def test_the_audit_holds_on_a_busy_cluster_while_transfers_run(ledger, shard_map
 
 
 def test_accounts_and_tcc_rows_are_never_deleted_on_the_live_cluster(cluster, seeded, shard_map):
-    live = next(s["dsn"] for s in cluster["shards"] if s["name"] == seeded["first"])
+    live = next(s for s in cluster["shards"] if s["name"] == seeded["first"])
     for sql, params in [
         ("DELETE FROM accounts WHERE account_id = %s", [seeded["same_shard_payee"]]),
         ("DELETE FROM tcc_transfers WHERE transfer_id = %s", [seeded["between"]]),
         ("DELETE FROM tcc_barriers WHERE transfer_id = %s", [seeded["between"]]),
     ]:
         # In a transaction that is rolled back: even a missing trigger could delete nothing.
-        with psycopg.connect(live) as connection:
-            with pytest.raises(psycopg.errors.RestrictViolation, match="never deleted"):
-                connection.execute(sql, params)
-            connection.rollback()
+        # The service role has no DELETE at all; the owner meets the triggers.
+        for dsn, refusal, match in [
+            (live["dsn"], psycopg.errors.InsufficientPrivilege, "permission denied"),
+            (live["owner_dsn"], psycopg.errors.RestrictViolation, "never deleted"),
+        ]:
+            with psycopg.connect(dsn) as connection:
+                with pytest.raises(refusal, match=match):
+                    connection.execute(sql, params)
+                connection.rollback()
 
 
 # Each invariant, broken in a clone.

@@ -44,9 +44,15 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LINKED_TRANSFER_FAILED: _ClassVar[ErrorReason]
     LINKED_CHAIN_SPANS_SHARDS: _ClassVar[ErrorReason]
     OVERLOADED: _ClassVar[ErrorReason]
+    RATE_LIMITED: _ClassVar[ErrorReason]
     SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
     DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
     INTERNAL_FAULT: _ClassVar[ErrorReason]
+    TOKEN_MISSING: _ClassVar[ErrorReason]
+    TOKEN_INVALID: _ClassVar[ErrorReason]
+    TOKEN_EXPIRED: _ClassVar[ErrorReason]
+    ROLE_NOT_ALLOWED: _ClassVar[ErrorReason]
+    OWNER_MISMATCH: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 MISSING_FIELD: ErrorReason
 INVALID_ID: ErrorReason
@@ -84,6 +90,12 @@ TRANSFER_VOIDED: ErrorReason
 LINKED_TRANSFER_FAILED: ErrorReason
 LINKED_CHAIN_SPANS_SHARDS: ErrorReason
 OVERLOADED: ErrorReason
+RATE_LIMITED: ErrorReason
 SHARD_UNAVAILABLE: ErrorReason
 DEADLINE_EXCEEDED: ErrorReason
 INTERNAL_FAULT: ErrorReason
+TOKEN_MISSING: ErrorReason
+TOKEN_INVALID: ErrorReason
+TOKEN_EXPIRED: ErrorReason
+ROLE_NOT_ALLOWED: ErrorReason
+OWNER_MISMATCH: ErrorReason

@@ -1,0 +1,19 @@
+"""Prometheus metrics of the audit log's writer (one per process). Names: corebank_audit_log_<what>."""
+
+from prometheus_client import Counter, Gauge
+
+ENTRIES_WRITTEN = Counter("corebank_audit_log_entries_written", "Audit log entries stored (chain openings and closings included)")
+QUEUED_ENTRIES = Gauge("corebank_audit_log_queued_entries", "Audit log entries appended but not yet stored")
+WRITE_FAILURES = Counter(
+    "corebank_audit_log_write_failures", "Failed inserts of a batch of audit log entries (retried), by reason", ["reason"]
+)
+CHAINS_OPENED = Counter(
+    "corebank_audit_log_chains_opened", "Chains opened: at start, or after the chain's shard kept failing", ["cause"]
+)
+UNCONFIRMED_ANSWERS = Counter(
+    "corebank_audit_log_unconfirmed_answers",
+    "Calls answered before their audit log entries were stored (their deadline came first; the entries stay queued)",
+)
+REFUSED_CALLS = Counter(
+    "corebank_audit_log_refused_calls", "Audited calls refused with OVERLOADED because the audit log was too far behind"
+)
