@@ -83,7 +83,6 @@ ADMIN_CLIENT_CERTIFICATE = "admin"
 ADMIN_SUBJECT = "cluster-admin"
 
 SETTINGS_FILE = "cluster-settings.json"
-PRIVATE_FILE_MODE = 0o600
 CLUSTER_FILE = "cluster.json"
 LOCK_FILE = ".lock"
 
@@ -165,11 +164,9 @@ class ProcessStatus:
 def write_json_atomically(path: pathlib.Path, data: object) -> None:
     """Readable by its owner only (cluster.json holds the admin token); a reader (a test, the
     bench) never sees a half-written file."""
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.unlink(missing_ok=True)
-    with os.fdopen(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE), "w") as file:
-        file.write(json.dumps(data, indent=2) + "\n")
-    scratch.replace(path)
+    from services.auth.pki import write_private
+
+    write_private(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def choose_settings(

@@ -176,18 +176,6 @@ def _keep_private(path: pathlib.Path, mode: int) -> None:
     os.chmod(path, mode, follow_symlinks=False)
 
 
-def _write_private(path: pathlib.Path, text: str) -> None:
-    """Write `text` to a fresh file that is 0600 from its first byte, then move it into place."""
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.unlink(missing_ok=True)
-    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE_MODE)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    scratch.replace(path)
-
-
 def _passfile_line(role: DatabaseRole, password: str) -> str:
     # hostname:port:database:username:password; any port, so that one file serves every
     # shard (and a test's proxy in front of one).
@@ -208,7 +196,9 @@ def ensure_password(secrets_folder: pathlib.Path, role: DatabaseRole) -> str:
         _keep_private(secrets_folder, SECRETS_DIR_MODE)
         path = passfile_path(secrets_folder, role)
         if not path.exists():
-            _write_private(path, _passfile_line(role, secrets.token_urlsafe(PASSWORD_BYTES)))
+            from services.auth.pki import write_private  # imported here: see ensure_database
+
+            write_private(path, _passfile_line(role, secrets.token_urlsafe(PASSWORD_BYTES)).encode())
         _keep_private(path, SECRET_FILE_MODE)
         return _password_in(path, role)
 

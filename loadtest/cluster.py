@@ -52,7 +52,7 @@ class Cluster:
         return Target.of_cluster(self.raw)
 
     def traffic_target(self) -> Target:
-        """As the load's payments gateway (TRAFFIC_ROLE), with a token of the cluster's current key."""
+        """As the load's caller (TRAFFIC_ROLE, see there), with a token of the cluster's current key."""
         return self.target.acting_as(
             tokens.mint(auth_dir(self.raw["state_dir"]), TRAFFIC_ROLE, TRAFFIC_SUBJECT, TRAFFIC_TOKEN_TTL_SECONDS)
         )

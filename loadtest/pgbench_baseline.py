@@ -21,6 +21,8 @@ from loadtest.cluster import ShardEndpoint
 from loadtest.driver import CounterSampler, ScenarioResult, WindowMeter, latency_figures_ms
 
 BASELINE_DATABASE = "pgbench_baseline"
+# libpq ignores a passfile that others may read.
+PASSFILE_MODE = 0o600
 PGBENCH_THREADS = 2
 # Scale 16 (1.6 M accounts rows) takes seconds to load; bound it in case the disk is slow.
 PGBENCH_INIT_TIMEOUT_SECONDS = 900
@@ -44,8 +46,21 @@ def _connection_arguments(shard: ShardEndpoint) -> list[str]:
 
 
 def _environment(shard: ShardEndpoint) -> dict[str, str]:
+    """pgbench's environment: a passfile of the owner's password for pgbench's own database
+    (the cluster's passfile names the ledger's database only), beside it and 0600 like it."""
     passfile = psycopg.conninfo.conninfo_to_dict(shard.owner_dsn).get("passfile")
-    return {**os.environ, **({"PGPASSFILE": str(passfile)} if passfile else {})}
+    if not passfile:
+        return dict(os.environ)
+    cluster_passfile = pathlib.Path(passfile)
+    baseline_passfile = cluster_passfile.with_name(f"{BASELINE_DATABASE}.pgpass")
+    lines = []
+    for line in cluster_passfile.read_text().splitlines():
+        host, port, _, user, password = line.split(":", 4)
+        lines.append(":".join((host, port, BASELINE_DATABASE, user, password)))
+    descriptor = os.open(baseline_passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PASSFILE_MODE)
+    with os.fdopen(descriptor, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    return {**os.environ, "PGPASSFILE": str(baseline_passfile)}
 
 
 def ensure_database(shard: ShardEndpoint) -> None:

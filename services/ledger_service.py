@@ -18,8 +18,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import os
-import pathlib
 import time
 from collections.abc import Callable
 
@@ -72,14 +70,6 @@ DRAIN_SECONDS_MAX = 5.0
 # per transfer id at most, and at most this many in the process. Past it, new transfers
 # between shards get OVERLOADED; recovery finishes whatever a full process leaves.
 DRIVES_IN_FLIGHT_MAX = 10_000
-# A JSON file of rate limits to use instead of the built-in ones (services/ledger/rate_limits.json).
-RATE_LIMITS_VARIABLE = "COREBANK_RATE_LIMITS"
-
-
-def configured_rate_limits() -> RateLimits:
-    """The rate limits of this process: the file COREBANK_RATE_LIMITS names, or the defaults."""
-    path = os.environ.get(RATE_LIMITS_VARIABLE)
-    return RateLimits.load(pathlib.Path(path) if path else None)
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
@@ -102,7 +92,7 @@ class LedgerService:
         self.limits = limits
         self.driver = driver
         # Per process, like every bucket of the limiter: see services/ledger/rate_limits.py.
-        self.rate_limiter = RateLimiter(rate_limits or configured_rate_limits(), clock)
+        self.rate_limiter = RateLimiter(rate_limits or RateLimits.load(), clock)
         self.owners = AccountOwners(router)
         # Drives outlive the request that started them (a client deadline does not stop a
         # transfer); keyed by transfer id, so retries of one transfer share one task.
@@ -417,9 +407,15 @@ class LedgerService:
                 routed_chains.append((chain, shard))
         routed_chains = await self._authorised_chains(caller, requests, routed_chains, answers, deadline)
         if self.rate_limiter.debits_limited(caller):
-            self.rate_limiter.admit_debits(
-                caller, collections.Counter(requests[index].debit_account_id for chain, _ in routed_chains for index in chain)
+            # Per chain: a payer over its velocity limit gets RATE_LIMITED on its own transfers,
+            # the rest of a gateway's batch goes on.
+            refusals = self.rate_limiter.admit_debits_each(
+                caller, [collections.Counter(requests[index].debit_account_id for index in chain) for chain, _ in routed_chains]
             )
+            for (chain, _), refusal in zip(routed_chains, refusals):
+                if refusal is not None:
+                    _fail_chain(requests, chain, chain[0], refusal, answers)
+            routed_chains = [routed for routed, refusal in zip(routed_chains, refusals) if refusal is None]
         # Every id is claimed bank-wide before anything is applied; a chain with a member
         # whose id names another transfer is refused whole, and nothing of it is recorded:
         # first read (its other members must not be claimed by a chain that fails), then claim.

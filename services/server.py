@@ -12,10 +12,13 @@ The port speaks TLS only and asks every client for a certificate signed by the
 cluster's CA (mTLS); every corebank.v1 call must also carry a bearer token signed by
 one of the keys in --auth-dir (services/auth).
 
---insecure-benchmark-baseline exists for one purpose: `python -m loadtest.security_cost`
-measures what TLS and token checks cost against a process without them. It serves
-plaintext, treats every call as BASELINE_CALLER without looking for a token, and
-refuses any listen address but loopback. `make up` never uses it.
+--plaintext-benchmark-baseline exists for one purpose: `python -m loadtest.security_cost`
+measures what TLS costs against a process without it. It serves plaintext over gRPC's
+local credentials (loopback TCP only; no client certificate), still requires a valid
+token on every call (so it opens no door a token would not), cannot share a port with
+another process (no SO_REUSEPORT), and refuses any listen address but loopback.
+--without-audit-log (with --plaintext-benchmark-baseline only) also leaves the audit log
+out, so that the same command measures what the log costs. `make up` never uses either.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from services.auth import pki
 from services.auth.tokens import TokenVerifier
 from services.bootstrap import ShardConnections
 from services.coordinator import wiring
-from services.ledger.access import Caller, Role
 from services.ledger.limits import TierLimits
+from services.ledger.rate_limits import RateLimits
 from services.ledger_service import LedgerService
 
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -83,16 +86,15 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD_OBJECTS, older_threshold, oldest_threshold)
 
 
-# The benchmark baseline's one identity: the role of the bench's own traffic (loadtest/cluster.py).
-BASELINE_CALLER = Caller("benchmark-baseline", Role.ADMIN)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# A JSON file of rate limits to use instead of the built-in ones (services/ledger/rate_limits.json).
+RATE_LIMITS_VARIABLE = "COREBANK_RATE_LIMITS"
 
 
-class BaselineVerifier:
-    """--insecure-benchmark-baseline: no token is looked for; every call is BASELINE_CALLER."""
-
-    def verify(self, authorization: str | None) -> Caller:
-        return BASELINE_CALLER
+def configured_rate_limits() -> RateLimits:
+    """The rate limits of this process: the file COREBANK_RATE_LIMITS names, or the defaults."""
+    path = os.environ.get(RATE_LIMITS_VARIABLE)
+    return RateLimits.load(pathlib.Path(path) if path else None)
 
 
 def server_credentials(auth_dir: pathlib.Path, certificate_name: str) -> grpc.ServerCredentials:
@@ -108,27 +110,39 @@ def server_credentials(auth_dir: pathlib.Path, certificate_name: str) -> grpc.Se
 
 async def serve(
     listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str,
-    auth_dir: pathlib.Path | None, certificate_name: str | None,
+    rate_limits: RateLimits, auth_dir: pathlib.Path, certificate_name: str | None, plaintext_baseline: bool = False,
+    audit_logged: bool = True,
 ) -> None:
-    """Serve over mTLS with tokens; with no auth_dir, as the benchmark baseline (plaintext, loopback only)."""
-    if auth_dir is None:
-        credentials, verifier = None, BaselineVerifier()
-        log.warning("INSECURE benchmark baseline: plaintext, no tokens, every caller is %s", BASELINE_CALLER)
+    """Serve over mTLS with tokens; as the benchmark baseline, over plaintext loopback with tokens."""
+    if plaintext_baseline:
+        credentials = grpc.local_server_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+        log.warning("benchmark baseline: plaintext on loopback (no TLS, no client certificate); tokens still required")
     else:
-        credentials, verifier = server_credentials(auth_dir, certificate_name), TokenVerifier(auth_dir)
+        credentials = server_credentials(auth_dir, certificate_name)
+    verifier = TokenVerifier(auth_dir)
     metrics_host, metrics_port = metrics_listen.rsplit(":", 1)
     prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
 
     shards = await ShardConnections.open(etcd_endpoint)
-    ledger = LedgerService(shards.router, limits, wiring.transfer_driver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"))
-    # This process's chain of the audit log; its first entry names the tier limits in force.
-    audit_log = AuditWriter(ShardAuditStore(shards.router), process_name, {"tier_limits_sha256": limits_digest(limits)})
-    audit_log.start()
+    ledger = LedgerService(
+        shards.router, limits, wiring.transfer_driver(shards.router, limits, owner=f"{process_name}:{os.getpid()}"), rate_limits
+    )
+    # This process's chain of the audit log; its first entry names the limits in force (they
+    # change only by restarting with other files, and this makes every change visible).
+    audit_log = AuditWriter(
+        ShardAuditStore(shards.router), process_name,
+        {"tier_limits_sha256": limits_digest(limits), "rate_limits_sha256": rate_limits.digest()},
+    )
+    if audit_logged:
+        audit_log.start()
+    else:
+        log.warning("benchmark baseline: no audit log")
     server = grpc.aio.server(
-        interceptors=[LedgerInterceptor(verifier, audit_trail=AuditTrail(audit_log))],
+        interceptors=[LedgerInterceptor(verifier, audit_trail=AuditTrail(audit_log if audit_logged else None))],
         maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
         options=[
-            ("grpc.so_reuseport", 1),
+            # Workers share the port; the benchmark baseline shares it with nobody.
+            ("grpc.so_reuseport", 0 if plaintext_baseline else 1),
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
         ],
@@ -139,10 +153,7 @@ async def serve(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if credentials is None:
-        server.add_insecure_port(listen)
-    else:
-        server.add_secure_port(listen, credentials)
+    server.add_secure_port(listen, credentials)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -159,7 +170,8 @@ async def serve(
     await health_servicer.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     await ledger.drain()
-    await audit_log.close()
+    if audit_logged:
+        await audit_log.close()
     await shards.close()
 
 
@@ -170,22 +182,29 @@ def main() -> None:
     parser.add_argument("--etcd", required=True, help="etcd client endpoint, HOST:PORT")
     parser.add_argument("--process-name", default="grpc", help="name in logs")
     parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
-    parser.add_argument("--auth-dir", type=pathlib.Path, help="the cluster's auth folder: CA, certificates, token keys")
+    parser.add_argument("--auth-dir", type=pathlib.Path, required=True, help="the cluster's auth folder: CA, certificates, token keys")
     parser.add_argument("--certificate", help="this process's certificate name under AUTH_DIR/certs")
     parser.add_argument(
-        "--insecure-benchmark-baseline", action="store_true",
-        help="plaintext and no tokens, on loopback only: the baseline loadtest.security_cost measures against",
+        "--plaintext-benchmark-baseline", action="store_true",
+        help="no TLS (tokens still required), on loopback only: the baseline loadtest.security_cost measures TLS against",
+    )
+    parser.add_argument(
+        "--without-audit-log", action="store_true",
+        help="with --plaintext-benchmark-baseline only: no audit log, to measure what it costs",
     )
     arguments = parser.parse_args()
-    if arguments.insecure_benchmark_baseline:
-        if arguments.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS or arguments.auth_dir or arguments.certificate:
-            parser.error("--insecure-benchmark-baseline listens on loopback only, without --auth-dir or --certificate")
-    elif not (arguments.auth_dir and arguments.certificate):
-        parser.error("--auth-dir and --certificate are required: the service speaks mTLS only")
+    if arguments.without_audit_log and not arguments.plaintext_benchmark_baseline:
+        parser.error("--without-audit-log is for the benchmark baseline only")
+    if arguments.plaintext_benchmark_baseline:
+        if arguments.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS or arguments.certificate:
+            parser.error("--plaintext-benchmark-baseline listens on loopback only, without --certificate")
+    elif not arguments.certificate:
+        parser.error("--certificate is required: the service speaks mTLS only")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arguments.process_name} %(levelname)s %(name)s: %(message)s")
     run(serve(
         arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name,
-        arguments.auth_dir, arguments.certificate,
+        configured_rate_limits(), arguments.auth_dir, arguments.certificate, arguments.plaintext_benchmark_baseline,
+        not arguments.without_audit_log,
     ))
 
 

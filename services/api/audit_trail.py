@@ -250,4 +250,22 @@ class AuditTrail:
         await self.writer.written(stored, wait_seconds)
 
 
+    def record_cancelled(self, full_method: str, request) -> None:
+        """A call its client cancelled (or whose gRPC deadline passed) before it was answered: its
+        work goes on (a queued transfer is still applied), so it is logged with an unknown outcome.
+        Synchronous: nothing may be awaited inside a cancellation."""
+        if self.writer is None or full_method not in DESCRIBERS:
+            return
+        try:
+            events = events_for(full_method, _caller(), request, CANCELLED_BY_CALLER, now_us())
+        except Exception:  # noqa: BLE001 (as in record)
+            log.exception("%s: its audit log entries could not be made", full_method)
+            return
+        if events:
+            self.writer.append(events)
+
+
+# The outcome logged for a cancelled call: unknown to the call, final in the ledger.
+CANCELLED_BY_CALLER = errors.DeadlineExceeded("the caller cancelled the call before its answer; the outcome is in the ledger")
+
 NO_AUDIT_TRAIL = AuditTrail(None)

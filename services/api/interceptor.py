@@ -121,9 +121,14 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(CALLS_NEEDING_A_TOKEN_PREFIX):
+        if handler is None or not method.startswith(CALLS_NEEDING_A_TOKEN_PREFIX):
             # Health checks (mTLS only, so probes need no token) and reflection streams pass through untouched.
             return handler
+        if handler.unary_unary is None:
+            # A streaming corebank.v1 method would pass unauthenticated: none exists, and one added
+            # without its own wrapping here answers UNIMPLEMENTED instead of failing open.
+            log.error("%s is not unary: refused until the interceptor authenticates its kind of call", method)
+            return None
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
@@ -145,6 +150,7 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
             if admitted:
                 self._in_flight_calls += 1
             caller_token = None
+            recorded = False
             try:
                 if not admitted:
                     metrics.OVERLOADED.labels("process").inc()
@@ -154,9 +160,18 @@ class LedgerInterceptor(grpc.aio.ServerInterceptor):
                     raise errors.MalformedRequest(f"the request is not a valid {request.type_name}: {request.problem}")
                 self._audit_trail.admit(full_method)
                 response = await behaviour(request, context)
+                # record() appends before its first await: once called, a cancellation cannot lose the entries.
+                recorded = True
                 await self._audit_trail.record(full_method, request, response, context)
                 return response
+            except asyncio.CancelledError:
+                # The client went away (or its deadline passed); what it started may still move money.
+                code = grpc.StatusCode.CANCELLED
+                if not recorded and caller_token is not None:
+                    self._audit_trail.record_cancelled(full_method, request)
+                raise
             except errors.LedgerError as error:
+                recorded = True
                 await self._audit_trail.record(full_method, request, error, context)
                 error = authorization.disclosed(identity.caller_or_none(), error)
                 code = status_code_of(error)

@@ -247,6 +247,12 @@ def check(chain_id: str, links: Iterable[Link]) -> ChainReport:
     return report
 
 
+class LinkTaken(Exception):
+    """A seq of this process's chain already holds another entry than the one it wrote: someone
+    with the service role's INSERT right wrote there first. The writer leaves the chain at once;
+    the new chain's opening names the seqs, and verify shows the stranger's links."""
+
+
 def anchor_break(report: ChainReport, seq: int, anchored_hash: bytes, stored_hash: bytes | None, source: str) -> Break | None:
     """Whether a chain still holds an entry that was seen earlier (an anchor: `seq` with
     `anchored_hash`, named by `source`); `stored_hash` is the chain's hash at `seq`, None

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import psycopg
 
-from services.audit_log.chain import Entry, Link
+from services.audit_log.chain import Entry, Link, LinkTaken
 from services.ledger import errors
 from services.storage.shard_store import COMMIT, ShardStore
 from sharding.router import ShardRouter
@@ -32,6 +32,10 @@ INSERT_LINKS = f"""
     FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                 %s::text[], %s::text[]) AS e (seq, at_us, subject, role, action, target, detail, outcome, prev_hash, hash)
     ON CONFLICT (chain_id, seq) DO NOTHING"""  # nosec B608 # constants only, no request data
+# In the insert's transaction: what each seq holds now, ours or someone else's (ON CONFLICT DO
+# NOTHING skips a taken seq silently).
+SELECT_STORED_HASHES = f"""
+    SELECT seq, encode(hash, 'hex') FROM {TABLE} WHERE chain_id = %s AND seq = ANY(%s::bigint[])"""  # nosec B608 # constants only
 SELECT_LINKS = f"SELECT {LINK_COLUMNS} FROM {TABLE} ORDER BY chain_id, seq"  # nosec B608 # constants only, no request data
 TABLE_EXISTS = f"SELECT to_regclass('{TABLE}') IS NOT NULL"
 # Rows fetched per round trip while streaming a shard's log.
@@ -69,8 +73,15 @@ class ShardAuditStore:
             store = self._router.handle(shard_name)
         except KeyError:
             raise errors.ShardUnavailable(f"{shard_name} is not in the shard map any more", shard=shard_name) from None
+        parameters = insert_parameters(links)
         async with store.session(timeout_seconds) as session:
-            await session.run(session.begin(INSERT_LINKS, COMMIT), insert_parameters(links))
+            (stored,) = await session.run(
+                session.begin(INSERT_LINKS, SELECT_STORED_HASHES, COMMIT), [*parameters, parameters[0], parameters[1]]
+            )
+        ours = {link.entry.seq: link.hash.hex() for link in links}
+        taken = sorted(seq for seq, stored_hash in stored if ours.get(seq) != stored_hash)
+        if taken:
+            raise LinkTaken(f"chain {parameters[0]} on {shard_name}: seqs {taken[:5]} hold entries this writer did not write")
 
 
 def link_from_row(row: tuple) -> Link:

@@ -256,7 +256,8 @@ class AuditWriter:
                 if failing_on_this_chain_since is None:
                     failing_on_this_chain_since = now
                 self._failed(error, now)
-                if now - failing_on_this_chain_since >= self._failover_after_seconds:
+                # A taken seq stays taken: leave the chain at once.
+                if isinstance(error, chain.LinkTaken) or now - failing_on_this_chain_since >= self._failover_after_seconds:
                     next_shard = self._next_shard()
                     if next_shard is not None:
                         self._fail_over(next_shard, error, links)

@@ -55,7 +55,7 @@ class Target:
     ca_cert: str
     client_cert: str
     client_key: str
-    token: str | None
+    token: str | None = dataclasses.field(repr=False)
 
     @classmethod
     def of_cluster(cls, cluster: dict, token: str | None = "", address: str | None = None) -> Target:

@@ -46,13 +46,17 @@ class CertificatePaths:
 
 
 def write_private(path: pathlib.Path, data: bytes) -> None:
-    """Write a secret so that it is 0600 from its first byte (no window where others may read it)."""
+    """Write a secret so that it is 0600 from its first byte (no window where others may read it,
+    no symlink followed), on disk before it replaces the old one; readers never see half of it.
+    The one writer of the state folder's secrets: keys, passfiles, cluster.json."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     scratch = path.with_name(path.name + ".tmp")
     scratch.unlink(missing_ok=True)
-    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
     with os.fdopen(descriptor, "wb") as file:
         file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
     scratch.replace(path)
 
 
@@ -132,11 +136,15 @@ class CertificateAuthority:
         self.ensure()
         paths = self.paths(name)
         ca_certificate, ca_key = self._load()
-        if self._still_good(paths, ca_certificate):
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        alternative_names: list[x509.GeneralName] = []
+        if server:
+            alternative_names = [x509.DNSName(n) for n in dns_names]
+            alternative_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        if self._still_good(paths, ca_certificate, usages, alternative_names):
             return paths
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
-        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -151,21 +159,34 @@ class CertificateAuthority:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
             )
         )
-        if server:
-            alternative_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-            alternative_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        if alternative_names:
             builder = builder.add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
         certificate = builder.sign(ca_key, hashes.SHA256())
         write_private(paths.key, _private_key_bytes(key))
         write_public(paths.cert, certificate.public_bytes(serialization.Encoding.PEM))
         return paths
 
-    def _still_good(self, paths: CertificatePaths, ca_certificate: x509.Certificate) -> bool:
+    def _still_good(
+        self, paths: CertificatePaths, ca_certificate: x509.Certificate, usages: list, alternative_names: list[x509.GeneralName]
+    ) -> bool:
+        """The certificate there is this CA's, for the usages and names asked, matches its key, and is not near its end."""
         if not (paths.cert.exists() and paths.key.exists()):
             return False
         try:
             certificate = x509.load_pem_x509_certificate(paths.cert.read_bytes())
             certificate.verify_directly_issued_by(ca_certificate)
-        except (ValueError, TypeError, InvalidSignature):
+            key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
+            held_usages = list(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+            try:
+                held_names = list(certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+            except x509.ExtensionNotFound:
+                held_names = []
+        except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
             return False
-        return certificate.not_valid_after_utc - _now() > datetime.timedelta(days=RENEW_BEFORE_DAYS)
+        same_key = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return (
+            same_key and held_usages == usages and held_names == alternative_names
+            and certificate.not_valid_after_utc - _now() > datetime.timedelta(days=RENEW_BEFORE_DAYS)
+        )

@@ -17,7 +17,9 @@ deletes it, and servers stop accepting it at their next reload.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
+import re
 import secrets
 import time
 
@@ -50,6 +52,11 @@ TOKEN_CHARS_MAX = 4096
 BEARER_PREFIX = "Bearer "
 ROLE_CLAIM = "role"
 KEY_ID_BYTES = 8
+# What _new_key_id makes: a date, then random hex.
+KEY_ID_PATTERN = re.compile(r"\d{8}-[0-9a-f]{%d}" % (2 * KEY_ID_BYTES))
+
+
+log = logging.getLogger(__name__)
 
 
 def keys_dir(auth_dir: pathlib.Path) -> pathlib.Path:
@@ -88,6 +95,8 @@ def ensure_signing_key(auth_dir: pathlib.Path) -> str:
 
 def retire_key(auth_dir: pathlib.Path, kid: str) -> None:
     folder = keys_dir(auth_dir)
+    if not KEY_ID_PATTERN.fullmatch(kid) or not (folder / f"{kid}.pub").exists():
+        raise ValueError(f"no token key {kid!r} in {folder}")
     if (folder / CURRENT_KEY_FILE).read_text().strip() == kid:
         raise ValueError(f"{kid} signs new tokens; rotate first")
     for suffix in (".key", ".pub"):
@@ -136,9 +145,15 @@ class TokenVerifier:
             raise FileNotFoundError(f"no token public keys in {self._folder}")
 
     def _reload(self) -> None:
+        """Read the public keys again. A file that is not a key (half copied, stray, retired while
+        read) is skipped and logged: it must not fail the calls of every other key."""
         keys = {}
         for path in self._folder.glob("*.pub"):
-            key = serialization.load_pem_public_key(path.read_bytes())
+            try:
+                key = serialization.load_pem_public_key(path.read_bytes())
+            except (ValueError, OSError) as error:
+                log.warning("token key %s skipped: %s", path.name, type(error).__name__)
+                continue
             if isinstance(key, ed25519.Ed25519PublicKey):
                 keys[path.stem] = key
         if keys.keys() != self._keys.keys():
@@ -157,7 +172,7 @@ class TokenVerifier:
             self._reload()
         if not authorization:
             raise errors.TokenMissing("the call carries no `authorization: Bearer <token>` metadata")
-        if not authorization.startswith(BEARER_PREFIX):
+        if authorization[:len(BEARER_PREFIX)].lower() != BEARER_PREFIX.lower():  # the scheme is case-insensitive
             raise errors.TokenMissing("the authorization metadata is not `Bearer <token>`")
         token = authorization[len(BEARER_PREFIX):].strip()
         known = self._verified.get(token)

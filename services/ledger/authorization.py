@@ -130,7 +130,8 @@ def owns(caller: Caller, ownership: AccountOwnership) -> bool:
 
 
 def check_open_account(caller: Caller, owner_id: str, kind: int, tier: int) -> None:
-    """OpenAccount's rule, from the request alone (validated first: kind is a known one)."""
+    """OpenAccount's rule, from the request alone; it runs before validation, so any kind or tier
+    number may come here (an unknown kind is not SYSTEM: validation refuses it next)."""
     if caller.role == Role.ADMIN:
         return
     if caller.role == Role.OPERATOR:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import importlib.resources
 import json
 import math
@@ -109,6 +110,14 @@ class RateLimits:
             debit_account=RateLimit(debit_account["burst"], debit_account["per_second"]),
             debit_account_roles=frozenset(Role(name) for name in debit_account["roles"]),
         )
+
+    def digest(self) -> str:
+        """SHA-256 of the limits in force (the audit log's chains name it: a change shows there)."""
+        table = (
+            sorted((role.value, limit.burst, limit.per_second) for role, limit in self.subject.items()),
+            (self.debit_account.burst, self.debit_account.per_second), sorted(role.value for role in self.debit_account_roles),
+        )
+        return hashlib.sha256(repr(table).encode()).hexdigest()
 
     @classmethod
     def load(cls, path: pathlib.Path | None = None) -> RateLimits:
@@ -221,6 +230,23 @@ class RateLimiter:
                 )
         for account_id, cost in debits.items():
             buckets.take(account_id, cost, now)
+
+
+    def admit_debits_each(self, caller: Caller, debits_by_group: list[Mapping[str, int]]) -> list[errors.LedgerError | None]:
+        """admit_debits for each group in turn (a linked chain of a batch: account id -> transfers),
+        all or none within a group: per group, None when admitted or the refusal. One payer over
+        its limit refuses its own chains, not a gateway's whole batch."""
+        if not self.debits_limited(caller):
+            return [None] * len(debits_by_group)
+        answers: list[errors.LedgerError | None] = []
+        for debits in debits_by_group:
+            try:
+                self.admit_debits(caller, debits)
+            except (errors.RateLimited, errors.BatchTooLarge) as refusal:
+                answers.append(refusal)
+            else:
+                answers.append(None)
+        return answers
 
 
 def _refusal(name: LimitName, limit: RateLimit, cost: int, wait_seconds: float, what: str, **metadata: object) -> errors.LedgerError:

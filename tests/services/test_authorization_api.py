@@ -508,12 +508,14 @@ def test_the_velocity_limit_of_a_debit_account_holds_for_a_service_and_not_for_a
     assert reason_of(refused(lambda: admin.get_transfer(transfer_id)))[1] == "TRANSFER_NOT_FOUND"  # nothing recorded
     with unchanged():
         assert reason_of(refused(lambda: customer.transfer(drained, payee, 1)))[1] == "RATE_LIMITED"
-        # A batch over the account's allowance is refused whole, its other transfers included.
-        batch = [transfer_request(other, payee, 1), transfer_request(drained, payee, 1)]
-        assert reason_of(refused(lambda: gateway.create(batch)))[1] == "RATE_LIMITED"
-        # More transfers from one account than its bucket ever holds: no wait helps.
-        burst_plus_one = [transfer_request(other, payee, 1) for _ in range(velocity.burst + 1)]
-        assert reason_of(refused(lambda: gateway.create(burst_plus_one)))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+    # In a gateway's batch, the payer over its allowance is refused on its own transfers (with
+    # their own RetryInfo), and nothing of them is recorded; the other payers' transfers go on.
+    limited_id = unique("limited")
+    results = gateway.create([transfer_request(other, payee, 1), transfer_request(drained, payee, 1, transfer_id=limited_id)])
+    assert results[0].transfer.status == transfers_pb2.POSTED
+    assert status_reason(results[1].error) == "RATE_LIMITED"
+    assert any(detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in results[1].error.details)
+    assert reason_of(refused(lambda: admin.get_transfer(limited_id)))[1] == "TRANSFER_NOT_FOUND"
     # Per account: another account of the same owner is not held; an admin is never held.
     assert customer.transfer(other, payee, 1).status == transfers_pb2.POSTED
     for _ in range(5):

@@ -170,3 +170,46 @@ def test_the_transfer_detail_is_the_canonical_json_of_its_fields(fields):
     if request.linked:
         expected["linked"] = True
     assert audit_trail._transfer_detail(request) == chain.detail_text(expected)
+
+
+class FakeServicerContext(FakeContext):
+    def __init__(self, token: str) -> None:
+        super().__init__(None)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def invocation_metadata(self):
+        return self._metadata
+
+
+def test_a_call_cancelled_while_its_transfer_is_still_applied_is_logged(tmp_path):
+    """grpc cancels the handler when its client goes away, but a queued transfer is still applied:
+    the call must still leave its audit entry (found by review: it left none)."""
+    from services.api.interceptor import LedgerInterceptor
+    from services.auth import tokens
+
+    tokens.ensure_signing_key(tmp_path)
+    token = tokens.mint(tmp_path, Role.CUSTOMER, "owner-1", 60)
+    writer = FakeWriter()
+    interceptor = LedgerInterceptor(tokens.TokenVerifier(tmp_path), audit_trail=AuditTrail(writer))
+    moved = []
+
+    async def transfer(request, context):
+        await asyncio.sleep(0.05)
+        moved.append(request.transfer_id)  # the money moves whoever waits for the answer
+        await asyncio.sleep(10)
+
+    handler = interceptor._wrap(audit_trail.TRANSFER, transfer)
+    request = transfer_request()
+
+    async def scenario():
+        call = asyncio.ensure_future(handler(request, FakeServicerContext(token)))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(scenario())
+    assert moved == [request.transfer_id]
+    assert [(e.subject, e.action, e.target, e.outcome) for e in writer.appended] == [
+        ("owner-1", "transfer", request.transfer_id, "deadline:DEADLINE_EXCEEDED")
+    ]

@@ -14,6 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -171,3 +172,31 @@ def test_a_shard_that_cannot_be_read_exits_2(tmp_path):
     path.write_text(json.dumps({"shards": [{"name": "dead-shard", "dsn": UNREACHABLE_DSN}]}))
     code, report = verify(path)
     assert code == 2 and report["verdict"] == "shard unreadable" and report["shard"] == "dead-shard"
+
+
+def test_a_seq_taken_by_someone_else_is_noticed_not_silently_skipped(shard):
+    """INSERT ... ON CONFLICT DO NOTHING would skip a seq a stranger with the service role's INSERT
+    right wrote first; the store compares what each seq holds with what it wrote (found by review)."""
+    chain_id = f"stranger-test-{uuid.uuid4().hex[:8]}"
+    links = chain.chained(chain_id, 1, chain.GENESIS_HASH, [
+        chain.event(1, "customer-1", "customer", "transfer", f"t-{n}", "{}", "POSTED") for n in range(3)
+    ])
+    forged = chain.chained(chain_id, 2, links[0].hash, [chain.event(1, "mallory", "admin", "transfer", "t-x", "{}", "POSTED")])[0]
+    with psycopg.connect(shard.dsn) as connection:  # the service role: INSERT is all it takes
+        connection.execute(
+            "INSERT INTO audit_log (chain_id, seq, at_us, subject, role, action, target, detail, outcome, prev_hash, hash)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [chain_id, forged.entry.seq, forged.entry.at_us, forged.entry.subject, forged.entry.role, forged.entry.action,
+             forged.entry.target, forged.entry.detail, forged.entry.outcome, forged.prev_hash, forged.hash],
+        )
+
+    async def insert() -> None:
+        router: ShardRouter[ShardStore] = ShardRouter(bootstrap.open_shard_store, bootstrap.close_shard_store)
+        await router.apply(ShardMap.evenly([Shard(shard.name, shard.dsn)]))
+        try:
+            await ShardAuditStore(router).insert(shard.name, links, 10)
+        finally:
+            await router.close()
+
+    with pytest.raises(chain.LinkTaken, match=r"seqs \[2\]"):
+        asyncio.run(insert())

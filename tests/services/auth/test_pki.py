@@ -45,3 +45,27 @@ def test_issuing_again_keeps_a_good_certificate_and_replaces_one_of_another_ca(t
     x509.load_pem_x509_certificate(reissued.cert.read_bytes()).verify_directly_issued_by(
         x509.load_pem_x509_certificate(authority.cert_path.read_bytes())
     )
+
+
+def test_issuing_again_with_other_usages_or_names_gives_a_certificate_that_has_them(tmp_path):
+    authority = pki.CertificateAuthority(tmp_path / "auth")
+    authority.issue("api")  # a client certificate first
+    paths = authority.issue("api", server=True, dns_names=("api.internal",), ip_addresses=("10.0.0.7",))
+    certificate = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["api.internal"]
+    assert ExtendedKeyUsageOID.SERVER_AUTH in certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+
+def test_a_certificate_whose_key_was_replaced_is_issued_anew(tmp_path):
+    authority = pki.CertificateAuthority(tmp_path / "auth")
+    first = authority.issue("admin")
+    other = authority.issue("other")
+    first.key.write_bytes(other.key.read_bytes())
+    again = authority.issue("admin")
+    assert again.cert.read_bytes() != other.cert.read_bytes()
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(again.key.read_bytes(), password=None)
+    certificate = x509.load_pem_x509_certificate(again.cert.read_bytes())
+    assert key.public_key().public_numbers() == certificate.public_key().public_numbers()

@@ -38,9 +38,25 @@ def bearer(token: str) -> str:
 def test_a_minted_token_names_its_subject_and_role(auth_dir):
     token = tokens.mint(auth_dir, Role.CUSTOMER, "alice", 60)
     assert tokens.TokenVerifier(auth_dir).verify(bearer(token)) == Caller("alice", Role.CUSTOMER)
+    assert tokens.TokenVerifier(auth_dir).verify(f"bearer {token}") == Caller("alice", Role.CUSTOMER)  # the scheme's case is free
 
 
-@pytest.mark.parametrize("header", [None, "", "Basic abc", "bearer x", "Token x"])
+def test_a_stray_file_among_the_keys_fails_no_call(auth_dir):
+    token = tokens.mint(auth_dir, Role.CUSTOMER, "alice", 60)
+    (auth_dir / tokens.TOKEN_KEYS_DIR / "half-copied.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot a key")
+    verifier = tokens.TokenVerifier(auth_dir)
+    assert verifier.verify(bearer(token)) == Caller("alice", Role.CUSTOMER)
+
+
+@pytest.mark.parametrize("kid", ["../ca", "no-such-key", "20260101-0123456789abcdef"])
+def test_retire_key_takes_only_a_token_key_that_exists(auth_dir, kid):
+    (auth_dir / "ca.key").write_text("the CA's key")
+    with pytest.raises(ValueError):
+        tokens.retire_key(auth_dir, kid)
+    assert (auth_dir / "ca.key").exists()
+
+
+@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bear x", "Token x"])
 def test_no_bearer_token_is_token_missing(auth_dir, header):
     with pytest.raises(errors.TokenMissing):
         tokens.TokenVerifier(auth_dir).verify(header)
