@@ -40,8 +40,9 @@ TOKEN_TTL_SECONDS_DEFAULT = 3600
 # The longest a token may live: the admin token in cluster.json is minted by every `make up`
 # with this; an old signing key may be retired this long after its rotation.
 TOKEN_TTL_SECONDS_MAX = 7 * 24 * 3600
-# Clocks of the minting and the verifying machine may differ this much.
-CLOCK_SKEW_SECONDS = 30
+# Clocks of the minting and the verifying machine may differ this much (NTP keeps hosts well
+# within it). Small on purpose: a token is refused at most this long after its exp.
+CLOCK_SKEW_SECONDS = 1
 KEYRING_RELOAD_SECONDS = 10.0
 UNKNOWN_KEY_RELOAD_SECONDS = 1.0
 # Verified tokens remembered per process, so that a token's signature is checked once, not

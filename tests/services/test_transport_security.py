@@ -170,3 +170,12 @@ def test_cluster_json_and_private_keys_are_readable_by_their_owner_only(cluster)
     for path in paths:
         assert path.stat().st_mode & 0o077 == 0, path
     assert auth_dir(cluster["state_dir"]).stat().st_mode & 0o077 == 0
+
+
+def test_a_token_minted_for_one_second_is_refused_two_seconds_later(cluster):
+    token = mint(cluster, "customer", "short-lived", ttl_seconds=1)
+    time.sleep(2 + tokens.CLOCK_SKEW_SECONDS)
+    with client.channel(cluster, token=token) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            _get_account(channel)
+    assert failure(raised.value)[:2] == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")

@@ -31,7 +31,8 @@ def entries_for(cluster: dict, target: str) -> list[chain.Entry]:
                 [target],
             ).fetchall()
         found += [chain.Entry(*row) for row in rows]
-    return found
+    # In the order they happened: each worker process writes a chain of its own, on its own shard.
+    return sorted(found, key=lambda entry: entry.at_us)
 
 
 def test_money_movements_account_actions_and_denied_attempts_are_in_the_log(cluster, ledger, shard_map, channel_as):
