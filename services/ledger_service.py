@@ -160,7 +160,7 @@ class LedgerService:
 
     async def open_account(self, caller: Caller, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         self.rate_limiter.admit_call(caller)
-        authorization.check_open_account(caller, request.owner_id, request.kind, request.tier)
+        authorization.check_open_account(caller, request.owner_id, request.kind)
         request.validated(self.limits)
         deadline = asyncio.get_running_loop().time() + timeout_seconds
         # Registered bank-wide first: two racing OpenAccount calls with one request_id and

@@ -35,20 +35,24 @@ def _state_dir(arguments: argparse.Namespace) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.auth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Where the cluster is: before or after the command (`--state-dir X mint ...` or `mint ... --state-dir X`).
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--state-dir", default=argparse.SUPPRESS, help="the cluster's state folder")
+    where.add_argument("--cluster", default=argparse.SUPPRESS, help="the cluster's cluster.json")
     parser.add_argument("--state-dir", help="the cluster's state folder")
     parser.add_argument("--cluster", help="the cluster's cluster.json")
     commands = parser.add_subparsers(dest="command", required=True)
-    mint = commands.add_parser("mint", help="print a signed token")
+    mint = commands.add_parser("mint", help="print a signed token", parents=[where])
     mint.add_argument("--role", required=True, choices=[role.value for role in tokens.Role])
     mint.add_argument("--subject", required=True, help="who: a customer's owner_id, a service's or a person's name")
     mint.add_argument("--ttl-seconds", type=int, default=tokens.TOKEN_TTL_SECONDS_DEFAULT)
-    issue = commands.add_parser("issue-cert", help="issue a certificate signed by the cluster's CA")
+    issue = commands.add_parser("issue-cert", help="issue a certificate signed by the cluster's CA", parents=[where])
     issue.add_argument("--name", required=True, help="the certificate's common name (a service's name)")
     issue.add_argument("--server", action="store_true", help="also for serving TLS (adds the names below)")
     issue.add_argument("--dns", action="append", default=[], help="a DNS name of a server (repeatable)")
     issue.add_argument("--ip", action="append", default=[], help="an IP address of a server (repeatable)")
-    commands.add_parser("rotate-key", help="make a new token signing key current (old tokens stay valid)")
-    retire = commands.add_parser("retire-key", help="delete an old token key: its tokens stop being accepted")
+    commands.add_parser("rotate-key", help="make a new token signing key current (old tokens stay valid)", parents=[where])
+    retire = commands.add_parser("retire-key", help="delete an old token key: its tokens stop being accepted", parents=[where])
     retire.add_argument("kid")
     arguments = parser.parse_args(argv)
 

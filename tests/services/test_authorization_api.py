@@ -343,9 +343,6 @@ def test_each_role_may_do_only_what_its_role_allows(as_, admin, bank, unchanged)
         "customer opens SYSTEM": (
             lambda: alice.open(alice.subject, kind=pb.SYSTEM), (denied, "ROLE_NOT_ALLOWED", {"role": "customer", "action": "open_system_account"}),
         ),
-        "customer opens a verified tier": (
-            lambda: alice.open(alice.subject, tier=2), (denied, "ROLE_NOT_ALLOWED", {"role": "customer", "action": "open_verified_tier_account"}),
-        ),
         "customer changes its own status": (
             lambda: alice.set_status(mine), (denied, "ROLE_NOT_ALLOWED", {"role": "customer", "action": "update_account_status"}),
         ),

@@ -273,7 +273,6 @@ def test_open_account_is_refused_before_its_request_id_is_registered(ledger):
     for caller, owner_id, kind, tier, reason in (
         (ALICE, "bob", AccountKind.CUSTOMER, 0, "OWNER_MISMATCH"),
         (ALICE, "alice", AccountKind.SYSTEM, 0, "ROLE_NOT_ALLOWED"),
-        (ALICE, "alice", AccountKind.CUSTOMER, 2, "ROLE_NOT_ALLOWED"),
         (GATEWAY, "bank", AccountKind.SYSTEM, 0, "ROLE_NOT_ALLOWED"),
         (OPS, "ops", AccountKind.CUSTOMER, 0, "ROLE_NOT_ALLOWED"),
     ):

@@ -119,9 +119,9 @@ def test_role_not_allowed_names_the_role_and_the_action():
     assert raised.value.metadata == {"role": "customer", "action": "update_account_status"}
 
 
-def open_outcome(caller, owner_id, kind, tier=0):
+def open_outcome(caller, owner_id, kind):
     try:
-        check_open_account(caller, owner_id, int(kind), tier)
+        check_open_account(caller, owner_id, int(kind))
     except errors.LedgerError as error:
         return error.reason, error.metadata
     return ALLOWED
@@ -133,16 +133,12 @@ def test_opening_accounts():
     assert open_outcome(ALICE, "bob", AccountKind.CUSTOMER) == ("OWNER_MISMATCH", {"field": "owner_id"})
     assert open_outcome(ALICE, "alice", AccountKind.SYSTEM) == (DENIED, {"role": "customer", "action": "open_system_account"})
     assert open_outcome(ALICE, "bob", AccountKind.SYSTEM)[0] == DENIED
-    # A tier is a KYC level: granted by the onboarding service or an admin, not by the customer.
-    assert open_outcome(ALICE, "alice", AccountKind.CUSTOMER, tier=2) == (
-        DENIED, {"role": "customer", "action": "open_verified_tier_account"}
-    )
-    assert open_outcome(GATEWAY, "anyone", AccountKind.CUSTOMER, tier=3) == ALLOWED
+    assert open_outcome(GATEWAY, "anyone", AccountKind.CUSTOMER) == ALLOWED
     assert open_outcome(GATEWAY, "anyone", AccountKind.MERCHANT) == ALLOWED
     assert open_outcome(GATEWAY, "bank", AccountKind.SYSTEM) == (DENIED, {"role": "service", "action": "open_system_account"})
     assert open_outcome(OPS, "ops-1", AccountKind.CUSTOMER) == (DENIED, {"role": "operator", "action": "open_account"})
-    assert open_outcome(ROOT, "bank", AccountKind.SYSTEM, tier=0) == ALLOWED
-    assert open_outcome(ROOT, "anyone", AccountKind.CUSTOMER, tier=3) == ALLOWED
+    assert open_outcome(ROOT, "bank", AccountKind.SYSTEM) == ALLOWED
+    assert open_outcome(ROOT, "anyone", AccountKind.CUSTOMER) == ALLOWED
 
 
 def test_a_customer_sees_a_transfer_only_from_or_to_its_own_accounts():
