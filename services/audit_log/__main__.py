@@ -34,7 +34,9 @@ import psycopg
 
 from services.audit_log import chain, store
 from services.audit_log.chain import Break, ChainReport, Link, Problem
-from services.storage.audit import CLUSTER_FILE_NAME, DEFAULT_STATE_DIR, STATE_DIR_ENV, default_cluster_path
+from services.storage.audit import (
+    CLUSTER_FILE_NAME, DEFAULT_STATE_DIR, STATE_DIR_ENV, cluster_unreadable, default_cluster_path, shard_unreadable,
+)
 
 EXIT_HOLDS, EXIT_BROKEN, EXIT_SHARD_UNREADABLE = 0, 1, 2
 
@@ -273,18 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as error:
         # Without the description (or the anchors asked for) nothing can be proved: the same answer as an unreadable shard.
         message = f"cannot read the cluster description {arguments.cluster} or an anchors file: {error}"
-        if arguments.json:
-            print(json.dumps({"verdict": "cluster unreadable", "holds": None, "shard": "", "error": message}))
-        print(message, file=sys.stderr)
-        return EXIT_SHARD_UNREADABLE
+        return cluster_unreadable(message, arguments.json)
     try:
         verification = verify_cluster(shards, anchors)
     except ShardUnreadable as error:
-        if arguments.json:
-            print(json.dumps({"verdict": "shard unreadable", "holds": None, "shard": error.shard_name, "error": str(error)}))
-        else:
-            print(f"SHARD UNREADABLE: {error}", file=sys.stderr)
-        return EXIT_SHARD_UNREADABLE
+        return shard_unreadable(error, arguments.json)
     if arguments.json:
         print(json.dumps(verification.as_json(), indent=1, sort_keys=True))
     else:

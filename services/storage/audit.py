@@ -840,25 +840,35 @@ def print_text(audit: ClusterAudit) -> None:
     print("invariants hold" if not violations else "INVARIANTS BROKEN:\n  " + "\n  ".join(violations))
 
 
+def cluster_unreadable(message: str, as_json: bool) -> int:
+    """The answer of a check that cannot read its cluster's description (the audit's and the
+    audit log's CLIs): nothing can be proved, like an unreadable shard."""
+    if as_json:
+        print(json.dumps({"verdict": "cluster unreadable", "holds": None, "shard": "", "error": message}))
+    print(message, file=sys.stderr)
+    return EXIT_SHARD_UNREADABLE
+
+
+def shard_unreadable(error: Exception, as_json: bool) -> int:
+    """The answer of a check that could not read a shard (`error` names it: its `shard_name`)."""
+    if as_json:
+        print(json.dumps({"verdict": "shard unreadable", "holds": None, "shard": error.shard_name, "error": str(error)}))
+    else:
+        print(f"SHARD UNREADABLE: {error}", file=sys.stderr)
+    return EXIT_SHARD_UNREADABLE
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     try:
         shards = json.loads(arguments.cluster.read_text())["shards"]
     except (OSError, ValueError, KeyError) as error:
         # Without the description no shard can be read: the same answer as an unreadable shard.
-        message = f"cannot read the cluster description {arguments.cluster}: {error}"
-        if arguments.json:
-            print(json.dumps({"verdict": "cluster unreadable", "holds": None, "shard": "", "error": message}))
-        print(message, file=sys.stderr)
-        return EXIT_SHARD_UNREADABLE
+        return cluster_unreadable(f"cannot read the cluster description {arguments.cluster}: {error}", arguments.json)
     try:
         audit = audit_cluster(shards)
     except ShardUnreadable as error:
-        if arguments.json:
-            print(json.dumps({"verdict": "shard unreadable", "holds": None, "shard": error.shard_name, "error": str(error)}))
-        else:
-            print(f"SHARD UNREADABLE: {error}", file=sys.stderr)
-        return EXIT_SHARD_UNREADABLE
+        return shard_unreadable(error, arguments.json)
     if arguments.json:
         print(json.dumps(audit.as_json(), indent=1, sort_keys=True))
     else:
