@@ -170,6 +170,13 @@ def kill(pid: int, markers: Sequence[str], signal_number: int = signal.SIGKILL) 
             time.sleep(POLL_INTERVAL_SECONDS)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, picked by the kernel (for processes of a test or a bench)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on `port`.
 

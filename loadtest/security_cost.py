@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,8 @@ import time
 
 import grpc
 
-from loadtest.bench import checkpoint, machine, prepare_options, REPORTS_FOLDER
+from deploy import processes
+from loadtest.bench import REPORTS_FOLDER, checkpoint, machine, prepare_options
 from loadtest.cluster import Cluster, load_cluster
 from loadtest.driver import ScenarioResult, run_scenario
 from loadtest.scenarios import prepare_same_shard_transfers
@@ -85,12 +85,6 @@ class PlaintextTarget(Target):
         return super().channel(aio=aio, options=options)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_baseline_workers(
     cluster: Cluster, kind: str, count: int, token: str, workers: dict[str, subprocess.Popen]
 ) -> PlaintextTarget:
@@ -100,10 +94,10 @@ def start_baseline_workers(
     logs = cluster.state_dir / "logs"
     targets = []
     for index in range(count):
-        name, address = f"{kind}-{index}", f"127.0.0.1:{_free_port()}"
+        name, address = f"{kind}-{index}", f"127.0.0.1:{processes.free_port()}"
         with open(logs / f"{name}.log", "ab") as log_file:
             workers[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.server", "--listen", address, "--metrics-listen", f"127.0.0.1:{_free_port()}",
+                [sys.executable, "-m", "services.server", "--listen", address, "--metrics-listen", f"127.0.0.1:{processes.free_port()}",
                  "--etcd", cluster.etcd_endpoint, "--process-name", name, "--auth-dir", str(auth_dir(cluster.raw["state_dir"])),
                  *BASELINE_FLAGS[kind]],
                 env=env, cwd=REPO_DIR, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,

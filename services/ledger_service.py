@@ -407,15 +407,16 @@ class LedgerService:
                 routed_chains.append((chain, shard))
         routed_chains = await self._authorised_chains(caller, requests, routed_chains, answers, deadline)
         if self.rate_limiter.debits_limited(caller):
-            # Per chain: a payer over its velocity limit gets RATE_LIMITED on its own transfers,
-            # the rest of a gateway's batch goes on.
-            refusals = self.rate_limiter.admit_debits_each(
-                caller, [collections.Counter(requests[index].debit_account_id for index in chain) for chain, _ in routed_chains]
-            )
-            for (chain, _), refusal in zip(routed_chains, refusals):
-                if refusal is not None:
-                    _fail_chain(requests, chain, chain[0], refusal, answers)
-            routed_chains = [routed for routed, refusal in zip(routed_chains, refusals) if refusal is None]
+            # Per chain, in order: a payer over its velocity limit gets RATE_LIMITED on its own
+            # transfers (its chain refused whole, nothing taken), the rest of a gateway's batch goes on.
+            def admit_debits(chain: list[int]) -> tuple[int, errors.LedgerError] | None:
+                try:
+                    self.rate_limiter.admit_debits(caller, collections.Counter(requests[index].debit_account_id for index in chain))
+                except (errors.RateLimited, errors.BatchTooLarge) as refusal:
+                    return chain[0], refusal
+                return None
+
+            routed_chains = _keep_chains(requests, routed_chains, answers, admit_debits)
         # Every id is claimed bank-wide before anything is applied; a chain with a member
         # whose id names another transfer is refused whole, and nothing of it is recorded:
         # first read (its other members must not be claimed by a chain that fails), then claim.
@@ -424,19 +425,15 @@ class LedgerService:
             index for chain, shard in routed_chains for index in chain if not self._registered_by_its_batch(requests[index], shard[0])
         ]
         first_uses = dict(zip(indexes, await self._register([transfer_registration(requests[i]) for i in indexes], deadline)))
+
+        def check_claim(index: int) -> None:
+            if index in first_uses:
+                _raise_on_transfer_conflict(requests[index], first_uses[index])
+
+        routed_chains = _keep_chains(requests, routed_chains, answers, lambda chain: _first_failure(chain, check_claim))
         same_shard: dict[str, list[list[int]]] = {}  # shard -> chains of request indexes
         between_shards: list[int] = []
         for chain, shard in routed_chains:
-            failure = None
-            for index in chain:
-                try:
-                    if index in first_uses:
-                        _raise_on_transfer_conflict(requests[index], first_uses[index])
-                except errors.LedgerError as error:
-                    failure = failure or (index, error)
-            if failure is not None:
-                _fail_chain(requests, chain, *failure, answers)
-                continue
             if shard[0] == shard[1]:
                 same_shard.setdefault(shard[0], []).append(chain)
             else:
@@ -470,24 +467,15 @@ class LedgerService:
             return routed_chains
         debit_account_ids = list({requests[index].debit_account_id: None for chain, _ in routed_chains for index in chain})
         ownerships = await self.owners.of_many(debit_account_ids, _time_left(deadline))
-        authorised = []
-        for chain, shard in routed_chains:
-            failure = None
-            for index in chain:
-                request = requests[index]
-                ownership = ownerships[request.debit_account_id]
-                try:
-                    if isinstance(ownership, errors.LedgerError):
-                        raise ownership
-                    authorization.check_account(caller, Action.DEBIT, request.debit_account_id, ownership, transfer_id=request.transfer_id)
-                except errors.LedgerError as error:
-                    failure = (index, error)
-                    break
-            if failure is None:
-                authorised.append((chain, shard))
-            else:
-                _fail_chain(requests, chain, *failure, answers)
-        return authorised
+
+        def check_debit(index: int) -> None:
+            request = requests[index]
+            ownership = ownerships[request.debit_account_id]
+            if isinstance(ownership, errors.LedgerError):
+                raise ownership
+            authorization.check_account(caller, Action.DEBIT, request.debit_account_id, ownership, transfer_id=request.transfer_id)
+
+        return _keep_chains(requests, routed_chains, answers, lambda chain: _first_failure(chain, check_debit))
 
     async def _without_conflicting_chains(
         self, requests: list[TransferRequest], routed_chains: list, answers: list, deadline: float
@@ -517,21 +505,15 @@ class LedgerService:
         stored: dict = {}
         for found in await asyncio.gather(*(read(name, indexes) for name, indexes in by_shard.items())):
             stored.update(found)
-        kept = []
-        for chain, shard in routed_chains:
-            failure = None
-            for index in chain if len(chain) > 1 else ():
-                first_use = stored.get((int(ids.IdNamespace.TRANSFER), requests[index].transfer_id))
-                try:
-                    if first_use is not None:
-                        _raise_on_transfer_conflict(requests[index], first_use)
-                except errors.LedgerError as error:
-                    failure = failure or (index, error)
-            if failure is None:
-                kept.append((chain, shard))
-            else:
-                _fail_chain(requests, chain, *failure, answers)
-        return kept
+
+        def check_first_use(index: int) -> None:
+            first_use = stored.get((int(ids.IdNamespace.TRANSFER), requests[index].transfer_id))
+            if first_use is not None:
+                _raise_on_transfer_conflict(requests[index], first_use)
+
+        return _keep_chains(
+            requests, routed_chains, answers, lambda chain: _first_failure(chain, check_first_use) if len(chain) > 1 else None
+        )
 
     def _route_chain(
         self, requests: list[TransferRequest], chain: list[int], linked: list[bool], answers: list
@@ -792,6 +774,29 @@ def _refuse_duplicate_ids(requests: list[TransferRequest]) -> None:
                 f"transfer_id {request.transfer_id[:64]!r} appears twice in one call", transfer_id=request.transfer_id[:64]
             )
         seen.add(request.transfer_id)
+
+
+def _first_failure(chain: list[int], check) -> tuple[int, errors.LedgerError] | None:
+    """The first member of a chain that `check` (request index -> None, or raises) refuses, with its error."""
+    for index in chain:
+        try:
+            check(index)
+        except errors.LedgerError as error:
+            return index, error
+    return None
+
+
+def _keep_chains(requests: list[TransferRequest], routed_chains: list, answers: list, failure_of) -> list:
+    """The (chain, shards) for which `failure_of(chain)` is None; every other chain is refused
+    whole at the (index, error) it gives (_fail_chain), before anything of it is recorded."""
+    kept = []
+    for chain, shard in routed_chains:
+        failure = failure_of(chain)
+        if failure is None:
+            kept.append((chain, shard))
+        else:
+            _fail_chain(requests, chain, *failure, answers)
+    return kept
 
 
 def _fail_chain(

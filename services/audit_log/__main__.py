@@ -35,14 +35,15 @@ import psycopg
 from services.audit_log import chain, store
 from services.audit_log.chain import Break, ChainReport, Link, Problem
 from services.storage.audit import (
-    CLUSTER_FILE_NAME, DEFAULT_STATE_DIR, STATE_DIR_ENV, cluster_unreadable, default_cluster_path, shard_unreadable,
+    CLUSTER_FILE_NAME, DEFAULT_STATE_DIR, EXIT_HOLDS, EXIT_SHARD_UNREADABLE, EXIT_VIOLATIONS, STATE_DIR_ENV, ShardUnreadable, cluster_unreadable, connect_for_reading,
+    default_cluster_path, reader_dsn, shard_unreadable,
 )
 
-EXIT_HOLDS, EXIT_BROKEN, EXIT_SHARD_UNREADABLE = 0, 1, 2
+# The invariant audit's exit statuses: 0 holds, 1 broken, 2 a shard could not be read.
+EXIT_BROKEN = EXIT_VIOLATIONS
 
 
 # Bounds: an operator's tool, but it must not hang on a dead shard nor hold a snapshot open for ever.
-CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_SECONDS = 600
 SHARD_READERS_MAX = 16
 # Anchors checked in one run (each is one indexed read); the rest are counted, not checked.
@@ -51,12 +52,6 @@ ANCHORS_CHECKED_MAX = 100_000
 CHAINS_LISTED_MAX = 1_000
 
 SELECT_HASH_AT = f"SELECT hash FROM {store.TABLE} WHERE chain_id = %s AND seq = %s"  # nosec B608 # constants only, no request data
-
-
-class ShardUnreadable(Exception):
-    def __init__(self, shard_name: str, problem: str) -> None:
-        super().__init__(f"{shard_name}: cannot be read: {problem}")
-        self.shard_name = shard_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,21 +101,6 @@ class Verification:
         }
 
 
-def reading_dsn(shard: dict) -> str:
-    """The auditor role's DSN (cluster.json's "auditor_dsn": SELECT only), else "dsn": the
-    verifier reads, as the ledger's invariant audit does (services/storage/audit.py)."""
-    return shard.get("auditor_dsn") or shard["dsn"]
-
-
-def _connect(shard_name: str, dsn: str) -> psycopg.Connection:
-    try:
-        connection = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS, autocommit=True)
-        connection.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_SECONDS}s'")
-        return connection
-    except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
-        raise ShardUnreadable(shard_name, f"{type(error).__name__}: {error}".strip()) from error
-
-
 def _opening_anchors(chain_id: str, links: Iterable[Link], anchors: list[Anchor]) -> Iterator[Link]:
     """The links, passed on; a chain opening that names the last entry stored before it (a
     writer that left a failing shard) adds that entry to `anchors`."""
@@ -142,7 +122,7 @@ def read_shard(shard_name: str, dsn: str) -> ShardLog:
     reports: list[ChainReport] = []
     anchors: list[Anchor] = []
     try:
-        with _connect(shard_name, dsn) as connection:
+        with connect_for_reading(shard_name, dsn, STATEMENT_TIMEOUT_SECONDS) as connection:
             connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             if not connection.execute(store.TABLE_EXISTS).fetchone()[0]:
                 # The schema always creates it: a shard without it was never migrated, or the table was dropped.
@@ -151,7 +131,7 @@ def read_shard(shard_name: str, dsn: str) -> ShardLog:
                 reports.append(chain.check(chain_id, _opening_anchors(chain_id, links, anchors)))
             connection.execute("COMMIT")
     except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
-        raise ShardUnreadable(shard_name, f"{type(error).__name__}: {error}".strip()) from error
+        raise ShardUnreadable(shard_name, error) from error
     return ShardLog(shard_name, reports, anchors)
 
 
@@ -164,13 +144,13 @@ def _hashes_at(shards: list[dict], wanted: dict[str, list[tuple[str, int]]]) -> 
         if not keys:
             continue
         try:
-            with _connect(shard["name"], reading_dsn(shard)) as connection:
+            with connect_for_reading(shard["name"], reader_dsn(shard), STATEMENT_TIMEOUT_SECONDS) as connection:
                 for chain_id, seq in keys:
                     row = connection.execute(SELECT_HASH_AT, [chain_id, seq]).fetchone()
                     if row is not None:
                         found[(chain_id, seq)] = bytes(row[0])
         except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
-            raise ShardUnreadable(shard["name"], f"{type(error).__name__}: {error}".strip()) from error
+            raise ShardUnreadable(shard["name"], error) from error
     return found
 
 
@@ -179,7 +159,7 @@ def verify_cluster(shards: list[dict], anchors: Iterable[Anchor] = ()) -> Verifi
     anchors: the chain openings' and the given ones. Raises ShardUnreadable."""
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(SHARD_READERS_MAX, len(shards)))) as pool:
-        logs = list(pool.map(lambda shard: read_shard(shard["name"], reading_dsn(shard)), shards))
+        logs = list(pool.map(lambda shard: read_shard(shard["name"], reader_dsn(shard)), shards))
     breaks = [report.broken for shard_log in logs for report in shard_log.chains if report.broken is not None]
 
     where: dict[str, tuple[str, ChainReport]] = {}

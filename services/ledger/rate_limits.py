@@ -232,23 +232,6 @@ class RateLimiter:
             buckets.take(account_id, cost, now)
 
 
-    def admit_debits_each(self, caller: Caller, debits_by_group: list[Mapping[str, int]]) -> list[errors.LedgerError | None]:
-        """admit_debits for each group in turn (a linked chain of a batch: account id -> transfers),
-        all or none within a group: per group, None when admitted or the refusal. One payer over
-        its limit refuses its own chains, not a gateway's whole batch."""
-        if not self.debits_limited(caller):
-            return [None] * len(debits_by_group)
-        answers: list[errors.LedgerError | None] = []
-        for debits in debits_by_group:
-            try:
-                self.admit_debits(caller, debits)
-            except (errors.RateLimited, errors.BatchTooLarge) as refusal:
-                answers.append(refusal)
-            else:
-                answers.append(None)
-        return answers
-
-
 def _refusal(name: LimitName, limit: RateLimit, cost: int, wait_seconds: float, what: str, **metadata: object) -> errors.LedgerError:
     if math.isinf(wait_seconds):
         return errors.BatchTooLarge(

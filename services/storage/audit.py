@@ -135,8 +135,11 @@ class Violation:
 
 
 class ShardUnreadable(Exception):
-    def __init__(self, shard_name: str, error: BaseException) -> None:
-        super().__init__(f"{shard_name}: cannot be read: {type(error).__name__}: {error}".strip())
+    """A shard that a check (this audit, the audit log's verify) cannot read: exit 2."""
+
+    def __init__(self, shard_name: str, problem: BaseException | str) -> None:
+        described = problem if isinstance(problem, str) else f"{type(problem).__name__}: {problem}".strip()
+        super().__init__(f"{shard_name}: cannot be read: {described}")
         self.shard_name = shard_name
 
 
@@ -515,10 +518,13 @@ def reader_dsn(shard: dict) -> str:
     return shard.get("auditor_dsn") or shard["dsn"]
 
 
-def _connect(shard_name: str, dsn: str) -> psycopg.Connection:
+def connect_for_reading(
+    shard_name: str, dsn: str, statement_timeout_seconds: int = STATEMENT_TIMEOUT_SECONDS
+) -> psycopg.Connection:
+    """A check's connection to one shard (this audit's, the audit log's verify), bounded in time."""
     try:
         connection = psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS, autocommit=True)
-        connection.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_SECONDS}s'")
+        connection.execute(f"SET statement_timeout = '{statement_timeout_seconds}s'")
         return connection
     except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
         raise ShardUnreadable(shard_name, error) from error
@@ -533,7 +539,7 @@ def audit_shard(shard_name: str, dsn: str) -> ShardAudit:
     """Everything the audit needs from one shard, in one snapshot."""
     started = time.monotonic()
     try:
-        with _connect(shard_name, dsn) as connection:
+        with connect_for_reading(shard_name, dsn) as connection:
             _snapshot(connection)
             totals = {
                 row[0]: (row[1], tuple(int(value) for value in row[2:]))
@@ -599,7 +605,7 @@ def _read_credit_branches(shards: list[dict], transfer_ids: list[str]) -> dict[s
     found = {}
     for shard in shards:
         try:
-            with _connect(shard["name"], reader_dsn(shard)) as connection:
+            with connect_for_reading(shard["name"], reader_dsn(shard)) as connection:
                 for chunk in _chunks(transfer_ids):
                     for row in connection.execute(BRANCHES_OF, [chunk, int(Branch.CREDIT)]):
                         transfer_id, branch = _row(shard["name"], row)
@@ -617,7 +623,7 @@ def _read_credit_try_outcomes(shards: list[dict], ids_by_shard: dict[str, list[s
         if not transfer_ids:
             continue
         try:
-            with _connect(shard["name"], reader_dsn(shard)) as connection:
+            with connect_for_reading(shard["name"], reader_dsn(shard)) as connection:
                 for chunk in _chunks(transfer_ids):
                     found.update(connection.execute(CREDIT_TRY_OUTCOMES_OF, [chunk]).fetchall())
         except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
@@ -649,7 +655,7 @@ def _read_records_and_debit_branches(shards: list[dict], transfer_ids: list[str]
     records, debits = {}, {}
     for shard in shards:
         try:
-            with _connect(shard["name"], reader_dsn(shard)) as connection:
+            with connect_for_reading(shard["name"], reader_dsn(shard)) as connection:
                 # One snapshot: a record and its debit branch change together.
                 _snapshot(connection)
                 for chunk in _chunks(transfer_ids):
@@ -668,7 +674,7 @@ def _read_registries(shards: list[dict], audits: list[ShardAudit]) -> dict[str, 
         if not audit.has_id_registry:
             continue
         try:
-            with _connect(shard["name"], reader_dsn(shard)) as connection:
+            with connect_for_reading(shard["name"], reader_dsn(shard)) as connection:
                 for transfer_id, fields in connection.execute(REGISTERED_TRANSFER_IDS):
                     registered[transfer_id].append((shard["name"], fields))
         except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2

@@ -5,7 +5,6 @@ list and retry."""
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import psycopg
 import pytest
 
 from corebank.v1 import accounts_pb2, payments_pb2, payments_pb2_grpc, transfers_pb2
+from deploy import processes
 from services.auth import auth_dir, client, pki
 from services.coordinator import crash_points
 from services.coordinator.driver import LEASE_SECONDS
@@ -28,16 +28,10 @@ PROCESS_READY_TIMEOUT_SECONDS = 30.0
 POLL_INTERVAL_SECONDS = 0.1
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def service_process(module: str, cluster: dict, name: str, extra_env: dict[str, str] | None = None, listen: bool = True):
     """A corebank process of our own beside the cluster's, stopped at the end."""
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port = processes.free_port(), processes.free_port()
     argv = [sys.executable, "-m", module, "--etcd", cluster["etcd_endpoint"], "--metrics-listen", f"127.0.0.1:{metrics_port}", "--process-name", name]
     if listen:
         # A server certificate of its own, signed by the cluster's CA.
