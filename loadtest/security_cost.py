@@ -73,9 +73,7 @@ class PlaintextTarget(Target):
     addresses: tuple[str, ...] = ()
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.composite_channel_credentials(
-            grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP), grpc.access_token_call_credentials(self.token)
-        )
+        return grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
 
     def channel(self, *, aio: bool = False, options: list | tuple = ()):
         address = self.addresses[next(_next_worker) % len(self.addresses)]

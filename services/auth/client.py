@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
 
@@ -39,12 +40,47 @@ class ClientTls:
         )
 
 
-def credentials(tls: ClientTls, token: str | None) -> grpc.ChannelCredentials:
-    """TLS with the client certificate, plus `authorization: Bearer <token>` on every call when a token is given."""
-    channel_credentials = tls.credentials()
-    if token is None:
-        return channel_credentials
-    return grpc.composite_channel_credentials(channel_credentials, grpc.access_token_call_credentials(token))
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return ((AUTHORIZATION_METADATA, f"Bearer {token}"),)
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every unary call of a channel, in the calling thread.
+
+    Not grpc.access_token_call_credentials: that is a Python metadata plugin that gRPC calls on a
+    thread of its own for every call, which costs a thread hop per call and stalls under gevent
+    (locust: calls never left the client and timed out)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer_metadata(token)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = _CallDetails(
+            client_call_details.method, client_call_details.timeout, (*(client_call_details.metadata or ()), *self._metadata),
+            client_call_details.credentials, client_call_details.wait_for_ready, client_call_details.compression,
+        )
+        return continuation(details, request)
+
+
+class AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """BearerToken for grpc.aio channels."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer_metadata(token)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = grpc.aio.ClientCallDetails(
+            client_call_details.method, client_call_details.timeout, (*(client_call_details.metadata or ()), *self._metadata),
+            client_call_details.credentials, client_call_details.wait_for_ready,
+        )
+        return await continuation(details, request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +106,16 @@ class Target:
         return dataclasses.replace(self, token=token)
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return credentials(ClientTls.from_paths(self.ca_cert, self.client_cert, self.client_key), self.token)
+        """The channel's transport: TLS with the client certificate (the token rides on each call)."""
+        return ClientTls.from_paths(self.ca_cert, self.client_cert, self.client_key).credentials()
 
     def channel(self, *, aio: bool = False, options: list | tuple = ()):
+        """A channel whose every unary call carries the token (none when token is None)."""
         if aio:
-            return grpc.aio.secure_channel(self.address, self.credentials(), options=list(options))
-        return grpc.secure_channel(self.address, self.credentials(), options=list(options))
+            interceptors = [] if self.token is None else [AioBearerToken(self.token)]
+            return grpc.aio.secure_channel(self.address, self.credentials(), options=list(options), interceptors=interceptors)
+        channel = grpc.secure_channel(self.address, self.credentials(), options=list(options))
+        return channel if self.token is None else grpc.intercept_channel(channel, BearerToken(self.token))
 
 
 def channel(cluster: dict, token: str | None = "", *, aio: bool = False, options: list | tuple = (), address: str | None = None):

@@ -40,6 +40,10 @@ def test_flash_sale_scenario_passes_the_checks(cluster, tmp_path: pathlib.Path, 
     assert len([a for ids in accounts.customer_account_ids_by_shard.values() if ids for a in ids]) == ACCOUNTS
     sent = read_transfers(pathlib.Path(f"{prefix}-transfers.csv"))
     assert any(t.outcome == "posted" for t in sent), "no payment was acknowledged"
+    # Every call got its answer: none timed out in the client (as calls once did under gevent when
+    # the token rode on a Python call-credentials plugin: they never left the load generator).
+    unanswered = [t.transfer_id for t in sent if t.outcome in ("unknown", "sent")]
+    assert unanswered == [], f"{len(unanswered)} of {len(sent)} payments got no answer, e.g. {unanswered[:3]}"
 
     samples = read_merchant_samples(pathlib.Path(f"{prefix}-merchant.csv"))
     assert samples, "the merchant's balance was never read during the run"
