@@ -94,10 +94,12 @@ CALLS_NEEDING_A_TOKEN_PREFIX = "/corebank.v1."
 
 
 def authorization_of(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == AUTHORIZATION_METADATA:
-            return value
-    return None
+    """The call's one `authorization` value, or None. Two are refused: which identity acts must
+    not depend on their order (a gateway appending its token after a client's)."""
+    values = [value for key, value in context.invocation_metadata() or () if key == AUTHORIZATION_METADATA]
+    if len(values) > 1:
+        raise errors.TokenInvalid("the call carries more than one authorization metadata; send one")
+    return values[0] if values else None
 
 
 class LedgerInterceptor(grpc.aio.ServerInterceptor):

@@ -179,3 +179,13 @@ def test_a_token_minted_for_one_second_is_refused_two_seconds_later(cluster):
         with pytest.raises(grpc.RpcError) as raised:
             _get_account(channel)
     assert failure(raised.value)[:2] == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
+
+
+def test_a_call_with_two_authorization_headers_is_refused(cluster):
+    """Which identity acts must not depend on the order of two tokens (found by a red-team run)."""
+    admin, customer = cluster["auth"]["admin_token"], mint(cluster, "customer", "two-headers")
+    for first, second in ((admin, customer), (customer, admin)):
+        metadata = (("authorization", f"Bearer {first}"), ("authorization", f"Bearer {second}"))
+        with client.channel(cluster, token=None) as channel:
+            error = _call_raw(channel, METHODS[0], metadata)
+        assert failure(error)[:2] == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID")
