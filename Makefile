@@ -1,14 +1,15 @@
 # corebank: local cluster, tests and benchmark.
 #
-#   make up        start (or repair) the local cluster; endpoints in the state folder's cluster.json
-#   make status    one line per process; exits non-zero when something is down
-#   make down      stop everything, keep the data
+#   make up        start (or repair) the local cluster, its Prometheus, Alertmanager and supervisor; endpoints and URLs in the state folder's cluster.json
+#   make status    one line per process (healthy, unhealthy, stopped, dead, or down on purpose; uptime, restarts) and the Prometheus and Alertmanager URLs; exits non-zero unless all is healthy
+#   make down      stop everything (the supervisor first), keep the data
 #   make clean     down, then delete the state folder
 #   make test      security, check the generated code, then run the tests (they start their own cluster)
+#   make rules     promtool's check of the Prometheus rules, then their unit tests (also run by make test)
 #   make security  bandit over the code (fails on medium severity or worse) and pip-audit over the installed packages
 #   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then bench-scaling, then the capacity model (python -m loadtest.capacity; JSON under the state folder's reports/)
 #   make bench-scaling  the uniform-pairs rows and their costs on clusters of 1, 2 and 3 shards of its own, started and removed in turn (SCALING_SECONDS=10)
-#   make loadtest  a locust scenario against the running cluster, then the invariants (SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest)
+#   make loadtest  a locust scenario against the running cluster, then its verdict: thresholds and invariants (SCENARIO=flash-sale USERS=200 DURATION=60s WORKERS=2 make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
 #   make sim       the coordinator's deterministic simulation, no cluster needed (SEEDS=100000 make sim; SEED=42 make sim replays one with its trace)
 #   make hostile   the hostile-client suite, long form, on a cluster of its own (HOSTILE_EXAMPLES=500 SEED=7 make hostile)
@@ -29,8 +30,11 @@ PYTHON := $(VENV)/bin/python
 # Touched after a successful install, so the venv is rebuilt only when pyproject.toml changes.
 VENV_STAMP := $(VENV)/.installed
 PG_BIN_DIR := /usr/lib/postgresql/15/bin
+# What `make up` runs beside the cluster (deploy/monitoring.py), as Debian packages them; promtool tests the rules.
+MONITORING_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter
+MONITORING_TOOLS := prometheus promtool prometheus-alertmanager prometheus-postgres-exporter
 
-.PHONY: help venv deps up down status clean test security protos bench bench-scaling chaos loadtest sim hostile
+.PHONY: help venv deps browser-deps up down status clean test rules security protos bench bench-scaling chaos loadtest sim hostile
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -54,9 +58,31 @@ deps:
 	    exit 1; \
 	  fi; \
 	fi
+	@missing=""; for tool in $(MONITORING_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "not found:$$missing; installing $(MONITORING_PACKAGES)"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(MONITORING_PACKAGES); \
+	  else \
+	    echo "not found:$$missing (make up runs the cluster's own Prometheus and Alertmanager): install them with 'sudo apt-get install $(MONITORING_PACKAGES)'" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 	@if [ ! -x $(PG_BIN_DIR)/pg_ctl ] && ! { command -v pg_config >/dev/null && [ -x "$$(pg_config --bindir)/pg_ctl" ]; }; then \
 	  echo "PostgreSQL 15 not found in $(PG_BIN_DIR) nor via pg_config: install it with 'sudo apt-get install postgresql-15'" >&2; \
 	  exit 1; \
+	fi
+
+# The console views' test opens the local Prometheus in headless Chromium.
+browser-deps:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "chromium not found: installing it"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "chromium not found (make test renders Prometheus' consoles in it): install it with 'sudo apt-get install chromium'" >&2; \
+	    exit 1; \
+	  fi; \
 	fi
 
 up: deps venv
@@ -65,14 +91,18 @@ up: deps venv
 down: venv
 	$(PYTHON) -m deploy.cluster down
 
-status: venv
+# During an incident: the venv as it is (built only when there is none), never a pip install
+# because pyproject.toml changed.
+status:
+	@test -x $(PYTHON) || $(MAKE) --no-print-directory venv
 	@$(PYTHON) -m deploy.cluster status
 
 clean: venv
 	$(PYTHON) -m deploy.cluster clean
 
-test: deps venv security
+test: deps browser-deps venv security
 	$(PYTHON) protos/generate.py --check
+	$(MAKE) --no-print-directory rules
 	$(PYTHON) -m pytest
 
 # bandit: findings of medium severity or worse, at any confidence, fail. An accepted one is
@@ -90,6 +120,12 @@ security: venv
 	  | { grep -v 'nosec encountered (B608), but no failed test' || true; }
 	@echo "bandit: no finding of medium severity or worse in $(BANDIT_TARGETS)"
 	$(PYTHON) .ci/audit_dependencies.py
+
+# The alert and recording rules (deploy/prometheus/rules/): promtool's check, then their unit tests
+# (deploy/prometheus/tests/: every alert fires in one case and stays silent in another).
+rules: deps
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
 
 protos: venv
 	$(PYTHON) protos/generate.py
@@ -109,9 +145,12 @@ SCALING_SECONDS ?= 10
 bench-scaling: deps venv
 	$(PYTHON) -m loadtest.scaling --seconds $(SCALING_SECONDS)
 
-# SCENARIO (flash-sale | everyday | batch), USERS, RATE, DURATION and the scenarios' own
-# settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, ...) pass through the environment; see
-# loadtest/run.py. Runs against the cluster that `make up` started (it starts nothing itself).
+# SCENARIO (flash-sale | everyday | batch), USERS, RATE, DURATION, WORKERS (locust workers under
+# one master; 0: one process), MAX_FAILURE_RATIO (0.01), MAX_P99_MS (500 ms, the latency SLO;
+# batch 5000) and the scenarios' own settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, ...) pass
+# through the environment; see loadtest/run.py. Fails when a threshold or an invariant does; the
+# verdict is reports/<run>/verdict.json beside locust's report.html. Runs against the cluster that
+# `make up` started (it starts nothing itself).
 loadtest: venv
 	$(PYTHON) -m loadtest.run
 

@@ -11,17 +11,47 @@ Everything lives under one state folder (default .corebank):
     etcd/                   etcd's data dir
     secrets/                0700: a libpq passfile per database role (0600), made at the first `up`
     auth/                   0700: the cluster's CA, a certificate per process, token signing keys
-    logs/, run/             logs and pid files of etcd and the gRPC workers
+    prometheus/             Prometheus: prometheus.yml (rendered), targets/ (service discovery), data/ (TSDB)
+    alertmanager/           Alertmanager's silences and notification log
+    logs/, run/             logs and pid files of every process but PostgreSQL's; run/supervisor.json
+                            holds the supervisor's restarts, run/NAME.held marks a process stopped on purpose
+                            (and says why: `make down`, Cluster.stop or Cluster.kill)
 
-Port plan from the port base B: gRPC B; etcd client B+1, peer B+2; metrics of
-gRPC worker i B+10+i; metrics of coordinator i B+20+i; PostgreSQL shard i B+100+i.
+Port plan from the port base B (every port on 127.0.0.1):
+    B           gRPC (shared by the workers)
+    B+1, B+2    etcd client (also its /metrics), etcd peer
+    B+3         Prometheus (web UI, API, /metrics)
+    B+4         Alertmanager (web UI, API, /metrics); no gossip port
+    B+5         the supervisor's /metrics (every process's state)
+    B+10+i      metrics of gRPC worker i        (i < GRPC_WORKERS_MAX = 10)
+    B+20+i      metrics of coordinator i        (i < COORDINATORS_MAX = 10)
+    B+30+i      postgres_exporter of shard i    (i < SHARD_COUNT_MAX = 64)
+    B+100+i     PostgreSQL shard i
+so a cluster spans B..B+163 at most (the tests' clusters sit 200 apart).
 
 Coordinators (`python -m services.coordinator`, the recovery of cross-shard
 transfers) start after the gRPC workers, and only once services/coordinator
-exists.
+exists. Then the monitoring (deploy/monitoring.py): an exporter per shard,
+Alertmanager and Prometheus, whose scrape targets are written from these
+processes.
 
 `up` is idempotent: it starts only what is not running, so after a crash
 (kill -9) it restarts exactly the dead processes. `down` keeps all data.
+
+Every cluster runs deploy/supervisor.py, which serves every process's state to
+Prometheus. In a supervised cluster (`make up`; not `up --no-restarts`, nor the
+Python API's default) it also restarts a dead process by itself, within a
+restart limit. Programs that inject faults on purpose (the tests, `make chaos`)
+run their clusters unsupervised and heal what they break; `stop(name)` and
+`kill(name)` hold the process down, so the supervisor of a supervised cluster
+does not undo them either.
+
+`status` tells apart, per process: healthy; unhealthy (running, not answering
+its health check); stopped (SIGSTOP: alive but frozen, never restarted, SIGCONT
+resumes it); dead (no process, and nobody meant it); down (no process, taken
+down on purpose: `make down`, `stop(name)`, `kill(name)`). It shows uptimes and
+the supervisor's restarts. Every process is probed at once, each probe bounded
+by its own timeout, so a hung process costs its timeout, not the sum of them.
 """
 
 from __future__ import annotations
@@ -44,13 +74,15 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from deploy import processes
+from deploy import monitoring, processes, supervisor
 from deploy.coordinator import Coordinator
 from deploy.etcd import Etcd
 from deploy.grpc_worker import PROBE_CERTIFICATE, GrpcWorker
 from services.auth import auth_dir
 from deploy import postgres
 from deploy.postgres import PostgresShard
+from deploy.supervisor import RestartPolicy, Supervisor
+from services.storage.roles import DatabaseRole
 
 DEFAULT_STATE_DIR = ".corebank"
 DEFAULT_SHARD_COUNT = 3
@@ -64,19 +96,28 @@ DEFAULT_COORDINATORS = 2
 GRPC_PORT_OFFSET = 0
 ETCD_CLIENT_PORT_OFFSET = 1
 ETCD_PEER_PORT_OFFSET = 2
+PROMETHEUS_PORT_OFFSET = 3
+ALERTMANAGER_PORT_OFFSET = 4
+SUPERVISOR_METRICS_PORT_OFFSET = 5
 METRICS_PORT_OFFSET = 10
 COORDINATOR_METRICS_PORT_OFFSET = 20
+POSTGRES_EXPORTER_PORT_OFFSET = 30
 POSTGRES_PORT_OFFSET = 100
 # Each range of the port plan must stay below the next one.
 GRPC_WORKERS_MAX = COORDINATOR_METRICS_PORT_OFFSET - METRICS_PORT_OFFSET
-COORDINATORS_MAX = POSTGRES_PORT_OFFSET - COORDINATOR_METRICS_PORT_OFFSET
+COORDINATORS_MAX = POSTGRES_EXPORTER_PORT_OFFSET - COORDINATOR_METRICS_PORT_OFFSET
 COORDINATOR_MODULE = "services.coordinator"
 SHARD_COUNT_MAX = 64
+assert POSTGRES_EXPORTER_PORT_OFFSET + SHARD_COUNT_MAX <= POSTGRES_PORT_OFFSET, "exporters' ports reach the shards'"
+assert SUPERVISOR_METRICS_PORT_OFFSET < METRICS_PORT_OFFSET, "the supervisor's port reaches the workers'"
 PORT_MAX = 65535
 
 # An `up` may wait on initdb, etcd and worker start; a second `up` waits for it.
 LOCK_TIMEOUT_SECONDS = 300
 SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS = 30
+
+# Signals that pause and resume a process rather than end it (Cluster.kill holds no process for them).
+PAUSE_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGCONT})
 
 # cluster.json's client certificate and admin token (the subject tools act as).
 ADMIN_CLIENT_CERTIFICATE = "admin"
@@ -90,10 +131,20 @@ ROLE_GRPC = "grpc"
 ROLE_ETCD = "etcd"
 ROLE_POSTGRES = "postgres"
 ROLE_COORDINATOR = "coordinator"
+ROLE_POSTGRES_EXPORTER = "postgres-exporter"
+ROLE_PROMETHEUS = "prometheus"
+ROLE_ALERTMANAGER = "alertmanager"
+ROLE_SUPERVISOR = supervisor.ROLE
 
+# A process's state in `status`.
 HEALTHY = "healthy"
-ALIVE = "alive"  # running, but not (yet) answering its health check
-DOWN = "down"
+UNHEALTHY = "unhealthy"  # running, but not (yet) answering its health check
+STOPPED = "stopped"  # alive but frozen (SIGSTOP): it answers nothing until SIGCONT
+DEAD = "dead"  # no process, and nobody meant it (crashed, killed from outside the cluster's API)
+DOWN = "down"  # no process, taken down on purpose (`make down`, stop(name), kill(name)) until `up`
+PROCESS_STATES = (HEALTHY, UNHEALTHY, STOPPED, DEAD, DOWN)
+# `status` probes this many processes at once (a thread each): every probe has its own timeout.
+STATUS_PROBES_MAX = 32
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +174,9 @@ class Settings:
     port_base: int
     grpc_workers: int
     coordinators: int = DEFAULT_COORDINATORS
+    # Whether the supervisor (deploy/supervisor.py) restarts dead processes; it watches them either
+    # way. Kept, like the counts, for later `up`s.
+    supervised: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.shard_count <= SHARD_COUNT_MAX:
@@ -146,6 +200,7 @@ class Settings:
             grpc_workers=int(data["grpc_workers"]),
             # Absent from state folders made before the coordinators existed.
             coordinators=int(data.get("coordinators", DEFAULT_COORDINATORS)),
+            supervised=bool(data.get("supervised", False)),
         )
 
     def save(self, path: pathlib.Path) -> None:
@@ -157,8 +212,12 @@ class ProcessStatus:
     name: str
     role: str
     pid: int | None
-    state: str  # HEALTHY, ALIVE or DOWN
+    state: str  # one of PROCESS_STATES
     endpoint: str
+    uptime_seconds: float | None = None
+    restarts: int = 0  # by the supervisor
+    note: str = ""  # why a process is down or dead, or stopped
+    gave_up: bool = False  # the supervisor's restart limit is spent
 
 
 def write_json_atomically(path: pathlib.Path, data: object) -> None:
@@ -175,10 +234,12 @@ def choose_settings(
     port_base: int | None,
     grpc_workers: int | None,
     coordinators: int | None = None,
+    supervised: bool | None = None,
 ) -> Settings:
     """Stored settings win for shards and ports: they are baked into the data
     (PostgreSQL configs, the shard map in etcd). gRPC workers and coordinators
-    are stateless, so an explicit count replaces the stored one.
+    are stateless, so an explicit count replaces the stored one; so does an
+    explicit `supervised`.
     """
     if stored is None:
         return Settings(
@@ -186,6 +247,7 @@ def choose_settings(
             port_base=port_base or DEFAULT_PORT_BASE,
             grpc_workers=grpc_workers or DEFAULT_GRPC_WORKERS,
             coordinators=DEFAULT_COORDINATORS if coordinators is None else coordinators,
+            supervised=bool(supervised),
         )
     if shard_count is not None and shard_count != stored.shard_count:
         log.warning(
@@ -201,6 +263,7 @@ def choose_settings(
         stored,
         grpc_workers=grpc_workers or stored.grpc_workers,
         coordinators=stored.coordinators if coordinators is None else coordinators,
+        supervised=stored.supervised if supervised is None else supervised,
     )
 
 
@@ -208,7 +271,8 @@ class Cluster:
     """A local corebank cluster under one state folder.
 
     Arguments left as None take the stored settings of an existing cluster,
-    else the defaults (3 shards, port base 7100, 1 gRPC worker).
+    else the defaults (3 shards, port base 7100, 2 gRPC workers, 2 coordinators,
+    no restarts by the supervisor). `restart_policy` is the supervisor's.
     """
 
     def __init__(
@@ -218,10 +282,13 @@ class Cluster:
         port_base: int | None = None,
         grpc_workers: int | None = None,
         coordinators: int | None = None,
+        supervised: bool | None = None,
+        restart_policy: RestartPolicy = RestartPolicy(),
     ) -> None:
         self.state_dir = pathlib.Path(state_dir).absolute()
         stored = Settings.load(self.settings_path)
-        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers, coordinators)
+        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers, coordinators, supervised)
+        self.restart_policy = restart_policy
         self._lock_depth = 0
         self._lock_file: int | None = None
 
@@ -298,6 +365,7 @@ class Cluster:
             etcd_endpoint=self.etcd.endpoint,
             log_path=self.logs_dir / f"coordinator-{index}.log",
             pid_path=self.run_dir / f"coordinator-{index}.pid",
+            audit_passfile=postgres.passfile_path(postgres.secrets_dir(self.state_dir), DatabaseRole.AUDITOR),
         )
 
     @property
@@ -306,6 +374,66 @@ class Cluster:
         if importlib.util.find_spec(COORDINATOR_MODULE) is None:
             return []
         return [self.coordinator(index) for index in range(self.settings.coordinators)]
+
+    def postgres_exporter(self, shard: PostgresShard, index: int) -> monitoring.PostgresExporter:
+        return monitoring.PostgresExporter(
+            shard_name=shard.name,
+            shard_port=shard.port,
+            database=postgres.DATABASE_NAME,
+            passfile=postgres.passfile_path(postgres.secrets_dir(self.state_dir), DatabaseRole.AUDITOR),
+            port=self.settings.port_base + POSTGRES_EXPORTER_PORT_OFFSET + index,
+            log_path=self.logs_dir / f"exporter-{shard.name}.log",
+            pid_path=self.run_dir / f"exporter-{shard.name}.pid",
+        )
+
+    @property
+    def postgres_exporters(self) -> list[monitoring.PostgresExporter]:
+        return [self.postgres_exporter(shard, index) for index, shard in enumerate(self.shards)]
+
+    @property
+    def alertmanager(self) -> monitoring.Alertmanager:
+        return monitoring.Alertmanager(
+            storage_dir=self.state_dir / "alertmanager",
+            port=self.settings.port_base + ALERTMANAGER_PORT_OFFSET,
+            log_path=self.logs_dir / "alertmanager.log",
+            pid_path=self.run_dir / "alertmanager.pid",
+        )
+
+    @property
+    def prometheus(self) -> monitoring.Prometheus:
+        return monitoring.Prometheus(
+            home_dir=self.state_dir / "prometheus",
+            port=self.settings.port_base + PROMETHEUS_PORT_OFFSET,
+            alertmanager_endpoint=self.alertmanager.endpoint,
+            log_path=self.logs_dir / "prometheus.log",
+            pid_path=self.run_dir / "prometheus.pid",
+        )
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return Supervisor(
+            state_dir=self.state_dir,
+            policy=self.restart_policy,
+            port=self.settings.port_base + SUPERVISOR_METRICS_PORT_OFFSET,
+            log_path=self.logs_dir / "supervisor.log",
+            pid_path=self.run_dir / "supervisor.pid",
+        )
+
+    def scrape_targets(self) -> list[monitoring.ScrapeTarget]:
+        """What Prometheus scrapes: the jobs and labels of deploy/prometheus/metrics.md."""
+        target = monitoring.ScrapeTarget
+        return [
+            *(target(monitoring.JOB_GRPC, w.metrics_endpoint, {"process": w.name}) for w in self.grpc_workers),
+            *(target(monitoring.JOB_COORDINATOR, c.metrics_endpoint, {"process": c.name}) for c in self.coordinators),
+            target(monitoring.JOB_ETCD, self.etcd.endpoint, {"process": self.etcd.name}),
+            *(
+                target(monitoring.JOB_POSTGRES, e.endpoint, {"process": e.shard_name, "shard": e.shard_name})
+                for e in self.postgres_exporters
+            ),
+            target(monitoring.JOB_PROMETHEUS, self.prometheus.endpoint, {"process": self.prometheus.name}),
+            target(monitoring.JOB_ALERTMANAGER, self.alertmanager.endpoint, {"process": self.alertmanager.name}),
+            target(monitoring.JOB_SUPERVISOR, self.supervisor.endpoint, {"process": self.supervisor.name}),
+        ]
 
     def _surplus_coordinators(self) -> list[Coordinator]:
         surplus = []
@@ -325,11 +453,16 @@ class Cluster:
         return surplus
 
     def components(self) -> list[tuple[str, Component]]:
-        """(role, component) in start order: shards, etcd, gRPC workers, coordinators."""
+        """(role, component) in start order: shards, etcd, gRPC workers, coordinators, the
+        supervisor, the monitoring."""
         found: list[tuple[str, Component]] = [(ROLE_POSTGRES, shard) for shard in self.shards]
         found.append((ROLE_ETCD, self.etcd))
         found += [(ROLE_GRPC, worker) for worker in self.grpc_workers]
         found += [(ROLE_COORDINATOR, coordinator) for coordinator in self.coordinators]
+        found.append((ROLE_SUPERVISOR, self.supervisor))
+        found += [(ROLE_POSTGRES_EXPORTER, exporter) for exporter in self.postgres_exporters]
+        found.append((ROLE_ALERTMANAGER, self.alertmanager))
+        found.append((ROLE_PROMETHEUS, self.prometheus))
         return found
 
     def component(self, name: str) -> Component:
@@ -341,10 +474,18 @@ class Cluster:
     # Lifecycle.
 
     def up(self) -> dict:
-        """Start whatever is not running, wait until all is healthy; return cluster.json's content."""
-        with self._locked():
+        """Start whatever is not running, wait until all is healthy; return cluster.json's content.
+
+        Also: no process stays held, the supervisor may restart each process again, and
+        Prometheus reads its config and rules anew.
+        """
+        with self.locked():
             self.settings.save(self.settings_path)
             started_seconds = time.monotonic()
+            supervisor.release_all(self.run_dir)
+            ledger = supervisor.RestartLedger(self.run_dir)
+            ledger.reset_limits()
+            ledger.save()
             # initdb and the first start take seconds each; run the shards side by side.
             with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.shard_count) as executor:
                 list(executor.map(self._up_shard, self.shards))
@@ -368,6 +509,15 @@ class Cluster:
                 self._spawn_coordinator(coordinator)
             for coordinator in self.coordinators:
                 coordinator.wait_healthy()
+            # The services are usable from here on, whatever becomes of the monitoring.
+            write_json_atomically(self.cluster_json_path, self.describe())
+            # It reads whether to restart from the settings saved above, at every round.
+            self._start_component(self.supervisor)
+            for exporter in self.postgres_exporters:
+                self._start_component(exporter)
+            monitoring.write_targets(self.prometheus.targets_dir, self.scrape_targets())
+            self._start_component(self.alertmanager)
+            self._start_component(self.prometheus)
             description = self.describe()
             write_json_atomically(self.cluster_json_path, description)
             log.info("cluster up in %.1fs", time.monotonic() - started_seconds)
@@ -435,6 +585,12 @@ class Cluster:
         self._check_ports_free(worker.name, ports)
         worker.spawn()
 
+    def _start_component(self, component: monitoring.Prometheus | monitoring.Alertmanager | monitoring.PostgresExporter | Supervisor) -> None:
+        """Start (a running Prometheus: reload) one of the processes that serve one port."""
+        if not component.is_running():
+            self._check_ports_free(component.name, [component.port])
+        component.start()
+
     def _spawn_coordinator(self, coordinator: Coordinator) -> None:
         if coordinator.is_running():
             return
@@ -464,14 +620,24 @@ class Cluster:
             log.warning("warning: the shard map in etcd (version %d) differs from this cluster's shards", current.version)
 
     def down(self) -> None:
-        """Stop gRPC workers, then etcd, then PostgreSQL; all data stays."""
+        """Stop the supervisor first (so that it restarts nothing), then the services, the
+        monitoring, etcd and PostgreSQL; all data stays."""
         if not self.state_dir.exists():
             return
-        with self._locked():
+        with self.locked():
+            # Held before any is signalled: `status` says "down", not "dead", and a supervisor
+            # would restart none of them (it is stopped first anyway).
+            for _, component in self.components():
+                supervisor.hold(self.run_dir, component.name, supervisor.HELD_BY_DOWN)
+            self.supervisor.stop()
             for coordinator in self.coordinators + self._surplus_coordinators():
                 coordinator.stop()
             for worker in self.grpc_workers + self._surplus_grpc_workers():
                 worker.stop()
+            self.prometheus.stop()
+            self.alertmanager.stop()
+            for exporter in self.postgres_exporters:
+                exporter.stop()
             self.etcd.stop()
             for shard in self.shards:
                 shard.stop()
@@ -487,15 +653,37 @@ class Cluster:
         shutil.rmtree(self.state_dir)
 
     def status(self) -> list[ProcessStatus]:
-        found = []
-        for role, component in self.components():
-            pid = component.pid()
-            if pid is None:
-                state = DOWN
+        """Every process's state, in start order; the probes run side by side (see the module's docstring)."""
+        ledger = supervisor.RestartLedger(self.run_dir)
+        components = self.components()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(components), STATUS_PROBES_MAX)) as executor:
+            return list(executor.map(lambda found: self._status_of(*found, ledger.by_name.get(found[1].name)), components))
+
+    def _status_of(self, role: str, component: Component, restarts: supervisor.ProcessRestarts | None) -> ProcessStatus:
+        restarts = restarts or supervisor.ProcessRestarts()
+        pid = component.pid()
+        note = ""
+        if pid is None:
+            held_reason = supervisor.held_reason(self.run_dir, component.name)
+            if held_reason is not None:
+                state, note = DOWN, f"held down: {held_reason}; `make up` starts it"
             else:
-                state = HEALTHY if component.is_healthy() else ALIVE
-            found.append(ProcessStatus(component.name, role, pid, state, component.endpoint))
-        return found
+                state = DEAD
+                if restarts.gave_up:
+                    note = f"the supervisor gave up after {len(restarts.recent_seconds)} restarts; `make up` starts it"
+                elif not self.settings.supervised:
+                    note = "nothing restarts it (up --no-restarts); `make up` starts it"
+        elif processes.is_stopped(pid):
+            state = STOPPED  # a health check would only time out
+            note = "frozen (SIGSTOP); `kill -CONT` resumes it"
+        else:
+            # Each is_healthy() is bounded: a new connection with its connect timeout, an HTTP GET or
+            # a gRPC health check with theirs.
+            state = HEALTHY if component.is_healthy() else UNHEALTHY
+            if role == ROLE_SUPERVISOR and not self.settings.supervised:
+                note = "watches only: restarts nothing (up --no-restarts)"
+        uptime = None if pid is None else processes.uptime_seconds(pid)
+        return ProcessStatus(component.name, role, pid, state, component.endpoint, uptime, restarts.restarts, note, restarts.gave_up)
 
     def is_healthy(self) -> bool:
         return all(process.state == HEALTHY for process in self.status())
@@ -504,10 +692,14 @@ class Cluster:
         """cluster.json's content, with the pids as they are now."""
         shards = self.shards
         workers = self.grpc_workers
+        coordinators = self.coordinators
         return {
             "grpc_endpoint": self.grpc_endpoint,
             "etcd_endpoint": self.etcd.endpoint,
-            "metrics_endpoints": [worker.metrics_endpoint for worker in workers],
+            # Every corebank process that serves metrics: gRPC workers, then coordinators.
+            "metrics_endpoints": [process.metrics_endpoint for process in [*workers, *coordinators]],
+            "prometheus_url": self.prometheus.url,
+            "alertmanager_url": self.alertmanager.url,
             "shards": [
                 {
                     "name": s.name, "dsn": s.dsn, "pid": s.pid(), "port": s.port, "data_dir": str(s.data_dir),
@@ -523,8 +715,16 @@ class Cluster:
                 *({"name": s.name, "role": ROLE_POSTGRES, "pid": s.pid()} for s in shards),
                 *(
                     {"name": c.name, "role": ROLE_COORDINATOR, "pid": c.pid(), "metrics": c.metrics_endpoint}
-                    for c in self.coordinators
+                    for c in coordinators
                 ),
+                # Not corebank's metrics: "endpoint", never "metrics" (tools scrape every "metrics").
+                *(
+                    {"name": e.name, "role": ROLE_POSTGRES_EXPORTER, "pid": e.pid(), "endpoint": e.endpoint, "shard": e.shard_name}
+                    for e in self.postgres_exporters
+                ),
+                {"name": self.alertmanager.name, "role": ROLE_ALERTMANAGER, "pid": self.alertmanager.pid(), "endpoint": self.alertmanager.endpoint},
+                {"name": self.prometheus.name, "role": ROLE_PROMETHEUS, "pid": self.prometheus.pid(), "endpoint": self.prometheus.endpoint},
+                {"name": self.supervisor.name, "role": ROLE_SUPERVISOR, "pid": self.supervisor.pid(), "endpoint": self.supervisor.endpoint},
             ],
             "state_dir": str(self.state_dir),
             "auth": self._auth_description(),
@@ -536,10 +736,14 @@ class Cluster:
         return self.component(name).pid()
 
     def start(self, name: str) -> None:
-        """Start one process by name ("grpc-0", "etcd", "shard-1") and wait until healthy."""
-        with self._locked():
+        """Start one process by name ("grpc-0", "etcd", "shard-1", "prometheus") and wait until
+        healthy; it is held down no more."""
+        with self.locked():
             component = self.component(name)
-            if isinstance(component, PostgresShard):
+            supervisor.release(self.run_dir, name)
+            if isinstance(component, (monitoring.Prometheus, monitoring.Alertmanager, monitoring.PostgresExporter, Supervisor)):
+                self._start_component(component)
+            elif isinstance(component, PostgresShard):
                 self._up_shard(component)
             elif isinstance(component, Etcd):
                 self._start_etcd()
@@ -553,17 +757,26 @@ class Cluster:
             write_json_atomically(self.cluster_json_path, self.describe())
 
     def stop(self, name: str) -> None:
-        """Stop one process gracefully (SIGTERM; `pg_ctl stop -m fast` for a shard)."""
-        with self._locked():
-            self.component(name).stop()
+        """Stop one process gracefully (SIGTERM; `pg_ctl stop -m fast` for a shard); it is
+        held down (the supervisor leaves it) until `start(name)` or `up`."""
+        with self.locked():
+            component = self.component(name)
+            supervisor.hold(self.run_dir, name, supervisor.HELD_BY_STOP)
+            component.stop()
 
     def kill(self, name: str, signal_number: int = signal.SIGKILL) -> None:
-        """Signal one process (default SIGKILL: a crash); for a shard, its postmaster."""
-        self.component(name).kill(signal_number)
+        """Signal one process (default SIGKILL: a crash); for a shard, its postmaster. A
+        signal that may end it holds it down like `stop`: fault injection heals its own
+        faults (`start(name)`). SIGSTOP and SIGCONT pause and resume; nothing to hold."""
+        component = self.component(name)
+        if signal_number not in PAUSE_SIGNALS:
+            supervisor.hold(self.run_dir, name, supervisor.HELD_BY_KILL)  # before the signal: see supervisor._restart_dead
+        component.kill(signal_number)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One lifecycle command at a time per state folder (two `make up` at once)."""
+    def locked(self, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) -> Iterator[None]:
+        """One lifecycle command at a time per state folder (two `make up` at once; the
+        supervisor, which waits for nobody: timeout 0). TimeoutError when not acquired."""
         if self._lock_depth == 0:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             # PostgreSQL (run as the postgres user) must reach into the state folder.
@@ -580,7 +793,7 @@ class Cluster:
                     return False
 
             try:
-                processes.wait_until(acquired, LOCK_TIMEOUT_SECONDS, f"lock {self.state_dir / LOCK_FILE}")
+                processes.wait_until(acquired, timeout_seconds, f"lock {self.state_dir / LOCK_FILE}")
             except BaseException:
                 os.close(lock_file)
                 raise
@@ -598,12 +811,38 @@ class Cluster:
 # The command line.
 
 
+def format_uptime(seconds: float | None) -> str:
+    """3d4h, 2h5m, 4m10s or 12s: the two largest units."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    days, hours, minutes = whole // 86400, whole // 3600 % 24, whole // 60 % 60
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{whole % 60}s"
+    return f"{whole}s"
+
+
 def print_status(statuses: list[ProcessStatus]) -> None:
-    rows = [("NAME", "ROLE", "PID", "STATE", "ENDPOINT")]
-    rows += [(s.name, s.role, str(s.pid or "-"), s.state, s.endpoint) for s in statuses]
+    rows = [("NAME", "ROLE", "PID", "STATE", "UPTIME", "RESTARTS", "ENDPOINT", "NOTE")]
+    rows += [
+        (s.name, s.role, str(s.pid or "-"), s.state, format_uptime(s.uptime_seconds), str(s.restarts), s.endpoint, s.note)
+        for s in statuses
+    ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def print_monitoring_urls(prometheus_url: str, alertmanager_url: str, states: dict[str, str] | None = None) -> None:
+    """With `states` (name -> state), a URL whose process is not healthy says so: it does not answer."""
+    states = states or {}
+    for name, url in ((ROLE_PROMETHEUS, prometheus_url), (ROLE_ALERTMANAGER, alertmanager_url)):
+        state = states.get(name, HEALTHY)
+        print(f"{name:<12} {url}" + ("" if state == HEALTHY else f" ({state}: not answering)"))
 
 
 def env_int(name: str) -> int | None:
@@ -629,6 +868,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"env GRPC_WORKERS; default {DEFAULT_GRPC_WORKERS}")  # fmt: skip
     parser.add_argument("--coordinators", type=int, default=env_int("COORDINATORS"),
                         help=f"env COORDINATORS; default {DEFAULT_COORDINATORS}")  # fmt: skip
+    parser.add_argument("--no-restarts", action="store_true",
+                        help="up: the supervisor only watches, it restarts nothing (kept for later `up`s until one without this flag)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -639,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = Cluster(
             args.state_dir, shard_count=args.shards, port_base=args.port_base, grpc_workers=args.grpc_workers,
             coordinators=args.coordinators,
+            # `make up` has the supervisor restart; the other commands leave the setting as it is.
+            supervised=(not args.no_restarts) if args.command == "up" else None,
         )  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -651,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"metrics   {' '.join(description['metrics_endpoints'])}")
             for shard in description["shards"]:
                 print(f"{shard['name']:<9} {shard['dsn']}")
+            print_monitoring_urls(description["prometheus_url"], description["alertmanager_url"])
             print(f"written   {cluster.cluster_json_path}")
             return 0
         if args.command == "status":
@@ -659,9 +903,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             statuses = cluster.status()
             print_status(statuses)
-            unhealthy = [s.name for s in statuses if s.state != HEALTHY]
+            print_monitoring_urls(cluster.prometheus.url, cluster.alertmanager.url, {s.name: s.state for s in statuses})
+            if all(s.state == DOWN for s in statuses):
+                print(f"the cluster in {cluster.state_dir} is down, on purpose (`make down`); `make up` starts it")
+                return 1
+            unhealthy = [f"{s.name} ({s.state})" for s in statuses if s.state != HEALTHY]
             if unhealthy:
-                print(f"not healthy: {', '.join(unhealthy)} (run `make up` to start them again)")
+                print(
+                    f"not healthy: {', '.join(unhealthy)}; `make up` starts dead and down processes, "
+                    "`kill -CONT PID` resumes stopped ones, the logs under "
+                    f"{cluster.logs_dir} tell about unhealthy ones"
+                )
                 return 1
             return 0
         if args.command == "down":

@@ -23,6 +23,8 @@ class Coordinator(processes.PythonModuleProcess):
     etcd_endpoint: str
     log_path: pathlib.Path
     pid_path: pathlib.Path
+    # The auditor role's passfile: the periodic invariant audit reads as that role (SELECT only).
+    audit_passfile: pathlib.Path | None = None
 
     module = COORDINATOR_MODULE
     name_prefix = "coordinator"
@@ -39,4 +41,5 @@ class Coordinator(processes.PythonModuleProcess):
             "--etcd", self.etcd_endpoint,
             "--metrics-listen", self.metrics_endpoint,
             "--process-name", self.name,
+            *(["--audit-passfile", str(self.audit_passfile)] if self.audit_passfile else []),
         ]  # fmt: skip

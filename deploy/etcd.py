@@ -60,6 +60,9 @@ class Etcd(processes.PidFileProcess):
                 "--listen-peer-urls", peer_url,
                 "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", f"{MEMBER_NAME}={peer_url}",
+                # JSON lines (zap), like corebank's own logs, rather than capnslog's plain text; to
+                # its standard error, which spawn_detached sends to etcd.log (never to journald).
+                "--logger", "zap", "--log-outputs", "stderr",
             ]  # fmt: skip
             processes.spawn_detached(argv, self.log_path, self.pid_path)
         processes.wait_until(self.is_healthy, START_TIMEOUT_SECONDS, "etcd health", give_up=self._died)

@@ -20,6 +20,11 @@ from collections.abc import Callable, Sequence
 
 POLL_INTERVAL_SECONDS = 0.1
 LOG_TAIL_BYTES_MAX = 4000
+# A file a process writes through its standard streams cannot be rotated while it runs (the
+# process holds it open): at each start one past this bound is moved aside to NAME.1 (replacing
+# the one there), so it holds at most what one run writes. Our Python processes rotate their own
+# JSON log (services/observability/logs.py) and send only what it cannot hold to standard error.
+STREAM_LOG_BYTES_MAX = 10 * 1024 * 1024
 # SIGKILL cannot be caught, but the kernel still needs a moment to end the process.
 KILL_WAIT_SECONDS_MAX = 5.0
 CMDLINE_EMPTY_RETRIES_MAX = 20
@@ -63,6 +68,36 @@ def is_ours(pid: int | None, markers: Sequence[str]) -> bool:
     return argv is not None and set(markers) <= set(argv)
 
 
+# The state letters of /proc/PID/stat that mean "stopped" (SIGSTOP, SIGTSTP; or by a tracer).
+STOPPED_STATES = frozenset("Tt")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the state on (field 3 of proc(5) is index 0), or None when gone."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The state follows the parenthesised command name, which may hold spaces.
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether `pid` is frozen (SIGSTOP): alive, but it runs no more until SIGCONT."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] in STOPPED_STATES
+
+
+def uptime_seconds(pid: int) -> float | None:
+    """How long `pid` has run: its start time (proc(5) field 22, clock ticks after boot) against /proc/uptime."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    started_ticks = int(fields[22 - 3])
+    since_boot_seconds = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+    return max(0.0, since_boot_seconds - started_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def parent_pids() -> dict[int, int]:
     """pid -> parent pid of every process visible in /proc."""
     found = {}
@@ -104,9 +139,11 @@ def spawn_detached(
     env: dict[str, str] | None = None,
     cwd: pathlib.Path | None = None,
 ) -> int:
-    """Start `argv` in its own session (so Ctrl-C on `make` does not reach it)."""
+    """Start `argv` in its own session (so Ctrl-C on `make` does not reach it), its standard
+    output and error appended to `log_path` (moved aside first when past STREAM_LOG_BYTES_MAX)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pid_path.parent.mkdir(parents=True, exist_ok=True)
+    rotate_stream_log(log_path)
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             list(argv),
@@ -192,6 +229,15 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def rotate_stream_log(log_path: pathlib.Path) -> None:
+    """Move `log_path` to NAME.1 when it is past STREAM_LOG_BYTES_MAX (before a start)."""
+    try:
+        if log_path.stat().st_size > STREAM_LOG_BYTES_MAX:
+            log_path.replace(log_path.with_name(log_path.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
 def log_tail(log_path: pathlib.Path) -> str:
     try:
         with open(log_path, "rb") as log_file:
@@ -225,10 +271,14 @@ class PidFileProcess:
         return self.pid() is not None
 
     def _died(self) -> str | None:
-        """None while running; else why it is gone, with the end of its log (for wait_until's give_up)."""
+        """None while running; else why it is gone, with the end of its logs (for wait_until's give_up)."""
         if self.is_running():
             return None
-        return f"{self.name} exited; the end of {self.log_path}:\n{log_tail(self.log_path)}"
+        return f"{self.name} exited; " + "\n".join(f"the end of {path}:\n{log_tail(path)}" for path in self.log_paths())
+
+    def log_paths(self) -> list[pathlib.Path]:
+        """The files that tell why the process ended."""
+        return [self.log_path]
 
     def stop(self) -> None:
         pid = self.pid()
@@ -242,6 +292,16 @@ class PidFileProcess:
 
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
+
+
+def python_environment() -> dict[str, str]:
+    """Our environment for a `python -m` of the repo's code: it also works from a venv without
+    `pip install -e .` (the generated code lives in protos/python)."""
+    env = dict(os.environ)
+    source_paths = [str(REPO_DIR), str(REPO_DIR / "protos" / "python")]
+    env["PYTHONPATH"] = os.pathsep.join(source_paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 class PythonModuleProcess(PidFileProcess):
@@ -275,16 +335,21 @@ class PythonModuleProcess(PidFileProcess):
     def is_healthy(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def stderr_path(self) -> pathlib.Path:
+        """NAME.stderr.log, beside the JSON log the process writes and rotates itself (`log_path`):
+        what it cannot log there (a crash before its logging starts, the gRPC C core's messages)."""
+        return self.log_path.with_suffix(".stderr.log")
+
+    def log_paths(self) -> list[pathlib.Path]:
+        return [self.stderr_path, self.log_path]
+
     def spawn(self) -> None:
         """Start the process when not running; does not wait (see wait_healthy)."""
         if self.is_running():
             return
-        env = dict(os.environ)
-        # Also works from a venv without `pip install -e .` (the generated code lives in protos/python).
-        source_paths = [str(REPO_DIR), str(REPO_DIR / "protos" / "python")]
-        env["PYTHONPATH"] = os.pathsep.join(source_paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env["PYTHONUNBUFFERED"] = "1"
-        spawn_detached([sys.executable, "-m", self.module, *self.arguments()], self.log_path, self.pid_path, env=env, cwd=REPO_DIR)
+        argv = [sys.executable, "-m", self.module, *self.arguments(), "--log-file", str(self.log_path)]
+        spawn_detached(argv, self.stderr_path, self.pid_path, env=python_environment(), cwd=REPO_DIR)
 
     def wait_healthy(self, timeout_seconds: float | None = None) -> None:
         wait_until(self.is_healthy, timeout_seconds or self.start_timeout_seconds, f"{self.name} health", give_up=self._died)

@@ -8,8 +8,11 @@
   `python -m loadtest.scaling` (`make bench-scaling`) measures the same on
   clusters of 1, 2 and 3 shards.
 - `locustfile.py`: locust scenarios (flash-sale, everyday, batch) driving the
-  gRPC API; `python -m loadtest.run` (`make loadtest`) runs one headless, then
-  `check.py` verifies the ledger and every transfer the run sent.
+  gRPC API, in one process, in locust's web UI or as a master and workers;
+  `python -m loadtest.run` (`make loadtest`) runs one headless and judges it:
+  locust's figures against thresholds, then `check.py` verifies the ledger and
+  every transfer the run sent. `swarm.py` holds what their processes share
+  (which cluster a host names, the run folder's files), free of gevent.
 - `accounts.py`: opening and funding a run's accounts (CreateTransfers), shared
   by both.
 - `protobuf_impl_bench.py` measures the protobuf runtimes behind the etcd

@@ -1,6 +1,6 @@
 """After a load test: check the ledger's invariants and every transfer the run sent.
 
-    python -m loadtest.check PREFIX     (PREFIX-setup.json and PREFIX-transfers.csv from the locustfile)
+    python -m loadtest.check FOLDER     (a run folder: setup.json, transfers.csv, merchant.csv; loadtest/swarm.py)
 
 Checks, each printed with its figures:
 1. the audit (services.storage.audit) finds no violation: every shard balanced,
@@ -13,21 +13,24 @@ Checks, each printed with its figures:
    and one posted credit leg (branch 0, 2 or 3) for its id, for all of them; and
    GetTransfer answers POSTED with the same accounts and amount, for a sample;
 4. no refused transfer was posted (GetTransfer on a sample);
-5. flash sale, during the run (PREFIX-merchant.csv, one read a second): the
+5. flash sale, during the run (merchant.csv, one read a second): the
    merchant's balance_minor + collecting_minor never below the payments
-   acknowledged before the read, nor above those sent by its end;
+   answered POSTED before the read began, nor above those sent before it
+   ended (by the wall-clock times in every process's log);
 6. flash sale: the merchant's balance_minor + collecting_minor equals the sum of
    its posted payments (acknowledged, plus those whose answer was lost and that
    GetTransfer shows POSTED), and once the sweeps settle balance_minor alone does.
-Exits 1 on any violation.
+Writes FOLDER/verdict.json (each check, ok or not, with its figures) and exits 1 on any violation.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import csv
 import dataclasses
+import itertools
 import json
 import pathlib
 import random
@@ -39,8 +42,9 @@ import grpc
 import psycopg
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2
 
+from loadtest import swarm
 from loadtest.accounts import RETRYABLE_CODES, AccountSet, describe_rpc_error
-from loadtest.cluster import load_cluster
+from loadtest.swarm import POSTED, REFUSED, SENT, UNKNOWN
 from services.auth.client import Target
 from services.storage.audit import audit_cluster
 
@@ -77,16 +81,29 @@ class SentTransfer:
     amount_minor: int
     outcome: str  # posted | refused | unknown | sent (the answer never came)
     code: str
+    # Wall-clock seconds (loadtest/swarm.py): just before the call, and once its answer was in (None: never).
+    sent_at: float = 0.0
+    answered_at: float | None = None
 
 
-def read_merchant_samples(path: pathlib.Path) -> list[tuple[float, int, int, int, int]]:
-    """(seconds, acknowledged_minor, balance_minor, collecting_minor, sent_minor) rows, if the file exists."""
+@dataclasses.dataclass(frozen=True)
+class MerchantSample:
+    """One read of the merchant during the run, and when it began and ended."""
+
+    read_started_at: float
+    read_ended_at: float
+    balance_minor: int
+    collecting_minor: int
+
+
+def read_merchant_samples(path: pathlib.Path) -> list[MerchantSample]:
+    """The merchant's reads, if the file exists."""
     if not path.exists():
         return []
     with path.open(newline="") as file:
         return [
-            (float(row["seconds"]), int(row["acknowledged_minor"]), int(row["balance_minor"]),
-             int(row["collecting_minor"]), int(row["sent_minor"]))
+            MerchantSample(float(row["read_started_at"]), float(row["read_ended_at"]), int(row["balance_minor"]),
+                           int(row["collecting_minor"]))
             for row in csv.DictReader(file)
         ]  # fmt: skip
 
@@ -95,18 +112,45 @@ def read_transfers(path: pathlib.Path) -> list[SentTransfer]:
     with path.open(newline="") as file:
         return [
             SentTransfer(row["transfer_id"], row["debit_account_id"], row["credit_account_id"],
-                         int(row["amount_minor"]), row["outcome"], row["code"])
+                         int(row["amount_minor"]), row["outcome"], row["code"], float(row["sent_at"]),
+                         float(row["answered_at"]) if row["answered_at"] else None)
             for row in csv.DictReader(file)
         ]  # fmt: skip
+
+
+def merchant_bounds(sample: MerchantSample, answered: tuple[list, list], sent: tuple[list, list]) -> tuple[int, int]:
+    """(answered POSTED before the read began, sent before it ended), in minor units.
+
+    `answered` and `sent` are payments_timeline(payments)'s: (times, running sums) each."""
+    answered_times, answered_sums = answered
+    sent_times, sent_sums = sent
+    acknowledged_minor = answered_sums[bisect.bisect_left(answered_times, sample.read_started_at)]
+    sent_minor = sent_sums[bisect.bisect_right(sent_times, sample.read_ended_at)]
+    return acknowledged_minor, sent_minor
+
+
+def payments_timeline(payments: list[SentTransfer]) -> tuple[tuple[list, list], tuple[list, list]]:
+    """Sorted answer times of the POSTED payments and send times of all, each with running sums
+    (sums[i] = the amount of the first i), for merchant_bounds."""
+    posted = sorted((t.answered_at, t.amount_minor) for t in payments if t.outcome == POSTED)
+    sent = sorted((t.sent_at, t.amount_minor) for t in payments)
+
+    def timeline(pairs: list[tuple[float, int]]) -> tuple[list, list]:
+        return [at for at, _ in pairs], [0, *itertools.accumulate(amount for _, amount in pairs)]
+
+    return timeline(posted), timeline(sent)
 
 
 class Report:
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
         self.violations: list[str] = []
+        # Every check in order, for the verdict file: {"label", "ok", "detail"}.
+        self.checks: list[dict] = []
 
     def check(self, ok: bool, label: str, detail: str = "") -> None:
         self.log(f"  [{'ok' if ok else 'VIOLATION'}] {label}" + (f": {detail}" if detail else ""))
+        self.checks.append({"label": label, "ok": bool(ok), "detail": detail})
         if not ok:
             self.violations.append(f"{label}: {detail}" if detail else label)
 
@@ -184,9 +228,9 @@ def check_run(
     sent: list[SentTransfer],
     scenario: str,
     log: Callable[[str], None] = print,
-    merchant_samples: list[tuple[float, int, int, int, int]] | None = None,
-) -> list[str]:
-    """Run every check, print each, return the violations."""
+    merchant_samples: list[MerchantSample] | None = None,
+) -> Report:
+    """Run every check, print each; the report holds them and the violations."""
     report = Report(log)
     shards = cluster_raw["shards"]
     rng = random.Random(0)
@@ -202,10 +246,10 @@ def check_run(
     negative = sum(shard.negative_customer_accounts for shard in audit.shards)
     report.check(negative == 0, "no customer or merchant balance below zero", f"{negative} below zero")
 
-    acknowledged = [SentTransfer(*row, "posted", "funding") for row in accounts.funding_transfers]
-    acknowledged += [t for t in sent if t.outcome == "posted"]
-    unresolved = [t for t in sent if t.outcome in ("unknown", "sent")]
-    refused = [t for t in sent if t.outcome == "refused"]
+    acknowledged = [SentTransfer(*row, POSTED, "funding") for row in accounts.funding_transfers]
+    acknowledged += [t for t in sent if t.outcome == POSTED]
+    unresolved = [t for t in sent if t.outcome in (UNKNOWN, SENT)]
+    refused = [t for t in sent if t.outcome == REFUSED]
 
     # Every acknowledged id: exactly one posted debit leg and one posted credit leg across all shards.
     acknowledged_ids = [t.transfer_id for t in acknowledged]
@@ -247,35 +291,45 @@ def check_run(
 
         if retried:
             log(f"  note: GetTransfer lookups failed and were retried: {dict(retried)}")
-        if scenario == "flash-sale" and merchant_samples is not None:
-            outside = [
-                f"at {seconds:.1f} s: {balance} + {collecting} not in [{acknowledged}, {sent_minor}]"
-                for seconds, acknowledged, balance, collecting, sent_minor in merchant_samples
-                if not acknowledged <= balance + collecting <= sent_minor
-            ]
-            swept_during_run = sum(1 for sample in merchant_samples if sample[2] > 0)
-            report.check(
-                bool(merchant_samples) and not outside,
-                f"merchant during the run: acknowledged <= balance + collecting <= sent ({len(merchant_samples)} reads, "
-                f"{swept_during_run} with a swept balance)",
-                "; ".join(outside[:VIOLATIONS_SHOWN_MAX]) or ("no reads" if not merchant_samples else ""),
-            )
+        if scenario == "flash-sale" and merchant_samples is not None and accounts.merchant_account_ids:
+            check_merchant_during_run(accounts.merchant_account_ids[0], sent, merchant_samples, report)
         if scenario == "flash-sale" and accounts.merchant_account_ids:
             check_merchant(channel, accounts.merchant_account_ids[0], sent, resolved, report)
-    return report.violations
+    return report
+
+
+def check_merchant_during_run(
+    merchant_account_id: str, sent: list[SentTransfer], samples: list[MerchantSample], report: Report
+) -> None:
+    payments = [t for t in sent if t.credit_account_id == merchant_account_id]
+    answered, sent_timeline = payments_timeline(payments)
+    outside = []
+    for sample in samples:
+        acknowledged_minor, sent_minor = merchant_bounds(sample, answered, sent_timeline)
+        total_minor = sample.balance_minor + sample.collecting_minor
+        if not acknowledged_minor <= total_minor <= sent_minor:
+            outside.append(f"read at {sample.read_started_at:.3f}: {sample.balance_minor} + {sample.collecting_minor} "
+                           f"not in [{acknowledged_minor}, {sent_minor}]")  # fmt: skip
+    swept_during_run = sum(1 for sample in samples if sample.balance_minor > 0)
+    report.check(
+        bool(samples) and not outside,
+        f"merchant during the run: answered POSTED before the read <= balance + collecting <= sent before its end "
+        f"({len(samples)} reads, {swept_during_run} with a swept balance)",
+        "; ".join(outside[:VIOLATIONS_SHOWN_MAX]) or ("no reads" if not samples else ""),
+    )
 
 
 def check_merchant(
     channel: grpc.Channel, merchant_account_id: str, sent: list[SentTransfer], resolved: dict, report: Report
 ) -> None:
     payments = [t for t in sent if t.credit_account_id == merchant_account_id]
-    acknowledged_minor = sum(t.amount_minor for t in payments if t.outcome == "posted")
+    acknowledged_minor = sum(t.amount_minor for t in payments if t.outcome == POSTED)
     late_posted_minor = sum(
         t.amount_minor for t in payments
         if t.transfer_id in resolved and _status_name(resolved[t.transfer_id]) == "POSTED"
     )  # fmt: skip
     expected_minor = acknowledged_minor + late_posted_minor
-    unresolved_count = sum(1 for t in payments if t.outcome in ("unknown", "sent") and t.transfer_id not in resolved)
+    unresolved_count = sum(1 for t in payments if t.outcome in (UNKNOWN, SENT) and t.transfer_id not in resolved)
     stub = accounts_pb2_grpc.AccountsStub(channel)
     account = stub.GetAccount(accounts_pb2.GetAccountRequest(account_id=merchant_account_id), timeout=CALL_TIMEOUT_SECONDS)
     report.check(
@@ -298,17 +352,25 @@ def check_merchant(
     )
 
 
+def check_folder(folder: pathlib.Path, log: Callable[[str], None] = print) -> Report:
+    """Check a run folder's transfers against the cluster its setup.json names."""
+    plan = swarm.read_plan(folder)
+    sent = read_transfers(folder / swarm.TRANSFERS_FILE)
+    samples = read_merchant_samples(folder / swarm.MERCHANT_FILE)
+    cluster = plan.host_target().cluster()
+    return check_run(cluster.raw, plan.accounts, sent, plan.scenario, log, merchant_samples=samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("prefix", help="the run's report prefix: PREFIX-setup.json and PREFIX-transfers.csv")
+    parser.add_argument("folder", type=pathlib.Path, help="a run folder (setup.json, transfers.csv, ...)")
     arguments = parser.parse_args(argv)
-    setup = json.loads(pathlib.Path(f"{arguments.prefix}-setup.json").read_text())
-    accounts = AccountSet.from_json(json.dumps(setup["accounts"]))
-    sent = read_transfers(pathlib.Path(f"{arguments.prefix}-transfers.csv"))
-    samples = read_merchant_samples(pathlib.Path(f"{arguments.prefix}-merchant.csv"))
-    violations = check_run(load_cluster().raw, accounts, sent, setup["scenario"], merchant_samples=samples)
-    print("invariants hold" if not violations else f"{len(violations)} VIOLATION(S)")
-    return 1 if violations else 0
+    report = check_folder(arguments.folder)
+    verdict = {"passed": not report.violations, "checks": report.checks, "violations": report.violations}
+    (arguments.folder / swarm.VERDICT_FILE).write_text(json.dumps(verdict, indent=2) + "\n")
+    print("invariants hold" if not report.violations else f"{len(report.violations)} VIOLATION(S)")
+    print(f"verdict: {arguments.folder / swarm.VERDICT_FILE}")
+    return 1 if report.violations else 0
 
 
 if __name__ == "__main__":

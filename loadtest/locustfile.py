@@ -1,22 +1,31 @@
 """corebank load scenarios for locust, selected by the SCENARIO environment variable.
 
-    SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest        (see loadtest/run.py)
-    SCENARIO=everyday .venv/bin/locust -f loadtest/locustfile.py --headless -u 50 -r 50 -t 30s
+    SCENARIO=flash-sale USERS=200 DURATION=60s make loadtest     headless, then the verdict (loadtest/run.py)
+    WORKERS=2 make loadtest                                       the same, one master and 2 worker processes
+    SCENARIO=everyday .venv/bin/locust -f loadtest/locustfile.py  locust's web UI, http://localhost:8089
 
 Scenarios:
 - `flash-sale`: buyers on every shard pay ONE merchant, opened with
   collect_on_every_shard; a spike LoadTestShape (base load, ramp to peak in
-  seconds, hold, drop back, end).
+  seconds, hold, drop back, end), timed from Start.
 - `everyday`: transfers among many customers, CROSS_SHARD_SHARE of them between
   shards, plus balance reads (READ_SHARE of the tasks).
 - `batch`: clients calling CreateTransfers with BATCH_SIZE transfers per call.
 
-Set-up (opening and funding the accounts) runs in locust's `init` event, before
-any user starts and before `-t` starts counting. Every transfer sent is logged
-with its outcome, and the log is written at the end to
-$LOADTEST_OUTPUT_PREFIX-transfers.csv (with the accounts in -setup.json), for
-loadtest.check to verify against the databases. One locust process only: the
-log and the accounts live in this process (no --processes, no workers).
+The host (--host, or the web UI's Host field) names the cluster: empty for
+$COREBANK_STATE_DIR's, a state folder or its cluster.json, or grpcs://HOST:PORT
+(loadtest/swarm.py).
+
+Set-up (opening and funding the accounts) runs on test_start in the master, or in
+the only process: once per cluster, so a second Start reuses the accounts; never
+in a worker. The master sends the accounts to every worker (a custom message)
+before its users start, and to a worker that connects later.
+
+Every transfer sent is logged with its outcome. When every user has stopped
+(test_stop), each worker sends its last statistics and then its log to the
+master, which waits for all of them (bounded) before it writes the run folder's
+files (loadtest/swarm.py); a single process writes them at once. The log covers
+every start since the accounts were set up, for loadtest.check.
 """
 
 from __future__ import annotations
@@ -26,160 +35,286 @@ import grpc.experimental.gevent as grpc_gevent
 # Before any channel exists: grpc's sync API must block greenlets, not the whole process.
 grpc_gevent.init_gevent()
 
-import csv  # noqa: E402
+import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.lock  # noqa: E402
 import grpc  # noqa: E402
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2  # noqa: E402
 from locust import LoadTestShape, User, constant, events, task  # noqa: E402
-from locust.runners import LocalRunner  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
+from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner  # noqa: E402
 
 # Importable when locust runs this file by path from the repository root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from loadtest import accounts as setup_accounts  # noqa: E402
-from loadtest.cluster import load_cluster  # noqa: E402
+from loadtest import swarm  # noqa: E402
+from loadtest.swarm import POSTED, REFUSED, UNKNOWN, env_float, env_int  # noqa: E402
+from services.auth.client import Target  # noqa: E402
 
-SCENARIOS = ("flash-sale", "everyday", "batch")
 SCENARIO = os.environ.get("SCENARIO", "flash-sale")
-if SCENARIO not in SCENARIOS:
-    raise SystemExit(f"SCENARIO={SCENARIO!r}: pick one of {', '.join(SCENARIOS)}")
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
-
+if SCENARIO not in swarm.SCENARIOS:
+    raise SystemExit(f"SCENARIO={SCENARIO!r}: pick one of {', '.join(swarm.SCENARIOS)}")
 
 # Accounts of a run. Buyers / customers are spread over all shards by their ids.
-ACCOUNTS = _env_int("ACCOUNTS", 2000)
-CROSS_SHARD_SHARE = _env_float("CROSS_SHARD_SHARE", 0.3 if SCENARIO == "everyday" else 0.0)
-READ_SHARE = _env_float("READ_SHARE", 0.25)
-BATCH_SIZE = _env_int("BATCH_SIZE", 500)
+ACCOUNTS = env_int("ACCOUNTS", 2000)
+CROSS_SHARD_SHARE = env_float("CROSS_SHARD_SHARE", 0.3 if SCENARIO == "everyday" else 0.0)
+READ_SHARE = env_float("READ_SHARE", 0.25)
+BATCH_SIZE = env_int("BATCH_SIZE", 500)
 # Connections shared by all users of the process: thousands of users need not
 # mean thousands of TCP connections, and several reach every service worker.
-CHANNEL_COUNT = _env_int("CHANNELS", 8)
-CALL_TIMEOUT_SECONDS = _env_float("CALL_TIMEOUT_SECONDS", 10.0)
+CHANNEL_COUNT = env_int("CHANNELS", 8)
+CHANNEL_READY_TIMEOUT_SECONDS = 10.0
+CALL_TIMEOUT_SECONDS = env_float("CALL_TIMEOUT_SECONDS", 10.0)
 # Pause between a user's calls; 0 is a closed loop (each user waits only for its answer).
-WAIT_SECONDS = _env_float("WAIT_SECONDS", 0.0)
-OUTPUT_PREFIX = os.environ.get("LOADTEST_OUTPUT_PREFIX", "")
+WAIT_SECONDS = env_float("WAIT_SECONDS", 0.0)
+# Where the run's files go (loadtest.run sets it); else a new reports/<scenario>-<time>/ per account set.
+OUTPUT_DIR = os.environ.get("LOADTEST_OUTPUT_DIR", "")
 
 assert 0.0 <= CROSS_SHARD_SHARE <= 1.0 and 0.0 <= READ_SHARE < 1.0, "shares are fractions"
 assert 1 <= BATCH_SIZE <= setup_accounts.CREATE_TRANSFERS_BATCH_SIZE_MAX, "BATCH_SIZE is 1..5000"
 
-# Outcome of every transfer this process sent, for loadtest.check.
-SENT, POSTED, REFUSED, UNKNOWN = "sent", "posted", "refused", "unknown"
 # A call that failed with these may still have been applied (or may be later): the checker asks.
 OUTCOME_UNKNOWN_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 )  # fmt: skip
+# Locust request names of the calls that carry one transfer each, and of the batch call.
+TRANSFER_CALL_NAMES = ("Transfer", "Transfer (payment)", "Transfer (cross-shard)")
+BATCH_CALL_NAME = "CreateTransfers"
 
+# Custom messages between the master and its workers.
+PLAN_MESSAGE = "corebank_plan"  # master -> worker: the accounts to use (swarm.Plan)
+STOP_MESSAGE = "corebank_stop_and_report"  # master -> worker: stop your users if they run, then report
+LOG_MESSAGE = "corebank_transfer_log"  # worker -> master: rows of its transfer log, the last part marked
+# A worker's log of a long run goes in parts of bounded size.
+LOG_ROWS_PER_MESSAGE_MAX = 10_000
+# How long the master waits for the workers' logs after test_stop, beyond the stop timeout
+# (locust itself waits the stop timeout + 60 s for its workers to stop).
+LOG_GATHER_SLACK_SECONDS = 60.0
+LOG_GATHER_POLL_SECONDS = 0.1
 
-class TransferLog:
-    """transfer_id -> [debit, credit, amount_minor, outcome, code]; written once at the end."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list] = {}
-
-    def sent(self, request: payments_pb2.TransferRequest) -> None:
-        self.rows[request.transfer_id] = [
-            request.debit_account_id, request.credit_account_id, request.amount_minor, SENT, ""
-        ]
-
-    def outcome(self, transfer_id: str, outcome: str, code: str = "") -> None:
-        row = self.rows[transfer_id]
-        row[3], row[4] = outcome, code
-
-    def write(self, path: pathlib.Path) -> None:
-        temporary = path.with_suffix(".tmp")
-        with temporary.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["transfer_id", "debit_account_id", "credit_account_id", "amount_minor", "outcome", "code"])
-            for transfer_id, row in self.rows.items():
-                writer.writerow([transfer_id, *row])
-        temporary.replace(path)
-
-
-TRANSFER_LOG = TransferLog()
+log = logging.getLogger("corebank.loadtest")
 
 
 class Run:
-    """What the init event prepared: accounts and channels, shared by every user."""
+    """This process's part of the swarm: the plan and what is built from it, and the log."""
 
-    accounts: setup_accounts.AccountSet | None = None
-    # Lists built once from `accounts`, since every task picks from them.
+    plan: swarm.Plan | None = None
+    setup_lock = gevent.lock.Semaphore()
+    channels: list[grpc.Channel] = []
+    channels_key = ""
+    # Lists built once from the plan's accounts, since every task picks from them.
     customer_account_ids: list[str] = []
     customer_account_ids_by_shard: list[list[str]] = []
     shard_by_account_id: dict[str, str] = {}
-    channels: list[grpc.Channel] = []
+    transfer_log = swarm.TransferLog()
+    # Set in the init event, i.e. after locust's --processes forks: transfer ids of two processes never meet.
+    process_tag = ""
     user_numbers = itertools.count()
-    setup_done_monotonic: float = 0.0
+    # Master: the workers of this start, and those whose log has arrived.
+    workers_expected: set[str] = set()
+    workers_reported: set[str] = set()
+    # Worker: whether its log went to the master since its users last started.
+    reported = False
+    # Flash sale, in the master or the only process: (read_started_at, read_ended_at, balance, collecting).
+    merchant_samples: list[tuple[float, float, int, int]] = []
+    merchant_watcher: gevent.Greenlet | None = None
 
 
-def _open_accounts(environment) -> setup_accounts.AccountSet:
-    cluster = load_cluster()
-    flash_sale = SCENARIO == "flash-sale"
-    return setup_accounts.open_account_set(
-        cluster.target,
-        cluster.etcd_endpoint,
-        customer_count=ACCOUNTS,
-        merchant_count=1 if flash_sale else 0,
-        collect_on_every_shard=flash_sale,
-        run_id=setup_accounts.new_run_id(SCENARIO),
-        log=lambda line: print(f"[loadtest] {SCENARIO}: {line}", file=sys.stderr, flush=True),
-    )
+def _at(target: Target, address: str | None) -> Target:
+    return target if address is None else dataclasses.replace(target, address=address)
+
+
+def _use_plan(plan: swarm.Plan) -> None:
+    """Take the plan's accounts, and channels to its cluster made in this process (after any fork)."""
+    accounts = plan.accounts
+    Run.customer_account_ids = accounts.customer_account_ids
+    Run.customer_account_ids_by_shard = [ids for ids in accounts.customer_account_ids_by_shard.values() if ids]
+    Run.shard_by_account_id = {
+        account_id: shard_name for shard_name, ids in accounts.customer_account_ids_by_shard.items() for account_id in ids
+    }
+    if Run.channels_key != plan.host_key:
+        for channel in Run.channels:
+            channel.close()
+        # Each process mints its own token from the cluster's key: none travels between locust processes.
+        traffic = _at(plan.host_target().cluster().traffic_target(), plan.address)
+        # A local subchannel pool per channel keeps them on separate connections, so
+        # SO_REUSEPORT spreads them over the service's worker processes.
+        Run.channels = [traffic.channel(options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNEL_COUNT)]
+        for channel in Run.channels:
+            grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_TIMEOUT_SECONDS)
+        Run.channels_key = plan.host_key
+    Run.plan = plan
+
+
+def _set_up(host: str | None) -> swarm.Plan:
+    """The plan for the cluster `host` names: its accounts opened and funded at the first start against it."""
+    host_target = swarm.resolve_host(host)
+    with Run.setup_lock:
+        if Run.plan is not None and Run.plan.host_key == host_target.key:
+            return Run.plan
+        Run.plan = None
+        cluster = host_target.cluster()
+        flash_sale = SCENARIO == "flash-sale"
+        accounts = setup_accounts.open_account_set(
+            _at(cluster.target, host_target.address), cluster.etcd_endpoint, customer_count=ACCOUNTS,
+            merchant_count=1 if flash_sale else 0, collect_on_every_shard=flash_sale,
+            run_id=setup_accounts.new_run_id(SCENARIO),
+            log=lambda line: print(f"[loadtest] {SCENARIO}: {line}", file=sys.stderr, flush=True),
+        )  # fmt: skip
+        folder = pathlib.Path(OUTPUT_DIR) if OUTPUT_DIR else swarm.new_run_folder(cluster.state_dir, SCENARIO)
+        folder.mkdir(parents=True, exist_ok=True)
+        plan = swarm.Plan(host_target.key, SCENARIO, str(host_target.cluster_file), host_target.address, accounts, str(folder))
+        (folder / swarm.SETUP_FILE).write_text(json.dumps(plan.to_message()) + "\n")
+        Run.transfer_log = swarm.TransferLog()
+        Run.merchant_samples = []
+        _use_plan(plan)
+        print(f"[loadtest] {SCENARIO}: run folder {folder}", file=sys.stderr, flush=True)
+        return plan
 
 
 @events.init.add_listener
-def _on_init(environment, **_kwargs) -> None:
-    if not isinstance(environment.runner, LocalRunner):
-        raise SystemExit("corebank's locustfile runs in one local process (no --processes, --master or --worker)")
-    Run.accounts = _open_accounts(environment)
-    Run.customer_account_ids = Run.accounts.customer_account_ids
-    Run.customer_account_ids_by_shard = [ids for ids in Run.accounts.customer_account_ids_by_shard.values() if ids]
-    Run.shard_by_account_id = {
-        account_id: shard_name
-        for shard_name, ids in Run.accounts.customer_account_ids_by_shard.items()
-        for account_id in ids
-    }
-    traffic = load_cluster().traffic_target()
-    # A local subchannel pool per channel keeps them on separate connections, so
-    # SO_REUSEPORT spreads them over the service's worker processes.
-    Run.channels = [
-        traffic.channel(options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNEL_COUNT)
-    ]
-    for channel in Run.channels:
-        grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_SECONDS)
-    if OUTPUT_PREFIX:
-        pathlib.Path(f"{OUTPUT_PREFIX}-setup.json").write_text(
-            json.dumps({"scenario": SCENARIO, "accounts": json.loads(Run.accounts.to_json())}) + "\n"
-        )
-    Run.setup_done_monotonic = time.monotonic()
+def _on_init(environment, runner, **_kwargs) -> None:
+    Run.process_tag = uuid.uuid4().hex[:6]
+    if isinstance(runner, WorkerRunner):
+        runner.register_message(PLAN_MESSAGE, _on_plan)
+        # Concurrent: stopping the users waits up to the stop timeout; the message loop must go on.
+        runner.register_message(STOP_MESSAGE, _on_stop_request, concurrent=True)
+    elif isinstance(runner, MasterRunner):
+        runner.register_message(LOG_MESSAGE, _on_log_part)
+        environment.events.worker_connect.add_listener(lambda client_id, **_kw: _greet_worker(runner, client_id))
 
 
-_log_written = threading.Lock()
+def _greet_worker(runner: MasterRunner, client_id: str) -> None:
+    """A worker connected: it gets the accounts before any spawn message, and, joining a run, is waited for."""
+    if Run.plan is not None:
+        runner.send_message(PLAN_MESSAGE, Run.plan.to_message(), client_id)
+        if runner.state in (STATE_SPAWNING, STATE_RUNNING):
+            Run.workers_expected.add(client_id)
 
 
-@events.quitting.add_listener
-def _on_quitting(environment, **_kwargs) -> None:
-    if OUTPUT_PREFIX and _log_written.acquire(blocking=False):
-        TRANSFER_LOG.write(pathlib.Path(f"{OUTPUT_PREFIX}-transfers.csv"))
-        counts: dict[str, int] = {}
-        for row in TRANSFER_LOG.rows.values():
-            counts[row[3]] = counts.get(row[3], 0) + 1
-        print(f"[loadtest] {SCENARIO}: transfers by outcome {counts}", file=sys.stderr, flush=True)
+def _on_plan(environment, msg, **_kwargs) -> None:
+    _use_plan(swarm.Plan.from_message(msg.data))
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kwargs) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        Run.reported = False
+        return
+    try:
+        plan = _set_up(environment.host)
+    except (SystemExit, Exception) as error:  # a wrong host, a cluster down: say so and end this start
+        log.error("[loadtest] set-up failed, stopping: %s", error)
+        gevent.spawn(runner.stop)
+        return
+    if isinstance(runner, MasterRunner):
+        Run.workers_expected = {node.id for node in runner.clients.ready + runner.clients.spawning + runner.clients.running}
+        Run.workers_reported = set()
+        runner.send_message(PLAN_MESSAGE, plan.to_message())
+    if SCENARIO == "flash-sale" and Run.merchant_watcher is None:
+        Run.merchant_watcher = gevent.spawn(_watch_merchant, plan.accounts.merchant_account_ids[0])
+    if environment.shape_class is not None:
+        # The shape's clock starts here: at Start, once the accounts are ready (set-up is not load).
+        environment.shape_class.reset_time()
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kwargs) -> None:
+    """Every user of this process has stopped (locust fires test_stop after stopping them)."""
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        _report_to_master(runner)
+        return
+    if Run.merchant_watcher is not None:
+        Run.merchant_watcher.kill()
+        Run.merchant_watcher = None
+    if Run.plan is None:
+        return
+    missing = _gather_worker_logs(environment) if isinstance(runner, MasterRunner) else []
+    _write_run_files(environment, missing)
+
+
+def _report_to_master(runner: WorkerRunner) -> None:
+    if Run.reported:
+        return
+    Run.reported = True
+    # Statistics first, on the same ordered channel: once the master has a worker's whole log, it
+    # has all of that worker's figures too (otherwise they would come with the next 3-second report).
+    runner._send_stats()
+    rows = Run.transfer_log.drain()
+    parts = list(swarm.chunks(rows, LOG_ROWS_PER_MESSAGE_MAX))
+    for index, part in enumerate(parts):
+        runner.send_message(LOG_MESSAGE, {"rows": part, "last": index == len(parts) - 1})
+
+
+def _on_stop_request(environment, msg, **_kwargs) -> None:
+    """The master's test_stop came while this worker may still run users: when locust quits a
+    headless run (-t, or the shape's end), the master stops without telling its workers first."""
+    runner = environment.runner
+    if Run.reported or runner.state == STATE_CLEANUP:
+        return  # reported already, or a stop is under way, and its test_stop reports
+    if runner.state in (STATE_SPAWNING, STATE_RUNNING):
+        runner.stop()  # its test_stop reports
+    else:
+        _report_to_master(runner)
+
+
+def _on_log_part(environment, msg, **_kwargs) -> None:
+    Run.transfer_log.merge(msg.data["rows"])
+    if msg.data["last"]:
+        Run.workers_reported.add(msg.node_id)
+
+
+def _gather_worker_logs(environment) -> list[str]:
+    """Wait for the log of every worker of this start; returns the workers whose log never came."""
+    runner = environment.runner
+    for client_id in Run.workers_expected - Run.workers_reported:
+        runner.send_message(STOP_MESSAGE, None, client_id)
+    deadline = time.monotonic() + (environment.stop_timeout or 0.0) + LOG_GATHER_SLACK_SECONDS
+    while not Run.workers_expected <= Run.workers_reported and time.monotonic() < deadline:
+        gevent.sleep(LOG_GATHER_POLL_SECONDS)
+    missing = sorted(Run.workers_expected - Run.workers_reported)
+    if missing:
+        log.error("[loadtest] no transfer log from workers %s: the totals miss their part", missing)
+    return missing
+
+
+def _write_run_files(environment, workers_missing: list[str]) -> None:
+    folder = pathlib.Path(Run.plan.output_dir)
+    Run.transfer_log.write(folder / swarm.TRANSFERS_FILE)
+    if SCENARIO == "flash-sale":
+        swarm.write_merchant_samples(folder / swarm.MERCHANT_FILE, Run.merchant_samples)
+    stats = environment.stats
+    calls_by_name: dict[str, int] = {}
+    for entry in stats.entries.values():
+        calls_by_name[entry.name] = calls_by_name.get(entry.name, 0) + entry.num_requests
+    transfers_called = sum(calls_by_name.get(name, 0) for name in TRANSFER_CALL_NAMES)
+    transfers_called += calls_by_name.get(BATCH_CALL_NAME, 0) * BATCH_SIZE
+    swarm.Totals(
+        requests=stats.total.num_requests,
+        failures=stats.total.num_failures,
+        p99_ms=stats.total.get_response_time_percentile(0.99) if stats.total.num_requests else None,
+        exceptions=sum(row["count"] for row in environment.runner.exceptions.values()),
+        calls_by_name=calls_by_name,
+        transfers_called=transfers_called,
+        workers=len(Run.workers_expected),
+        workers_missing=workers_missing,
+    ).write(folder / swarm.TOTALS_FILE)
+    print(f"[loadtest] {SCENARIO}: transfers by outcome {Run.transfer_log.counts()}; "
+          f"check them: python -m loadtest.check {folder}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 class GrpcFailure(Exception):
@@ -187,22 +322,27 @@ class GrpcFailure(Exception):
 
 
 class GrpcUser(User):
-    """Calls through the shared channels; each call is reported to locust with its gRPC code."""
+    """Calls through the process's channels; each call is reported to locust with its gRPC code."""
 
     abstract = True
     wait_time = constant(WAIT_SECONDS)
+    # What the web UI's Host field shows first: the cluster of $COREBANK_STATE_DIR.
+    host = str(swarm.default_cluster_file())
 
     def on_start(self) -> None:
+        if Run.plan is None:
+            log.error("[loadtest] no accounts: the set-up failed, or the master's plan has not come")
+            raise StopUser()
         self.number = next(Run.user_numbers)
         channel = Run.channels[self.number % len(Run.channels)]
         self.accounts = accounts_pb2_grpc.AccountsStub(channel)
         self.payments = payments_pb2_grpc.PaymentsStub(channel)
         self.rng = random.Random()
         self.sequence = itertools.count()
-        self.run_id = Run.accounts.run_id
+        self.transfer_id_prefix = f"{Run.plan.accounts.run_id}:{Run.process_tag}:u{self.number}"
 
     def new_transfer_id(self) -> str:
-        return f"{self.run_id}:u{self.number}:{next(self.sequence)}"
+        return f"{self.transfer_id_prefix}:{next(self.sequence)}"
 
     def call(self, method: str, stub_method, request, response_length=None):
         """Make one call and report it; returns the response, or None after reporting a failure."""
@@ -231,15 +371,17 @@ class GrpcUser(User):
             credit_account_id=credit_account_id, amount_minor=amount_minor,
             currency=setup_accounts.CURRENCY, reference=f"locust {SCENARIO}",
         )  # fmt: skip
-        TRANSFER_LOG.sent(request)
+        # Logged as sent before the call: from then on it may post at any moment.
+        Run.transfer_log.sent(request.transfer_id, debit_account_id, credit_account_id, amount_minor, time.time())
         transfer = self.call(name, self.payments.Transfer, request)
+        answered_at = time.time()
         if transfer is not None:
             posted = transfer.status == transfers_pb2.POSTED
-            TRANSFER_LOG.outcome(request.transfer_id, POSTED if posted else UNKNOWN, transfers_pb2.TransferStatus.Name(transfer.status))
+            status = transfers_pb2.TransferStatus.Name(transfer.status)
+            Run.transfer_log.answered(request.transfer_id, POSTED if posted else UNKNOWN, status, answered_at)
             return posted
-        code = self.last_error.code()
-        outcome = UNKNOWN if code in OUTCOME_UNKNOWN_CODES else REFUSED
-        TRANSFER_LOG.outcome(request.transfer_id, outcome, setup_accounts.describe_rpc_error(self.last_error))
+        outcome = UNKNOWN if self.last_error.code() in OUTCOME_UNKNOWN_CODES else REFUSED
+        Run.transfer_log.answered(request.transfer_id, outcome, setup_accounts.describe_rpc_error(self.last_error), answered_at)
         return False
 
 
@@ -254,29 +396,41 @@ def _pick_pair(rng: random.Random) -> tuple[str, str]:
     return debit_account_id, credit_account_id
 
 
+# How often the merchant's balance is read during a flash sale, to check it against the payments.
+MERCHANT_SAMPLE_INTERVAL_SECONDS = env_float("MERCHANT_SAMPLE_INTERVAL_SECONDS", 1.0)
+
+
+def _watch_merchant(merchant_account_id: str) -> None:
+    """Every MERCHANT_SAMPLE_INTERVAL_SECONDS, read the merchant, noting when the read began and
+    ended. loadtest.check bounds its balance + collecting by the payments answered POSTED before
+    the read began and those sent before it ended, from every process's log: at no moment is
+    money missing from, or added to, the merchant, sweeps or not."""
+    stub = accounts_pb2_grpc.AccountsStub(Run.channels[0])
+    request = accounts_pb2.GetAccountRequest(account_id=merchant_account_id)
+    while True:
+        read_started_at = time.time()
+        try:
+            account = stub.GetAccount(request, timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.RpcError:
+            gevent.sleep(MERCHANT_SAMPLE_INTERVAL_SECONDS)
+            continue
+        Run.merchant_samples.append((read_started_at, time.time(), account.balance_minor, account.collecting_minor))
+        gevent.sleep(MERCHANT_SAMPLE_INTERVAL_SECONDS)
+
+
 if SCENARIO == "flash-sale":
-    # The spike, in seconds after set-up (locust's own clock includes set-up).
-    PEAK_USERS = _env_int("PEAK_USERS", _env_int("USERS", 100))
-    BASE_USERS = _env_int("BASE_USERS", max(1, PEAK_USERS // 20))
-    DURATION_SECONDS = _env_float("DURATION_SECONDS", 60.0)
-    RAMP_SECONDS = _env_float("RAMP_SECONDS", 3.0)
+    # The spike, in seconds after Start (set-up excluded).
+    PEAK_USERS = env_int("PEAK_USERS", env_int("USERS", 100))
+    BASE_USERS = env_int("BASE_USERS", max(1, PEAK_USERS // 20))
+    DURATION_SECONDS = env_float("DURATION_SECONDS", 60.0)
+    RAMP_SECONDS = env_float("RAMP_SECONDS", 3.0)
     # Share of the duration before the spike, and at peak; the rest is the drop back to base.
-    BEFORE_SHARE = _env_float("BEFORE_SHARE", 0.2)
-    HOLD_SHARE = _env_float("HOLD_SHARE", 0.6)
+    BEFORE_SHARE = env_float("BEFORE_SHARE", 0.2)
+    HOLD_SHARE = env_float("HOLD_SHARE", 0.6)
     assert BEFORE_SHARE + HOLD_SHARE <= 1.0 and RAMP_SECONDS >= 0 and PEAK_USERS >= BASE_USERS >= 1
-
-    # How often the merchant's balance is read during the run, to check it against the payments.
-    MERCHANT_SAMPLE_INTERVAL_SECONDS = _env_float("MERCHANT_SAMPLE_INTERVAL_SECONDS", 1.0)
-
-    class MerchantTotals:
-        """Running sums of payments to the merchant: sent (an upper bound on what may have
-        posted) and acknowledged POSTED (a lower bound on what has)."""
-
-        sent_minor = 0
-        acknowledged_minor = 0
-        # (seconds since set-up, acknowledged before the read, balance, collecting, sent after the read)
-        samples: list[tuple[float, int, int, int, int]] = []
-        watcher = None
+    # The run ends once the drop back to base is over, or this long past the duration: stopping
+    # users while locust is still stopping some for the drop makes it stop a user twice (it raises).
+    DROP_WAIT_SECONDS_MAX = 30.0
 
     class FlashSaleBuyer(GrpcUser):
         """Buyers on every shard paying the one merchant."""
@@ -285,58 +439,25 @@ if SCENARIO == "flash-sale":
         def pay(self) -> None:
             buyer_account_id = self.rng.choice(Run.customer_account_ids)
             amount_minor = self.rng.randint(1, setup_accounts.TRANSFER_AMOUNT_MINOR_MAX)
-            # Counted as sent before the call: from then on it may post at any moment.
-            MerchantTotals.sent_minor += amount_minor
-            merchant_account_id = Run.accounts.merchant_account_ids[0]
-            if self.transfer(buyer_account_id, merchant_account_id, amount_minor, name="Transfer (payment)"):
-                MerchantTotals.acknowledged_minor += amount_minor
-
-    def _watch_merchant() -> None:
-        """Every MERCHANT_SAMPLE_INTERVAL_SECONDS, read the merchant. Its balance + collecting
-        must lie between the payments acknowledged before the read and those sent by its
-        end: at no moment is money missing from, or added to, the merchant, sweeps or not."""
-        stub = accounts_pb2_grpc.AccountsStub(Run.channels[0])
-        request = accounts_pb2.GetAccountRequest(account_id=Run.accounts.merchant_account_ids[0])
-        while True:
-            acknowledged_minor = MerchantTotals.acknowledged_minor
-            try:
-                account = stub.GetAccount(request, timeout=CALL_TIMEOUT_SECONDS)
-            except grpc.RpcError:
-                gevent.sleep(MERCHANT_SAMPLE_INTERVAL_SECONDS)
-                continue
-            MerchantTotals.samples.append(
-                (time.monotonic() - Run.setup_done_monotonic, acknowledged_minor, account.balance_minor,
-                 account.collecting_minor, MerchantTotals.sent_minor)
-            )  # fmt: skip
-            gevent.sleep(MERCHANT_SAMPLE_INTERVAL_SECONDS)
-
-    @events.test_start.add_listener
-    def _start_merchant_watch(environment, **_kwargs) -> None:
-        if MerchantTotals.watcher is None:
-            MerchantTotals.watcher = gevent.spawn(_watch_merchant)
-
-    @events.quitting.add_listener
-    def _write_merchant_samples(environment, **_kwargs) -> None:
-        if MerchantTotals.watcher is not None:
-            MerchantTotals.watcher.kill()
-        if OUTPUT_PREFIX:
-            with open(f"{OUTPUT_PREFIX}-merchant.csv", "w", newline="") as file:
-                writer = csv.writer(file)
-                writer.writerow(["seconds", "acknowledged_minor", "balance_minor", "collecting_minor", "sent_minor"])
-                writer.writerows(MerchantTotals.samples)
+            self.transfer(buyer_account_id, Run.plan.accounts.merchant_account_ids[0], amount_minor, name="Transfer (payment)")
 
     class SpikeShape(LoadTestShape):
-        """Base load, a ramp to PEAK_USERS in RAMP_SECONDS, hold, drop back to base, end."""
+        """Base load, a ramp to PEAK_USERS in RAMP_SECONDS, hold, drop back to base, end (once at base).
+
+        Its clock is reset when the accounts are ready (_on_test_start): the spike comes at the
+        same time after every Start, the first one (with set-up) included."""
 
         def tick(self):
-            if not Run.setup_done_monotonic:
-                return BASE_USERS, BASE_USERS
-            elapsed = time.monotonic() - Run.setup_done_monotonic
+            if Run.plan is None:
+                return BASE_USERS, BASE_USERS  # the first start: its test_start sets the accounts up
+            elapsed = self.get_run_time()
             spike_at = DURATION_SECONDS * BEFORE_SHARE
             drop_at = spike_at + DURATION_SECONDS * HOLD_SHARE
             # Spawn the whole step within the ramp: that is what makes it a spike.
             spawn_rate = max(1.0, (PEAK_USERS - BASE_USERS) / max(RAMP_SECONDS, 0.1))
-            if elapsed >= DURATION_SECONDS:
+            if elapsed >= DURATION_SECONDS and (
+                self.get_current_user_count() <= BASE_USERS or elapsed >= DURATION_SECONDS + DROP_WAIT_SECONDS_MAX
+            ):
                 return None
             if spike_at <= elapsed < drop_at:
                 return PEAK_USERS, spawn_rate
@@ -382,32 +503,37 @@ if SCENARIO == "batch":
                         currency=setup_accounts.CURRENCY, reference="locust batch",
                     )
                 )  # fmt: skip
+            sent_at = time.time()
             for request in requests:
-                TRANSFER_LOG.sent(request)
+                Run.transfer_log.sent(request.transfer_id, request.debit_account_id, request.credit_account_id,
+                                      request.amount_minor, sent_at)  # fmt: skip
             response = self.call(
-                "CreateTransfers", self.payments.CreateTransfers,
+                BATCH_CALL_NAME, self.payments.CreateTransfers,
                 payments_pb2.CreateTransfersRequest(transfers=requests),
                 response_length=lambda response: len(response.results),
             )  # fmt: skip
+            answered_at = time.time()
             if response is None:
                 code = self.last_error.code()
                 # RESOURCE_EXHAUSTED: nothing was recorded; the others may have been applied.
                 outcome = REFUSED if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
                                               grpc.StatusCode.INVALID_ARGUMENT) else UNKNOWN  # fmt: skip
+                described = setup_accounts.describe_rpc_error(self.last_error)
                 for request in requests:
-                    TRANSFER_LOG.outcome(request.transfer_id, outcome, setup_accounts.describe_rpc_error(self.last_error))
+                    Run.transfer_log.answered(request.transfer_id, outcome, described, answered_at)
                 return
             for request, result in zip(requests, response.results):
                 if result.HasField("error"):
                     described = setup_accounts.describe_result_error(result.error)
                     code = setup_accounts.code_of(result.error.code)
-                    TRANSFER_LOG.outcome(request.transfer_id, UNKNOWN if code in OUTCOME_UNKNOWN_CODES else REFUSED, described)
+                    outcome = UNKNOWN if code in OUTCOME_UNKNOWN_CODES else REFUSED
+                    Run.transfer_log.answered(request.transfer_id, outcome, described, answered_at)
                     self.environment.events.request.fire(
                         request_type="grpc", name="CreateTransfers item", response_time=0, response_length=0,
                         exception=GrpcFailure(described), context={"code": code.name},
                     )  # fmt: skip
                 elif result.transfer.status == transfers_pb2.POSTED:
-                    TRANSFER_LOG.outcome(request.transfer_id, POSTED, "POSTED")
+                    Run.transfer_log.answered(request.transfer_id, POSTED, "POSTED", answered_at)
                 else:
-                    TRANSFER_LOG.outcome(request.transfer_id, UNKNOWN, transfers_pb2.TransferStatus.Name(result.transfer.status))
-
+                    status = transfers_pb2.TransferStatus.Name(result.transfer.status)
+                    Run.transfer_log.answered(request.transfer_id, UNKNOWN, status, answered_at)

@@ -8,11 +8,13 @@ import logging
 
 import psycopg
 import psycopg_pool
+from prometheus_client import Counter, Gauge
 
 from services.api import metrics
 # Imported for the statements they prepare (services/storage/prepared.py): every one must be
 # registered before the first connection opens.
 from services.storage import batch_posting, id_registry, prepared, tcc_store  # noqa: F401
+from services.storage import metrics as storage_metrics
 from services.storage.shard_store import POOL_SIZE_MAX, POOL_SIZE_MIN, ShardStore
 from sharding import etcd_shard_map
 from sharding.router import ShardRouter
@@ -29,6 +31,11 @@ ROLE_IS_OVERPRIVILEGED = """
     FROM pg_roles AS r, pg_database AS d WHERE r.rolname = current_user AND d.datname = current_database()"""
 
 log = logging.getLogger(__name__)
+
+# The control plane as this process sees it (deploy/prometheus/metrics.md; the map's version
+# is services.api.metrics.SHARD_MAP_VERSION). In every process that follows etcd.
+ETCD_WATCH_CONNECTED = Gauge("corebank_etcd_watch_connected", "1 while the shard-map watch on etcd is connected")
+ETCD_WATCH_RECONNECTS = Counter("corebank_etcd_watch_reconnects", "Shard-map watches lost and made again")
 
 
 class OverprivilegedRole(psycopg.ProgrammingError):
@@ -57,11 +64,37 @@ async def open_shard_store(shard: Shard) -> ShardStore:
         configure=prepare_session,
     )
     await pool.open(wait=False)
+    storage_metrics.POOLS.track(shard.name, pool)
     return ShardStore(shard.name, pool)
 
 
 async def close_shard_store(store: ShardStore) -> None:
+    storage_metrics.POOLS.forget(store.pool)
     await store.pool.close()
+
+
+def initialise_shard_metrics(shard_map: ShardMap) -> None:
+    """Every shard's series at 0 (round trips, transactions, errors by kind, overload refusals by
+    cause), so that a rate reads 0, not "no data", before the first use."""
+    for shard in shard_map.shards:
+        storage_metrics.for_shard(shard.name)
+        for cause in metrics.SHARD_CAUSES:
+            metrics.OVERLOAD_REFUSALS.labels(cause, shard.name)
+
+
+class WatchConnection:
+    """etcd_shard_map.watch's connection reports, as metrics: connected, and reconnections
+    (a watch made again after one was lost; the first is not one)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def __call__(self, connected: bool) -> None:
+        ETCD_WATCH_CONNECTED.set(1 if connected else 0)
+        if connected:
+            if self.connections:
+                ETCD_WATCH_RECONNECTS.inc()
+            self.connections += 1
 
 
 async def first_shard_map(etcd) -> ShardMap:
@@ -92,10 +125,11 @@ class ShardConnections:
 
         async def adopt(shard_map: ShardMap) -> None:
             await router.apply(shard_map)
+            initialise_shard_metrics(router.shard_map)
             metrics.SHARD_MAP_VERSION.set(router.shard_map.version)
 
         await adopt(await first_shard_map(etcd))
-        return cls(router, etcd, asyncio.create_task(etcd_shard_map.watch(etcd, adopt)))
+        return cls(router, etcd, asyncio.create_task(etcd_shard_map.watch(etcd, adopt, WatchConnection())))
 
     async def close(self) -> None:
         self._watch_task.cancel()

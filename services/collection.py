@@ -75,15 +75,35 @@ def sweep_id(sub_account_id: str, debits_so_far_minor: int, failed_sweeps: int, 
     return SWEEP_ID_PREFIX + base64.b32encode(digest).decode("ascii").rstrip("=").lower()
 
 
-async def sweep_once(ledger, timeout_seconds: float) -> int:
-    """Sweep every sub-account with money into its merchant; the number of sweeps posted."""
-    posted = 0
+@dataclasses.dataclass
+class SweepPass:
+    """What one sweep of every shard found and did. The backlog is what it read before sweeping
+    (no other scan): the sub-accounts holding an unswept balance, SWEEPS_PER_SHARD_MAX per shard
+    at most, less those waiting to retry a failed sweep (SWEEP_RETRY_AFTER_FAILURE_SECONDS)."""
+
+    posted: int = 0
+    shards_unread: int = 0  # shards whose scan failed: their backlog is not counted
+    backlog_minor_by_currency: dict[str, int] = dataclasses.field(default_factory=dict)
+    backlog_sub_accounts: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_unread == 0
+
+
+async def sweep_once(ledger, timeout_seconds: float) -> SweepPass:
+    """Sweep every sub-account with money into its merchant."""
+    done = SweepPass()
     for store in ledger.router.handles():
         try:
             sweepable = await store.sweepable(SWEEPS_PER_SHARD_MAX, timeout_seconds)
         except errors.LedgerError as error:
             log.info("sweep scan of %s failed: %s", store.shard_name, error)
+            done.shards_unread += 1
             continue
+        done.backlog_sub_accounts += len(sweepable)
+        for _, _, currency, amount_minor, _, _ in sweepable:
+            done.backlog_minor_by_currency[currency] = done.backlog_minor_by_currency.get(currency, 0) + amount_minor
         for sub_account_id, merchant_id, currency, amount_minor, debits_so_far_minor, failed_sweeps in sweepable:
             request = TransferRequest(
                 sweep_id(sub_account_id, debits_so_far_minor, failed_sweeps, amount_minor), sub_account_id, merchant_id, amount_minor,
@@ -91,11 +111,11 @@ async def sweep_once(ledger, timeout_seconds: float) -> int:
             )
             try:
                 await ledger.sweep(request, timeout_seconds)
-                posted += 1
+                done.posted += 1
             except errors.IdempotencyConflict:
                 pass  # another coordinator swept the same money first (its amount was read earlier)
             except errors.LedgerError as error:
                 # Refused or voided: the money stays in the sub-account, and the next scan
                 # tries again under a new id (see sweep_id).
                 log.info("sweep %s failed: %s", request.transfer_id, error)
-    return posted
+    return done

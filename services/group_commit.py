@@ -13,13 +13,21 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.api import metrics
 from services.ledger import errors
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import TransferRequest
+from services.observability import log_context
 from services.storage.batch_posting import Outcome, post_chains
+from services.storage import metrics as storage_metrics
 from services.storage.shard_store import ShardStore
 
 # Transfers waiting per shard in this process. Past it, callers get OVERLOADED at once,
@@ -61,6 +69,7 @@ class GroupCommitter:
         self._queued_transfers = 0
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task] = []
+        QUEUES.track(self)
 
     @property
     def queued_transfers(self) -> int:
@@ -74,11 +83,14 @@ class GroupCommitter:
         if len(jobs) == 1:
             return await self._outcomes(jobs[0])
         gathered = asyncio.gather(*(job.future for job in jobs))
+        # Read when done, also once this caller is gone: past its deadline, or cancelled (its
+        # client gave up) while the shield kept the jobs going. Else asyncio logs the failure
+        # of a batch nobody waits for as an ERROR ("exception was never retrieved").
+        gathered.add_done_callback(_read_outcome)
         try:
             async with asyncio.timeout_at(deadline):
                 results = await asyncio.shield(gathered)
         except TimeoutError:
-            gathered.add_done_callback(_read_outcome)
             raise self._deadline_exceeded() from None
         return [outcome for result in results for outcome in result]
 
@@ -88,21 +100,32 @@ class GroupCommitter:
         job by job. Items still queued or committing at the deadline get DeadlineExceeded."""
         self._admit(len(items))
         futures = [self._enqueue([[item]], deadline).future for item in items]
+        for future in futures:  # read when done, also if this caller is cancelled (see submit)
+            future.add_done_callback(_read_outcome)
         self._start_workers()
         await asyncio.wait(futures, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
         outcomes: list = []
         for future in futures:
             if not future.done():
-                future.add_done_callback(_read_outcome)
                 outcomes.append(self._deadline_exceeded())
             else:
                 outcomes.append(future.exception() or future.result()[0][0])
         return outcomes
 
+    @property
+    def oldest_queued_at(self) -> float | None:
+        """Event-loop time the oldest queued job was queued at; None when the queue is empty.
+        Read from a scrape thread too: the loop may take the job meanwhile."""
+        try:
+            return self._queue[0].queued_at
+        except IndexError:
+            return None
+
     def _admit(self, size: int) -> None:
         waited_seconds = asyncio.get_running_loop().time() - self._queue[0].queued_at if self._queue else 0.0
-        if self._queued_transfers + size > self._queue_transfers_max or waited_seconds > self._queue_wait_seconds_max:
-            metrics.OVERLOADED.labels(self.shard_name).inc()
+        full = self._queued_transfers + size > self._queue_transfers_max
+        if full or waited_seconds > self._queue_wait_seconds_max:
+            metrics.record_overload(metrics.OVERLOAD_QUEUE_FULL if full else metrics.OVERLOAD_QUEUE_WAIT, self.shard_name)
             raise errors.Overloaded(
                 f"{self.shard_name}: {self._queued_transfers} transfers queued, the oldest for {waited_seconds:.2f}s;"
                 " retry with backoff", shard=self.shard_name, queued=self._queued_transfers,
@@ -143,7 +166,8 @@ class GroupCommitter:
     def _start_workers(self) -> None:
         self._workers = [worker for worker in self._workers if not worker.done()]
         while len(self._workers) < BATCHES_IN_FLIGHT_MAX:
-            self._workers.append(asyncio.create_task(self._work()))
+            # It serves every caller after this one: its log lines name none of them (log_context).
+            self._workers.append(asyncio.create_task(self._work(), context=log_context.outside_any_call()))
 
     def _take_batch(self) -> list[_Job]:
         jobs, size = [], 0
@@ -235,3 +259,58 @@ def _parts(chains: list[list[TransferRequest]]) -> list[list[list[TransferReques
         parts[-1].append(chain)
         size += len(chain)
     return parts
+
+
+class QueueCollector:
+    """Every shard's group-commit queues in this process, read at scrape time (prometheus_client's
+    Collector protocol): exact, and nothing is done per call.
+
+    A shard has several committers (same-shard transfers, id registrations, each TCC phase:
+    services/coordinator/wiring.py); its depth is their sum and its oldest wait their maximum.
+    Every shard of the map is shown, at 0 until it has a queue.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # committers are made on the event loop, collect() runs on a scrape thread
+        self._committers: weakref.WeakSet[GroupCommitter] = weakref.WeakSet()  # a replaced store's go with it
+
+    def track(self, committer: GroupCommitter) -> None:
+        with self._lock:
+            self._committers.add(committer)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            committers = list(self._committers)
+        # asyncio's and uvloop's loop time is CLOCK_MONOTONIC, as time.monotonic() is.
+        now = time.monotonic()
+        depth = {shard_name: 0 for shard_name in storage_metrics.POOLS.shard_names()}
+        oldest_wait = dict.fromkeys(depth, 0.0)
+        for committer in committers:
+            shard_name = committer.shard_name
+            depth[shard_name] = depth.get(shard_name, 0) + committer.queued_transfers
+            queued_at = committer.oldest_queued_at
+            waited_seconds = max(0.0, now - queued_at) if queued_at is not None else 0.0
+            oldest_wait[shard_name] = max(oldest_wait.get(shard_name, 0.0), waited_seconds)
+        return queue_families(depth, oldest_wait)
+
+
+def queue_families(depth: dict[str, int], oldest_wait_seconds: dict[str, float]) -> list[Metric]:
+    """The exposition of the queues (deploy/prometheus/metrics.md, "Shards"), limits included."""
+    queued = GaugeMetricFamily("corebank_group_commit_queue_transfers", "Transfers waiting for a batch", labels=["shard"])
+    waited = GaugeMetricFamily(
+        "corebank_group_commit_oldest_wait_seconds", "How long the oldest queued transfer has waited (0 when none)", labels=["shard"]
+    )
+    for shard_name in sorted(depth):
+        queued.add_metric([shard_name], depth[shard_name])
+        waited.add_metric([shard_name], oldest_wait_seconds.get(shard_name, 0.0))
+    return [
+        queued, waited,
+        GaugeMetricFamily("corebank_group_commit_queue_transfers_limit", "QUEUE_TRANSFERS_MAX: queued transfers past which"
+                          " callers get OVERLOADED", value=QUEUE_TRANSFERS_MAX),
+        GaugeMetricFamily("corebank_group_commit_queue_wait_limit_seconds", "QUEUE_WAIT_SECONDS_MAX: the oldest wait past which"
+                          " callers get OVERLOADED", value=QUEUE_WAIT_SECONDS_MAX),
+    ]
+
+
+QUEUES = QueueCollector()
+REGISTRY.register(QUEUES)

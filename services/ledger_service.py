@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from services import collection
 from services.account_owners import AccountOwners
+from services.api import metrics
 from services.coordinator.driver import TransferDriver, outcome
 from services.ledger.coordination import FINAL_STATES
 from services.group_commit import GroupCommitter
@@ -561,6 +562,8 @@ class LedgerService:
         return admitted
 
     def _overloaded(self) -> errors.Overloaded:
+        """The refusal of transfers between shards past the limits above, counted once per refusal."""
+        metrics.record_overload(metrics.OVERLOAD_CROSS_SHARD_LIMIT)
         return errors.Overloaded(
             f"{self._cross_shard_in_flight} transfers between shards in flight, {len(self._drives)} drives; retry with backoff"
         )
@@ -586,8 +589,10 @@ class LedgerService:
         """A CreateTransfers call's transfers between shards: begun in one call per debit shard, then
         driven together (TransferDriver.drive_many): a few transactions per shard for all of them."""
         admitted = self._admit_between_shards(len(indexes))
-        for index in indexes[admitted:]:
-            answers[index] = self._overloaded()
+        if admitted < len(indexes):
+            overloaded = self._overloaded()
+            for index in indexes[admitted:]:
+                answers[index] = overloaded
         indexes = indexes[:admitted]
         try:
             starts = []
@@ -719,7 +724,8 @@ class LedgerService:
                     return local
         finally:
             for lookup in lookups:
-                lookup.cancel()
+                if not lookup.cancel() and not lookup.cancelled():
+                    lookup.exception()  # ended unread (an answer came first, or the caller is gone): not "never retrieved"
         if failures:
             # A shard that did not answer might hold it: "not found" would be a guess.
             if isinstance(failures[0], errors.LedgerError):

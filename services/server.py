@@ -39,8 +39,9 @@ from grpc_reflection.v1alpha import reflection
 
 from corebank.v1 import accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc
 from corebank.v1 import payments_pb2, payments_pb2_grpc
+from services.api import metrics
 from services.api.audit_trail import AuditTrail
-from services.api.interceptor import LedgerInterceptor
+from services.api.interceptor import LedgerInterceptor, answered_errors
 from services.audit_log.store import ShardAuditStore
 from services.audit_log.writer import AuditWriter, limits_digest
 from services.api.servicers import AccountsServicer, ClearingServicer, PaymentsServicer
@@ -51,6 +52,8 @@ from services.coordinator import wiring
 from services.ledger.limits import TierLimits
 from services.ledger.rate_limits import RateLimits
 from services.ledger_service import LedgerService
+from services.observability import logs
+from services.observability import build_info
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 # Calls handled at once per process; past it gRPC answers RESOURCE_EXHAUSTED at once
@@ -59,11 +62,14 @@ CONCURRENT_RPCS_MAX = 2_000
 # CreateTransfers of 5000 transfers is about 1 MB; leave room.
 MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 
-SERVICE_NAMES = (
-    accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
-    payments_pb2.DESCRIPTOR.services_by_name["Payments"].full_name,
-    clearing_pb2.DESCRIPTOR.services_by_name["Clearing"].full_name,
+SERVICES = (
+    accounts_pb2.DESCRIPTOR.services_by_name["Accounts"],
+    payments_pb2.DESCRIPTOR.services_by_name["Payments"],
+    clearing_pb2.DESCRIPTOR.services_by_name["Clearing"],
 )
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
+# This process's role in corebank_build_info: the role deploy/cluster.py gives gRPC workers.
+ROLE = "grpc"
 
 EVENT_LOOP_VARIABLE = "COREBANK_EVENT_LOOP"
 EVENT_LOOPS = ("uvloop", "asyncio")  # the first is the default
@@ -108,6 +114,16 @@ def server_credentials(auth_dir: pathlib.Path, certificate_name: str) -> grpc.Se
     )
 
 
+def initialise_metrics(limits: TierLimits) -> None:
+    """Every label value known at start at 0 (deploy/prometheus/metrics.md): a ratio reads 0, not "no data".
+    The currencies counted by name are those the tier limits configure; any other is `other`."""
+    metrics.initialise(
+        [(service.full_name, method.name) for service in SERVICES for method in service.methods],
+        answered_errors(),
+        sorted({currency for _, currency in limits.by_tier_and_currency}),
+    )
+
+
 async def serve(
     listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str,
     rate_limits: RateLimits, auth_dir: pathlib.Path, certificate_name: str | None, plaintext_baseline: bool = False,
@@ -121,7 +137,11 @@ async def serve(
         credentials = server_credentials(auth_dir, certificate_name)
     verifier = TokenVerifier(auth_dir)
     metrics_host, metrics_port = metrics_listen.rsplit(":", 1)
+    # No `_created` series beside every counter: they double the series and no rule reads them.
+    prometheus_client.disable_created_metrics()
     prometheus_client.start_http_server(int(metrics_port), addr=metrics_host)
+    build_info.record(ROLE)
+    initialise_metrics(limits)
 
     shards = await ShardConnections.open(etcd_endpoint)
     ledger = LedgerService(
@@ -181,6 +201,7 @@ def main() -> None:
     parser.add_argument("--metrics-listen", required=True, help="Prometheus /metrics address, HOST:PORT")
     parser.add_argument("--etcd", required=True, help="etcd client endpoint, HOST:PORT")
     parser.add_argument("--process-name", default="grpc", help="name in logs")
+    parser.add_argument("--log-file", type=pathlib.Path, help="JSON log, rotated by size (default: standard error)")
     parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
     parser.add_argument("--auth-dir", type=pathlib.Path, required=True, help="the cluster's auth folder: CA, certificates, token keys")
     parser.add_argument("--certificate", help="this process's certificate name under AUTH_DIR/certs")
@@ -200,7 +221,7 @@ def main() -> None:
             parser.error("--plaintext-benchmark-baseline listens on loopback only, without --certificate")
     elif not arguments.certificate:
         parser.error("--certificate is required: the service speaks mTLS only")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arguments.process_name} %(levelname)s %(name)s: %(message)s")
+    logs.configure(arguments.process_name, arguments.log_file)
     run(serve(
         arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name,
         configured_rate_limits(), arguments.auth_dir, arguments.certificate, arguments.plaintext_benchmark_baseline,

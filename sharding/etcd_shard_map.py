@@ -50,27 +50,42 @@ async def publish(client: aetcd.Client, shard_map: ShardMap) -> None:
     await client.put(SHARD_MAP_KEY, shard_map.to_json().encode())
 
 
-async def watch(client: aetcd.Client, on_change: Callable[[ShardMap], Awaitable[None]]) -> None:
+def _ignore_connection(connected: bool) -> None:
+    pass
+
+
+async def watch(
+    client: aetcd.Client, on_change: Callable[[ShardMap], Awaitable[None]],
+    on_connection: Callable[[bool], None] = _ignore_connection,
+) -> None:
     """Call `on_change` with every new map, forever; reconnects with capped backoff.
 
     After a lost watch it re-reads the key, so a change made while etcd was out
-    of reach is not missed.
+    of reach is not missed. `on_connection` hears True once etcd has created the
+    watch (aetcd's watch() returns only then), False when it is lost.
     """
     retry_delay_seconds = 0.1
     while True:
+        connected = False
         try:
             current = await load(client)
             if current is not None:
                 await on_change(current)
             stored = await client.get(SHARD_MAP_KEY)
             start_revision = stored.mod_revision + 1 if stored is not None else None
-            async for event in await client.watch(SHARD_MAP_KEY, start_revision=start_revision):
+            events = await client.watch(SHARD_MAP_KEY, start_revision=start_revision)
+            connected = True
+            on_connection(True)
+            async for event in events:
                 retry_delay_seconds = 0.1
                 if event.kind == "PUT":
                     await on_change(ShardMap.from_json(event.kv.value))
         except asyncio.CancelledError:
+            if connected:
+                on_connection(False)
             raise
         except Exception as error:  # etcd down or restarted: keep the last map, retry
             log.warning("shard map watch lost (%s); retrying in %.1fs", error, retry_delay_seconds)
+        on_connection(False)
         await asyncio.sleep(retry_delay_seconds)
         retry_delay_seconds = min(retry_delay_seconds * 2, WATCH_RETRY_DELAY_SECONDS_MAX)

@@ -147,8 +147,12 @@ def create_transfers_events(caller: tuple[str, str], at_us: int, request, outcom
 CREATE_TRANSFERS_LOGGED_ONE_BY_ONE_MAX = 5_000
 
 
+# The outcome of an account call that did what it was asked.
+ACCOUNT_CHANGED = "OK"
+
+
 def _account_outcome(outcome: Outcome) -> str:
-    return error_outcome(outcome) if isinstance(outcome, errors.LedgerError) else "OK"
+    return error_outcome(outcome) if isinstance(outcome, errors.LedgerError) else ACCOUNT_CHANGED
 
 
 def open_account_events(caller: tuple[str, str], at_us: int, request, outcome: Outcome) -> list[Event]:
@@ -200,6 +204,23 @@ DESCRIBERS = {
 }
 
 
+# Entries whose answer tells of a change: money posted or held, an account opened or changed.
+CHANGED_OUTCOMES = frozenset({
+    transfers_pb2.TransferStatus.Name(transfers_pb2.POSTED), transfers_pb2.TransferStatus.Name(transfers_pb2.PENDING), ACCOUNT_CHANGED,
+})
+# Errors after which money may have moved, though the answer cannot say (error_outcome's prefix).
+UNKNOWN_OUTCOME_PREFIXES = tuple(
+    f"{category.value}:" for category in (errors.Category.UNAVAILABLE, errors.Category.DEADLINE, errors.Category.INTERNAL)
+)
+
+
+def tells_of_a_change(events: list[Event]) -> bool:
+    """Whether an answer about these entries tells of a change, or of an outcome that may be
+    one: what an auditor must find in the log once the caller has it. Refusals, voided
+    transfers and denied reads changed nothing."""
+    return any(happened.outcome in CHANGED_OUTCOMES or happened.outcome.startswith(UNKNOWN_OUTCOME_PREFIXES) for happened in events)
+
+
 def _caller() -> tuple[str, str]:
     try:
         caller: Caller = identity.current_caller()
@@ -232,23 +253,30 @@ class AuditTrail:
                 f"the audit log is {self.writer.backlog} entries behind; nothing was done, retry with backoff", queue="audit_log"
             )
 
-    async def record(self, full_method: str, request, outcome: Outcome, context: grpc.aio.ServicerContext) -> None:
+    async def record(self, full_method: str, request, outcome: Outcome, context: grpc.aio.ServicerContext) -> bool:
         """Log the call's entries, and wait until they are stored or the call's deadline nears;
-        then the call is answered with its real outcome either way (never raises)."""
+        then the call is answered with its real outcome either way (never raises). Whether that
+        answer is unconfirmed: it tells of a change (tells_of_a_change) whose entries are not
+        stored yet. The interceptor counts it once the answer is sent (count_unconfirmed_answer):
+        a client gone meanwhile gets no answer at all."""
         if self.writer is None or full_method not in DESCRIBERS:
-            return
+            return False
         try:
             events = events_for(full_method, _caller(), request, outcome, now_us())
         except Exception:  # noqa: BLE001 (a bug here must not turn a call's real outcome into an error)
             log.exception("%s: its audit log entries could not be made", full_method)
-            return
+            return False
         if not events:
-            return
+            return False
         stored = self.writer.append(events)
         time_remaining = context.time_remaining()
         wait_seconds = WRITE_WAIT_SECONDS_MAX if time_remaining is None else min(WRITE_WAIT_SECONDS_MAX, time_remaining - ANSWER_MARGIN_SECONDS)
-        await self.writer.written(stored, wait_seconds)
+        return not await self.writer.written(stored, wait_seconds) and tells_of_a_change(events)
 
+    @staticmethod
+    def count_unconfirmed_answer() -> None:
+        """An answer that `record` called unconfirmed went to its caller."""
+        metrics.UNCONFIRMED_ANSWERS.inc()
 
     def record_cancelled(self, full_method: str, request) -> None:
         """A call its client cancelled (or whose gRPC deadline passed) before it was answered: its

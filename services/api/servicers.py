@@ -63,9 +63,11 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
             if request.linked:
                 raise errors.LinkedChainOpen("linked chains need CreateTransfers: a single transfer closes its chain")
             transfer = await self.ledger.transfer(current_caller(), _transfer_request(request), _timeout(context))
-        except Exception as error:  # noqa: BLE001 (counted by reason, then re-raised to the interceptor)
+        except Exception as error:  # noqa: BLE001 (counted by reason and outcome, then re-raised to the interceptor)
             metrics.record_transfer_failure(error)
+            metrics.record_transfer_answer(error, request.currency, request.amount_minor)
             raise
+        metrics.record_transfer_answer(transfer, transfer.currency, transfer.amount_minor)
         return transfer_message(transfer)
 
     async def GetTransfer(self, request, context) -> transfers_pb2.Transfer:
@@ -80,9 +82,12 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
             _timeout(context),
         )
         results = []
-        for answer in answers:
+        for transfer, answer in zip(request.transfers, answers):
+            metrics.record_transfer_answer(answer, transfer.currency, transfer.amount_minor)
             if isinstance(answer, errors.LedgerError):
                 metrics.record_transfer_failure(answer)
+                if isinstance(answer, errors.RateLimited):
+                    metrics.record_rate_limited(answer, caller.role)
                 results.append(payments_pb2.TransferResult(error=status_message(authorization.disclosed(caller, answer))))
             else:
                 results.append(payments_pb2.TransferResult(transfer=transfer_message(answer)))

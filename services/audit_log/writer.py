@@ -16,8 +16,8 @@ FAILOVER_AFTER_SECONDS of failures the writer opens a new chain on the next shar
 map, whose first entry names the chain it leaves and that chain's last stored entry (seq
 and hash: an anchor that a cut of the old chain's end would break), and stores the batch
 there. Calls keep their real outcome meanwhile: a caller waits for its entries at most
-until its deadline, then is answered anyway (counted in UNCONFIRMED_ANSWERS) and its entries
-stay queued. When the log falls too far behind (QUEUE_ENTRIES_MAX queued, or one batch
+until its deadline, then is answered anyway (an answer of a change is counted in
+UNCONFIRMED_ANSWERS: services/api/audit_trail.py) and its entries stay queued. When the log falls too far behind (QUEUE_ENTRIES_MAX queued, or one batch
 failing for STALLED_SECONDS_MAX: every shard tried has failed), `admits()` turns false and
 the API refuses audited calls with OVERLOADED before doing anything: no money moves that
 the log could not record (fail closed), and memory stays bounded.
@@ -186,17 +186,13 @@ class AuditWriter:
             return True
         if not future.done():
             if timeout_seconds <= 0:
-                metrics.UNCONFIRMED_ANSWERS.inc()
                 return False
             expiry = asyncio.get_running_loop().call_later(timeout_seconds, _settle, future, False)
             try:
                 await future
             finally:
                 expiry.cancel()
-        if future.result():
-            return True
-        metrics.UNCONFIRMED_ANSWERS.inc()
-        return False
+        return future.result()
 
     async def close(self, timeout_seconds: float = CLOSE_SECONDS_MAX) -> bool:
         """Store what is queued and a chain_closed entry, then stop; whether all of it was stored."""
@@ -287,8 +283,8 @@ class AuditWriter:
         return links
 
     def _failed(self, error: BaseException, now: float) -> None:
-        reason = error.reason if isinstance(error, errors.LedgerError) and error.reason else type(error).__name__
-        metrics.WRITE_FAILURES.labels(reason).inc()
+        reason = error.reason if isinstance(error, errors.LedgerError) and error.reason else ""
+        metrics.WRITE_FAILURES.labels(metrics.write_failure_reason(reason)).inc()
         if now - self._failure_logged_at >= FAILURE_LOG_INTERVAL_SECONDS:
             self._failure_logged_at = now
             if isinstance(error, errors.LedgerError):

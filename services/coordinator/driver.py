@@ -131,9 +131,26 @@ class TransferDriver:
         the leases were last set, by default now). `on_final` hears of each transfer as soon as
         its driving ends, so that no caller waits for the slowest of the batch. The records as
         their drivers last knew them, by transfer id."""
+        latest = {record.transfer_id: record for record in records}
+        driving = set(latest)  # counted in TRANSFERS_IN_FLIGHT until each one's driving ends
+        metrics.TRANSFERS_IN_FLIGHT.inc(len(driving))
+
+        def ended(record: TccRecord) -> None:
+            if record.transfer_id in driving:
+                driving.discard(record.transfer_id)
+                metrics.TRANSFERS_IN_FLIGHT.dec()
+            on_final(record)
+
+        try:
+            return await self._drive_many(latest, ended, leased_at)
+        finally:
+            metrics.TRANSFERS_IN_FLIGHT.dec(len(driving))  # those a failure or a cancellation left
+
+    async def _drive_many(
+        self, latest: dict[str, TccRecord], on_final: Callable[[TccRecord], None], leased_at: float | None,
+    ) -> dict[str, TccRecord]:
         started = self.clock.monotonic()
         leased_at = started if leased_at is None else leased_at
-        latest = {record.transfer_id: record for record in records}
         steps = {transfer_id: resume(record.state, record.reason) for transfer_id, record in latest.items()}
         alone: dict[str, tuple[Step, str]] = {}  # transfer id -> (step, fault text)
         faults: dict[str, str] = {}
@@ -159,7 +176,7 @@ class TransferDriver:
                 alone[transfer_id] = (step, faults.get(transfer_id, ""))
 
         async def drive_alone(transfer_id: str, step: Step, fault: str) -> None:
-            latest[transfer_id] = await self.drive(latest[transfer_id], step, fault, lease_renewed_at=leased_at)
+            latest[transfer_id] = await self._drive(latest[transfer_id], step, fault, lease_renewed_at=leased_at)
             on_final(latest[transfer_id])
 
         await asyncio.gather(*(drive_alone(transfer_id, step, fault) for transfer_id, (step, fault) in alone.items()))
@@ -227,6 +244,15 @@ class TransferDriver:
         or the drive's failure budget is spent; the record as this driver last knew it. It starts
         from the durable record, or from `step` (with the `fault` met so far, and the lease last set at
         `lease_renewed_at`) where drive_many left it."""
+        metrics.TRANSFERS_IN_FLIGHT.inc()
+        try:
+            return await self._drive(record, step, fault, lease_renewed_at)
+        finally:
+            metrics.TRANSFERS_IN_FLIGHT.dec()
+
+    async def _drive(
+        self, record: TccRecord, step: Step | None = None, fault: str = "", lease_renewed_at: float | None = None
+    ) -> TccRecord:
         started = self.clock.monotonic()
         step = step or resume(record.state, record.reason)
         transient_failures = transient_failures_in_a_row = faults = 0
@@ -344,7 +370,7 @@ class TransferDriver:
             return await self.tcc(self._debit_shard(record)).renew_lease(record, LEASE_SECONDS, PARTICIPANT_CALL_TIMEOUT_SECONDS)
         except errors.LedgerError as error:
             if not error.transient:
-                metrics.FAULTS.labels("renew_lease").inc()
+                metrics.FAULTS.labels(metrics.FAULT_STEP_RENEW_LEASE).inc()
                 log.error("transfer %s: renewing the lease failed permanently: %s", record.transfer_id, error)
             return True
 

@@ -31,17 +31,33 @@ RECOVERY_CLAIM_BATCH_SIZE = 50
 # Transfers one coordinator drives at once; more wait for the next scan.
 RECOVERY_DRIVES_MAX = 64
 
+# A transfer whose pending timeout has passed is settled by two participant calls: its credit
+# try blocked (a cancel stored in its place), its debit cancelled.
+CANCEL_CALLS = 2
+
 log = logging.getLogger("corebank.coordinator")
 
 
-async def _no_sweep() -> int:
-    return 0
+def in_doubt_bound_seconds(pending_timeout_seconds: float) -> float:
+    """How long a transfer between shards may stay in doubt by design, every shard up
+    (corebank_tcc_in_doubt_bound_seconds): past its pending timeout it is cancelled; if its
+    driver died just before, its lease expires LEASE_SECONDS later at most, the next recovery
+    scan claims it within RECOVERY_SCAN_INTERVAL_SECONDS, and the cancel's calls take
+    PARTICIPANT_CALL_TIMEOUT_SECONDS each at most. Older than this: a shard out for long, a
+    drive that is stuck, or a fault waiting for an operator."""
+    return (
+        pending_timeout_seconds + LEASE_SECONDS + RECOVERY_SCAN_INTERVAL_SECONDS + CANCEL_CALLS * PARTICIPANT_CALL_TIMEOUT_SECONDS
+    )
+
+
+async def _no_sweep() -> None:
+    return None
 
 
 class Recovery:
     def __init__(
         self, tcc_for_shard: TccForShard, shard_names: Callable[[], list[str]], driver: TransferDriver,
-        sweep: Callable[[], Awaitable[int]] = _no_sweep, clock: Clock = SYSTEM_CLOCK,
+        sweep: Callable[[], Awaitable[object]] = _no_sweep, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.tcc = tcc_for_shard
         self.shard_names = shard_names

@@ -41,12 +41,14 @@ import time
 from collections.abc import Iterable
 
 import psycopg
+from psycopg import conninfo
 
 from services.ledger.accounts import AccountKind
 from services.ledger.coordination import FINAL_STATES, BarrierOperation, CoordinatorState
 from services.ledger import ids
 from services.ledger.ids import IdNamespace
 from services.ledger.transfers import Branch, TransferStatus
+from services.storage.roles import DatabaseRole
 
 # Bounds. The audit is an operator's tool, but it still must not hang on a dead shard
 # nor hold a snapshot (and with it vacuum) open for ever.
@@ -268,17 +270,20 @@ def _row(shard_name: str, row: tuple) -> tuple[str, Row]:
     return row[0], Row(shard_name, Fields(*row[1:6]), Branch(row[6]), TransferStatus(row[7]))
 
 
+# What one shard's snapshot proves alone, with no other shard read: sound on a busy cluster
+# without any re-read, and cheap (PostgreSQL sums; only violations come back). The
+# coordinators' periodic audit checks these (services/coordinator/integrity.py).
+SHARD_INVARIANTS = (
+    Invariant.SHARD_UNBALANCED, Invariant.COUNTERS_DIFFER, Invariant.BELOW_ZERO, Invariant.MISSING_ACCOUNT,
+    Invariant.CLEARING_NOT_IN_FLIGHT,
+)
+
+
 @dataclasses.dataclass
-class ShardAudit:
-    """One shard, as of one snapshot."""
+class ShardBooks:
+    """One shard's books as of one snapshot: the figures its SHARD_INVARIANTS are checked on."""
 
     shard_name: str
-    accounts: int
-    transfers: int
-    debits_posted_minor: int
-    credits_posted_minor: int
-    debits_pending_minor: int
-    credits_pending_minor: int
     # currency -> (debits posted, credits posted, debits pending, credits pending)
     totals_by_currency: dict[str, tuple[int, int, int, int]]
     accounts_below_zero: dict[str, int]  # account id -> available (balance less pending debits)
@@ -286,16 +291,7 @@ class ShardAudit:
     transfers_naming_missing_accounts: list[tuple[str, Branch, str | None]]
     clearing_balance_by_currency: dict[str, int]
     in_flight_by_currency: dict[str, int]  # posted debit branches less posted credit branches
-    records: dict[str, Record]
-    debit_branches: dict[str, Row]
-    credit_branches: dict[str, Row]
-    owned_transfers: dict[str, Fields]  # transfer ids this shard is the home of (see OWNER_BRANCHES)
-    has_id_registry: bool
     snapshot_seconds: float
-
-    @property
-    def balanced(self) -> bool:
-        return (self.debits_posted_minor, self.debits_pending_minor) == (self.credits_posted_minor, self.credits_pending_minor)
 
     @property
     def negative_customer_accounts(self) -> int:
@@ -305,12 +301,8 @@ class ShardAudit:
     def balance_by_currency(self) -> dict[str, int]:
         return {currency: totals[1] - totals[0] for currency, totals in self.totals_by_currency.items()}
 
-    @property
-    def in_doubt(self) -> list[str]:
-        return [transfer_id for transfer_id, record in self.records.items() if record.state not in FINAL_STATES]
-
     def violations(self) -> list[Violation]:
-        """What is wrong inside this snapshot alone."""
+        """What is wrong with these books (SHARD_INVARIANTS)."""
         found = []
         name = self.shard_name
 
@@ -334,11 +326,42 @@ class ShardAudit:
             if clearing != in_flight:
                 add(Invariant.CLEARING_NOT_IN_FLIGHT, currency,
                     f"clearing accounts net to {clearing}, posted debit branches less posted credit branches are {in_flight}")
+        return found
+
+
+@dataclasses.dataclass
+class ShardAudit(ShardBooks):
+    """One shard, as of one snapshot: its books, and its transfers between shards to check against the others."""
+
+    accounts: int
+    transfers: int
+    debits_posted_minor: int
+    credits_posted_minor: int
+    debits_pending_minor: int
+    credits_pending_minor: int
+    records: dict[str, Record]
+    debit_branches: dict[str, Row]
+    credit_branches: dict[str, Row]
+    owned_transfers: dict[str, Fields]  # transfer ids this shard is the home of (see OWNER_BRANCHES)
+    has_id_registry: bool
+
+    @property
+    def balanced(self) -> bool:
+        return (self.debits_posted_minor, self.debits_pending_minor) == (self.credits_posted_minor, self.credits_pending_minor)
+
+    @property
+    def in_doubt(self) -> list[str]:
+        return [transfer_id for transfer_id, record in self.records.items() if record.state not in FINAL_STATES]
+
+    def violations(self) -> list[Violation]:
+        """What is wrong inside this snapshot alone."""
+        found = super().violations()
         for transfer_id, record in self.records.items():
             found += debit_branch_violations(transfer_id, record, self.debit_branches.get(transfer_id))
         for transfer_id, row in self.debit_branches.items():
             if transfer_id not in self.records:
-                add(Invariant.BRANCH_WITHOUT_RECORD, transfer_id, f"{row.branch.name} branch {row.status.name} has no record here")
+                found.append(Violation(Invariant.BRANCH_WITHOUT_RECORD, self.shard_name, transfer_id,
+                                       f"{row.branch.name} branch {row.status.name} has no record here"))
         return found
 
 
@@ -518,6 +541,12 @@ def reader_dsn(shard: dict) -> str:
     return shard.get("auditor_dsn") or shard["dsn"]
 
 
+def auditor_dsn(service_dsn: str, passfile: str) -> str:
+    """The auditor role's DSN to the shard a service DSN reaches (the shard map's): same host, port
+    and database, the auditor's name and passfile. The coordinators' periodic audit reads through it."""
+    return conninfo.make_conninfo(service_dsn, user=DatabaseRole.AUDITOR.value, passfile=passfile)
+
+
 def connect_for_reading(
     shard_name: str, dsn: str, statement_timeout_seconds: int = STATEMENT_TIMEOUT_SECONDS
 ) -> psycopg.Connection:
@@ -535,24 +564,44 @@ def _snapshot(connection: psycopg.Connection) -> None:
     connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
 
+def _read_books(connection: psycopg.Connection) -> tuple[dict, int]:
+    """ShardBooks' figures (but its name and time), read in the caller's snapshot; and the number of accounts."""
+    totals = connection.execute(SHARD_TOTALS_BY_CURRENCY).fetchall()
+    books = {
+        "totals_by_currency": {row[0]: tuple(int(value) for value in row[2:]) for row in totals},
+        "accounts_below_zero": {row[0]: int(row[1]) for row in connection.execute(ACCOUNTS_BELOW_ZERO)},
+        "accounts_not_matching_transfers": {
+            row[0]: ([int(v) for v in row[1]], [int(v) for v in row[2]]) for row in connection.execute(ACCOUNTS_NOT_MATCHING_TRANSFERS)
+        },
+        "transfers_naming_missing_accounts": [
+            (row[0], Branch(row[1]), row[2]) for row in connection.execute(TRANSFERS_NAMING_MISSING_ACCOUNTS)
+        ],
+        "clearing_balance_by_currency": {row[0]: int(row[1]) for row in connection.execute(CLEARING_BALANCE_BY_CURRENCY)},
+        "in_flight_by_currency": {row[0]: int(row[1]) for row in connection.execute(IN_FLIGHT_BY_CURRENCY) if row[1]},
+    }
+    return books, sum(row[1] for row in totals)
+
+
+def audit_books(shard_name: str, dsn: str, statement_timeout_seconds: int = STATEMENT_TIMEOUT_SECONDS) -> ShardBooks:
+    """One shard's books, in one snapshot: what SHARD_INVARIANTS are checked on."""
+    started = time.monotonic()
+    try:
+        with connect_for_reading(shard_name, dsn, statement_timeout_seconds) as connection:
+            _snapshot(connection)
+            books, _ = _read_books(connection)
+            connection.execute("COMMIT")
+    except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
+        raise ShardUnreadable(shard_name, error) from error
+    return ShardBooks(shard_name=shard_name, **books, snapshot_seconds=time.monotonic() - started)
+
+
 def audit_shard(shard_name: str, dsn: str) -> ShardAudit:
     """Everything the audit needs from one shard, in one snapshot."""
     started = time.monotonic()
     try:
         with connect_for_reading(shard_name, dsn) as connection:
             _snapshot(connection)
-            totals = {
-                row[0]: (row[1], tuple(int(value) for value in row[2:]))
-                for row in connection.execute(SHARD_TOTALS_BY_CURRENCY)
-            }
-            below_zero = {row[0]: int(row[1]) for row in connection.execute(ACCOUNTS_BELOW_ZERO)}
-            mismatched = {
-                row[0]: ([int(v) for v in row[1]], [int(v) for v in row[2]])
-                for row in connection.execute(ACCOUNTS_NOT_MATCHING_TRANSFERS)
-            }
-            missing = [(row[0], Branch(row[1]), row[2]) for row in connection.execute(TRANSFERS_NAMING_MISSING_ACCOUNTS)]
-            clearing = {row[0]: int(row[1]) for row in connection.execute(CLEARING_BALANCE_BY_CURRENCY)}
-            in_flight = {row[0]: int(row[1]) for row in connection.execute(IN_FLIGHT_BY_CURRENCY)}
+            books, accounts = _read_books(connection)
             records = dict(_record(shard_name, row) for row in connection.execute(RECORDS))
             debit_branches, credit_branches, owned = {}, {}, {}
             transfers = 0
@@ -572,21 +621,16 @@ def audit_shard(shard_name: str, dsn: str) -> ShardAudit:
             connection.execute("COMMIT")
     except psycopg.Error as error:  # any database error here means this shard cannot be read: exit 2
         raise ShardUnreadable(shard_name, error) from error
-    sums = [sum(t[1][i] for t in totals.values()) for i in range(4)]
+    sums = [sum(figures[i] for figures in books["totals_by_currency"].values()) for i in range(4)]
     return ShardAudit(
         shard_name=shard_name,
-        accounts=sum(count for count, _ in totals.values()),
+        **books,
+        accounts=accounts,
         transfers=transfers,
         debits_posted_minor=sums[0],
         credits_posted_minor=sums[1],
         debits_pending_minor=sums[2],
         credits_pending_minor=sums[3],
-        totals_by_currency={currency: figures for currency, (_, figures) in totals.items()},
-        accounts_below_zero=below_zero,
-        accounts_not_matching_transfers=mismatched,
-        transfers_naming_missing_accounts=missing,
-        clearing_balance_by_currency=clearing,
-        in_flight_by_currency={currency: amount for currency, amount in in_flight.items() if amount},
         records=records,
         debit_branches=debit_branches,
         credit_branches=credit_branches,

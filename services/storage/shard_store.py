@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import psycopg
 import psycopg.errors
 import psycopg_pool
 from psycopg.pq import ExecStatus, TransactionStatus
 
-from services.storage.metrics import DB_ROUND_TRIPS
+from services.storage import metrics
+from services.storage.metrics import ErrorKind
 from services.ledger import errors, ids
 from services.ledger.accounts import Account, AccountKind, AccountStatus, OpenAccountRequest
 from services.ledger.transfers import Branch, Transfer, TransferStatus
@@ -165,6 +166,15 @@ def is_stale_prepared_statement(error: psycopg.Error) -> bool:
     )
 
 
+def database_error_is_transient(error: psycopg.Error) -> bool:
+    """Whether the same operation may succeed when sent again (see TRANSIENT_SQLSTATES)."""
+    sqlstate = error.sqlstate or ""
+    return (
+        (isinstance(error, psycopg.OperationalError) and not sqlstate) or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+        or sqlstate in TRANSIENT_SQLSTATES or is_stale_prepared_statement(error)
+    )
+
+
 def database_error(shard_name: str, error: psycopg.Error) -> errors.LedgerError:
     """The one mapping of database errors: transient (retry), deadline, or a permanent fault.
 
@@ -177,13 +187,33 @@ def database_error(shard_name: str, error: psycopg.Error) -> errors.LedgerError:
         return KeyTaken(f"{shard_name}: a key of this operation was stored by another one meanwhile", shard=shard_name)
     if sqlstate == QUERY_CANCELED_SQLSTATE:
         return errors.DeadlineExceeded(f"{shard_name}: deadline passed; the outcome may be unknown")
-    if (
-        (isinstance(error, psycopg.OperationalError) and not sqlstate) or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
-        or sqlstate in TRANSIENT_SQLSTATES or is_stale_prepared_statement(error)
-    ):
+    if database_error_is_transient(error):
         return errors.ShardUnavailable(f"{shard_name} unavailable ({type(error).__name__})", shard=shard_name)
     log.error("%s: permanent database error %s: %s", shard_name, sqlstate or type(error).__name__, error)
     return errors.InternalFault(f"{shard_name} refused the operation ({sqlstate or 'no SQLSTATE'}); nothing was applied", shard=shard_name)
+
+
+# Transient SQLSTATEs that say another transaction was in the way, not that the shard was.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def error_kind(error: BaseException) -> ErrorKind:
+    """What a failed transaction meets, for corebank_shard_errors_total: the same reading as
+    database_error's, in four kinds."""
+    if isinstance(error, psycopg_pool.PoolTimeout):
+        return ErrorKind.UNAVAILABLE
+    if isinstance(error, TimeoutError):
+        return ErrorKind.TIMEOUT
+    if not isinstance(error, psycopg.Error):
+        return ErrorKind.OTHER
+    sqlstate = error.sqlstate or ""
+    if isinstance(error, psycopg.errors.UniqueViolation) or sqlstate in CONFLICT_SQLSTATES:
+        return ErrorKind.CONFLICT
+    if sqlstate == QUERY_CANCELED_SQLSTATE:
+        return ErrorKind.TIMEOUT
+    if database_error_is_transient(error):
+        return ErrorKind.UNAVAILABLE
+    return ErrorKind.OTHER
 
 
 class ShardStore:
@@ -198,20 +228,27 @@ class ShardStore:
         Nothing commits unless a batch says COMMIT: whatever is left open when
         the block ends (an early return, an error) is rolled back.
         """
+        instruments = metrics.for_shard(self.shard_name)
         try:
             async with asyncio.timeout(timeout_seconds):
                 session = Session(self.pool, timeout_seconds)
                 await session.connect()
+                started = time.perf_counter()
                 try:
                     yield session
                 finally:
+                    # The pool's wait is the pool's figures; this is the shard's own time.
+                    instruments.transaction_seconds.observe(time.perf_counter() - started)
                     await session.release()
         except psycopg_pool.PoolTimeout as error:
+            instruments.errors[error_kind(error)].inc()
             # The pool logs why it could not connect; the client hears only that it could not.
             raise errors.ShardUnavailable(f"{self.shard_name}: no connection to the shard", shard=self.shard_name) from error
         except TimeoutError as error:
+            instruments.errors[error_kind(error)].inc()
             raise errors.DeadlineExceeded(f"{self.shard_name}: deadline passed; the outcome may be unknown") from error
         except psycopg.Error as error:  # the one place database errors are mapped, by SQLSTATE
+            instruments.errors[error_kind(error)].inc()
             raise database_error(self.shard_name, error) from error
 
     async def open_account(self, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
@@ -340,18 +377,6 @@ def session_cursor(connection: psycopg.AsyncConnection) -> psycopg.AsyncClientCu
     return cursor
 
 
-# One entry per shard of the map (pools are named after their shards).
-_ROUND_TRIPS_BY_SHARD: dict[str, Any] = {}
-
-
-def _round_trips(shard_name: str):
-    """DB_ROUND_TRIPS's child for a shard, looked up once (labels() takes a lock and builds a key)."""
-    child = _ROUND_TRIPS_BY_SHARD.get(shard_name)
-    if child is None:
-        child = _ROUND_TRIPS_BY_SHARD[shard_name] = DB_ROUND_TRIPS.labels(shard_name)
-    return child
-
-
 class Session:
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, timeout_seconds: float) -> None:
         self.pool = pool
@@ -407,7 +432,7 @@ class Session:
                     await self.connection.close()
                 raise
         self.batches_sent += 1
-        _round_trips(self.pool.name).inc()
+        metrics.for_shard(self.pool.name).round_trips.inc()  # pools are named after their shards
         row_sets = []
         while True:
             # The result status, not cursor.description (which builds column objects every time).

@@ -13,15 +13,17 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from deploy import postgres, processes
+from deploy import postgres, processes, supervisor
 from deploy.cluster import DOWN, HEALTHY, Cluster, ClusterError
 from sharding import etcd_shard_map
 from sharding.shard_map import Shard, ShardMap
@@ -32,7 +34,17 @@ LIFECYCLE_SHARD_COUNT = 2
 REPO_DIR = pathlib.Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_SECONDS = 120
 
-CLUSTER_JSON_KEYS = {"grpc_endpoint", "etcd_endpoint", "metrics_endpoints", "shards", "processes", "state_dir", "auth"}
+CLUSTER_JSON_KEYS = {
+    "grpc_endpoint", "etcd_endpoint", "metrics_endpoints", "prometheus_url", "alertmanager_url", "shards", "processes",
+    "state_dir", "auth",
+}  # fmt: skip
+# The monitoring `up` starts beside the services (deploy/monitoring.py), and the supervisor, which
+# only watches in this unsupervised cluster: all healthy in a healthy cluster.
+MONITORING_ROLES = {
+    "exporter-shard-0": "postgres-exporter", "exporter-shard-1": "postgres-exporter",
+    "alertmanager": "alertmanager", "prometheus": "prometheus", "supervisor": "supervisor",
+}  # fmt: skip
+MONITORING_HEALTHY = {name: HEALTHY for name in MONITORING_ROLES}
 SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir", "owner_dsn", "auditor_dsn", "superuser_dsn"}
 
 
@@ -90,6 +102,8 @@ def test_cluster_json_has_the_required_shape(lifecycle: Cluster) -> None:
     assert description["grpc_endpoint"] == f"127.0.0.1:{LIFECYCLE_PORT_BASE}"
     assert description["etcd_endpoint"] == f"127.0.0.1:{LIFECYCLE_PORT_BASE + 1}"
     assert description["metrics_endpoints"] == [f"127.0.0.1:{LIFECYCLE_PORT_BASE + 10}"]
+    assert description["prometheus_url"] == f"http://127.0.0.1:{LIFECYCLE_PORT_BASE + 3}"
+    assert description["alertmanager_url"] == f"http://127.0.0.1:{LIFECYCLE_PORT_BASE + 4}"
     assert [shard["name"] for shard in description["shards"]] == ["shard-0", "shard-1"]
     for index, shard in enumerate(description["shards"]):
         assert set(shard) == SHARD_KEYS
@@ -104,7 +118,7 @@ def test_cluster_json_has_the_required_shape(lifecycle: Cluster) -> None:
         assert shard["superuser_dsn"].startswith(f"host={pathlib.Path(shard['data_dir']).parent} ")
         assert "password" not in json.dumps(shard)
     roles = {process["name"]: process["role"] for process in description["processes"]}
-    assert roles == {"grpc-0": "grpc", "etcd": "etcd", "shard-0": "postgres", "shard-1": "postgres"}
+    assert roles == {"grpc-0": "grpc", "etcd": "etcd", "shard-0": "postgres", "shard-1": "postgres", **MONITORING_ROLES}
     assert description["processes"][0]["metrics"] == description["metrics_endpoints"][0]
     assert description["state_dir"] == str(lifecycle.state_dir)
 
@@ -115,7 +129,8 @@ def test_up_restarts_exactly_the_killed_processes(lifecycle: Cluster) -> None:
     lifecycle.kill("grpc-0")
     lifecycle.kill("shard-1")
     states = {status.name: status.state for status in lifecycle.status()}
-    assert states == {"grpc-0": DOWN, "shard-1": DOWN, "etcd": HEALTHY, "shard-0": HEALTHY}
+    # Killed through the cluster's API: held down on purpose.
+    assert states == {"grpc-0": DOWN, "shard-1": DOWN, "etcd": HEALTHY, "shard-0": HEALTHY, **MONITORING_HEALTHY}
 
     after = pids_by_name(lifecycle.up())
 
@@ -140,11 +155,14 @@ def test_status_command_fails_when_a_process_is_down(lifecycle: Cluster) -> None
     lifecycle.up()
     assert run_cli("status", state_dir=lifecycle.state_dir).returncode == 0
 
-    lifecycle.kill("grpc-0")
+    # A crash, from outside the cluster's API: dead. This cluster's supervisor only watches, so it stays dead.
+    os.kill(lifecycle.pid("grpc-0"), signal.SIGKILL)
+    time.sleep(2 * supervisor.CHECK_INTERVAL_SECONDS)
     status = run_cli("status", state_dir=lifecycle.state_dir)
 
     assert status.returncode != 0
-    assert "grpc-0" in status.stdout and "down" in status.stdout
+    grpc_line = next(line for line in status.stdout.splitlines() if line.startswith("grpc-0 "))
+    assert " dead " in grpc_line and "nothing restarts it" in grpc_line
     lifecycle.up()
 
 
@@ -205,8 +223,21 @@ def test_make_status_names_what_is_down(lifecycle: Cluster) -> None:
 
     assert status.returncode != 0
     etcd_line = next(line for line in status.stdout.splitlines() if line.startswith("etcd "))
-    assert "down" in etcd_line
+    assert " down " in etcd_line and "Cluster.stop" in etcd_line
     lifecycle.up()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_status_never_installs_into_an_existing_venv() -> None:
+    """`make status` during an incident: a pyproject.toml newer than the venv (-W: as if just
+    edited) is no reason for pip to run first."""
+    if not (REPO_DIR / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv: `make status` builds one, as it should")
+    planned = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "status"], capture_output=True, text=True, cwd=REPO_DIR, timeout=COMMAND_TIMEOUT_SECONDS,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    assert "pip" not in planned.stdout and "deploy.cluster status" in planned.stdout
 
 
 def test_clean_stops_everything_and_removes_the_state_dir(lifecycle: Cluster) -> None:

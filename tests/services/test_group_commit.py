@@ -1,6 +1,7 @@
 """The group committer's queueing logic, with a stand-in for the database."""
 
 import asyncio
+import gc
 
 import pytest
 
@@ -182,3 +183,45 @@ def test_callers_that_give_up_leave_the_workers_running_and_their_jobs_applied()
     assert len(later) == 1 and len(later[0]) == 1
     assert {r.transfer_id for batch in batches for chain in batch for r in chain} == {"t-1", "t-2", "t-3"}
     assert not dead_workers
+
+
+class FailingWhenReleased(SlowDatabase):
+    """Fails every batch (an outage), once released."""
+
+    async def post(self, store, chains, limits, timeout_seconds):
+        self.batches.append(chains)
+        await self.release.wait()
+        raise errors.ShardUnavailable("shard-0 is down")
+
+
+@pytest.mark.parametrize("call", ["submit", "submit_each"])
+def test_a_cancelled_caller_leaves_no_unread_failure_for_asyncio_to_log(call):
+    """A client that gives up (its call cancelled) while its batches still run: when they fail
+    later, nobody reads the failure, and asyncio must not report it as lost (an ERROR with a
+    traceback, "exception was never retrieved"), for a call of several jobs (submit) and of
+    one job per item (submit_each) alike."""
+    transfers = BATCH_TRANSFERS_MAX + 1  # two jobs, two batches
+    reported: list[str] = []
+
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+        database = FailingWhenReleased()
+        shard = committer(database)
+        deadline = loop.time() + 10
+        if call == "submit":
+            caller = asyncio.create_task(shard.submit([[request(n)] for n in range(transfers)], deadline))
+        else:
+            caller = asyncio.create_task(shard.submit_each([request(n) for n in range(transfers)], deadline))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        await asyncio.wait([caller])
+        database.release.set()
+        while shard.queued_transfers or len(database.batches) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the last batch's failure reaches its jobs' futures
+        return sum(len(chains) for chains in database.batches)
+
+    assert asyncio.run(scenario()) == transfers  # every job was tried, and failed
+    gc.collect()  # the loop and its tasks are gone: an unread failure is reported as its future is collected
+    assert reported == []

@@ -180,6 +180,9 @@ class FakeServicerContext(FakeContext):
     def invocation_metadata(self):
         return self._metadata
 
+    def set_trailing_metadata(self, metadata):
+        self.trailing_metadata = metadata
+
 
 def test_a_call_cancelled_while_its_transfer_is_still_applied_is_logged(tmp_path):
     """grpc cancels the handler when its client goes away, but a queued transfer is still applied:
@@ -213,3 +216,20 @@ def test_a_call_cancelled_while_its_transfer_is_still_applied_is_logged(tmp_path
     assert [(e.subject, e.action, e.target, e.outcome) for e in writer.appended] == [
         ("owner-1", "transfer", request.transfer_id, "deadline:DEADLINE_EXCEEDED")
     ]
+
+
+@pytest.mark.parametrize("method, request_message, outcome, changed", [
+    (audit_trail.TRANSFER, transfer_request(), posted(transfer_request()), True),
+    (audit_trail.TRANSFER, transfer_request(), transfers_pb2.Transfer(status=transfers_pb2.PENDING), True),
+    (audit_trail.TRANSFER, transfer_request(), errors.DeadlineExceeded("unknown"), True),  # money may have moved
+    (audit_trail.TRANSFER, transfer_request(), errors.ShardUnavailable("unknown", shard="shard-0"), True),
+    (audit_trail.TRANSFER, transfer_request(), errors.InsufficientFunds("no"), False),
+    (audit_trail.TRANSFER, transfer_request(), transfers_pb2.Transfer(status=transfers_pb2.REJECTED, reason="LIMIT_EXCEEDED"), False),
+    (audit_trail.TRANSFER, transfer_request(), transfers_pb2.Transfer(status=transfers_pb2.VOIDED, reason="PENDING_TIMEOUT"), False),
+    (audit_trail.CLOSE_ACCOUNT, accounts_pb2.CloseAccountRequest(account_id="acc_a"), accounts_pb2.Account(), True),
+    (audit_trail.CLOSE_ACCOUNT, accounts_pb2.CloseAccountRequest(account_id="acc_a"), errors.RoleNotAllowed("no"), False),
+    (audit_trail.GET_ACCOUNT, accounts_pb2.GetAccountRequest(account_id="acc_a"), errors.RoleNotAllowed("no"), False),
+])
+def test_only_an_answer_of_a_change_or_of_an_unknown_outcome_tells_of_a_change(method, request_message, outcome, changed):
+    """What corebank_audit_log_unconfirmed_answers counts when such an answer beats its entries to the log."""
+    assert audit_trail.tells_of_a_change(events_for(method, CUSTOMER, request_message, outcome, AT_US)) is changed

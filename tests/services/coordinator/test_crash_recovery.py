@@ -29,10 +29,15 @@ POLL_INTERVAL_SECONDS = 0.1
 
 
 @contextlib.contextmanager
-def service_process(module: str, cluster: dict, name: str, extra_env: dict[str, str] | None = None, listen: bool = True):
-    """A corebank process of our own beside the cluster's, stopped at the end."""
-    grpc_port, metrics_port = processes.free_port(), processes.free_port()
-    argv = [sys.executable, "-m", module, "--etcd", cluster["etcd_endpoint"], "--metrics-listen", f"127.0.0.1:{metrics_port}", "--process-name", name]
+def service_process(
+    module: str, cluster: dict, name: str, extra_env: dict[str, str] | None = None, listen: bool = True,
+    metrics_port: int | None = None, arguments: tuple[str, ...] = (),
+):
+    """A corebank process of our own beside the cluster's, stopped at the end; its metrics on
+    `metrics_port` when given, and `arguments` added to its command line."""
+    grpc_port, metrics_port = processes.free_port(), metrics_port or processes.free_port()
+    argv = [sys.executable, "-m", module, "--etcd", cluster["etcd_endpoint"], "--metrics-listen", f"127.0.0.1:{metrics_port}", "--process-name", name,
+            *arguments]
     if listen:
         # A server certificate of its own, signed by the cluster's CA.
         pki.CertificateAuthority(auth_dir(cluster["state_dir"])).issue(name, server=True)

@@ -21,7 +21,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -36,6 +35,7 @@ from services.ledger.transfers import Branch, TransferStatus
 from services.storage import audit as audit_module
 from services.storage.audit import Invariant, ShardUnreadable, audit_cluster
 from services.storage.schema import apply_schema
+from tests.fixtures.ledger import mixed_load
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 SCRATCH_DATABASE = "audit_scratch"
@@ -220,42 +220,13 @@ def shard_of_transfer(scratch: Scratch, transfer_id: str, branch: Branch) -> str
 # The live cluster, under load: no false alarms.
 
 
-def test_the_audit_holds_on_a_busy_cluster_while_transfers_run(ledger, shard_map, cluster):
-    shards = [shard.name for shard in shard_map.shards]
-    payers = [ledger.funded(FUNDING_MINOR, shards[i % len(shards)]) for i in range(LOAD_CLIENTS)]
-    payees = [ledger.open(shard=name) for name in shards]
-    merchant = ledger.open(kind=accounts_pb2.MERCHANT, tier=3, collect_on_every_shard=True)
-    stop = threading.Event()
-    done = {"transfers": 0, "errors": 0}
-    lock = threading.Lock()
-
-    def pay(index: int) -> None:
-        payer = payers[index]
-        # Same shard, between shards, and to a collecting merchant, in turn.
-        credits = [*(p.account_id for p in payees), merchant.account_id]
-        turn = 0
-        while not stop.is_set():
-            try:
-                ledger.transfer(payer.account_id, credits[turn % len(credits)], AMOUNT_MINOR, timeout=10)
-                outcome = "transfers"
-            except grpc.RpcError:
-                outcome = "errors"  # overload or deadline: not the audit's concern here
-            with lock:
-                done[outcome] += 1
-            turn += 1
-
+def test_the_audit_holds_on_a_busy_cluster_while_transfers_run(ledger, cluster):
     audits = []
-    with concurrent.futures.ThreadPoolExecutor(LOAD_CLIENTS) as pool:
-        running = [pool.submit(pay, index) for index in range(LOAD_CLIENTS)]
-        try:
-            time.sleep(1)  # let the load build up
-            deadline = time.monotonic() + LOAD_SECONDS
-            while time.monotonic() < deadline or len(audits) < AUDITS_UNDER_LOAD_MIN:
-                audits.append(audit_cluster(cluster["shards"]))
-        finally:
-            stop.set()
-            for future in running:
-                future.result()
+    with mixed_load(ledger, LOAD_CLIENTS, FUNDING_MINOR, AMOUNT_MINOR) as done:
+        time.sleep(1)  # let the load build up
+        deadline = time.monotonic() + LOAD_SECONDS
+        while time.monotonic() < deadline or len(audits) < AUDITS_UNDER_LOAD_MIN:
+            audits.append(audit_cluster(cluster["shards"]))
     report = [
         (round(a.duration_seconds, 2), a.figures.transfer_ids, a.figures.transfers_in_doubt, a.figures.rechecked_transfers)
         for a in audits
