@@ -6,10 +6,11 @@
 #   make clean     down, then delete the state folder
 #   make test      security, check the generated code, then run the tests (they start their own cluster)
 #   make rules     promtool's check of the Prometheus rules, then their unit tests (also run by make test)
+#   make reconcile  prove clearing from the databases: window totals, positions, settlements, settlement accounts (WINDOWS="3 4" checks those windows in detail; JSON=1 for --json); exit 0 consistent, 1 findings, 2 a shard unreadable
 #   make security  bandit over the code (fails on medium severity or worse) and pip-audit over the installed packages
-#   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then bench-scaling, then the capacity model (python -m loadtest.capacity; JSON under the state folder's reports/)
+#   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then clearing's costs (the position check per transfer; the window close at 100k and 1M transfers), then bench-scaling, then the capacity model (python -m loadtest.capacity; JSON under the state folder's reports/)
 #   make bench-scaling  the uniform-pairs rows and their costs on clusters of 1, 2 and 3 shards of its own, started and removed in turn (SCALING_SECONDS=10)
-#   make loadtest  a locust scenario against the running cluster, then its verdict: thresholds and invariants (SCENARIO=flash-sale USERS=200 DURATION=60s WORKERS=2 make loadtest)
+#   make loadtest  a locust scenario against the running cluster, then its verdict: thresholds and invariants (SCENARIO=flash-sale|everyday|batch|remittance USERS=200 DURATION=60s WORKERS=2 make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
 #   make sim       the coordinator's deterministic simulation, no cluster needed (SEEDS=100000 make sim; SEED=42 make sim replays one with its trace)
 #   make hostile   the hostile-client suite, long form, on a cluster of its own (HOSTILE_EXAMPLES=500 SEED=7 make hostile)
@@ -34,7 +35,7 @@ PG_BIN_DIR := /usr/lib/postgresql/15/bin
 MONITORING_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter
 MONITORING_TOOLS := prometheus promtool prometheus-alertmanager prometheus-postgres-exporter
 
-.PHONY: help venv deps browser-deps up down status clean test rules security protos bench bench-scaling chaos loadtest sim hostile
+.PHONY: help venv deps browser-deps up down status clean test rules security protos bench bench-scaling chaos loadtest sim hostile reconcile
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -130,12 +131,23 @@ rules: deps
 protos: venv
 	$(PYTHON) protos/generate.py
 
+# Clearing's reconciliation against the running cluster (services/storage/reconciliation.py), as
+# the auditor role: snapshots only, never a lock a transfer waits for. Like `make status`, it
+# uses the venv as it is.
+reconcile:
+	@test -x $(PYTHON) || $(MAKE) --no-print-directory venv
+	$(PYTHON) -m services.storage.reconciliation $(foreach window,$(WINDOWS),--window $(window)) $(if $(JSON),--json)
+
 # About 5 minutes for the bench's ten rows, 1.5 for what mTLS and tokens cost (loadtest.security_cost),
+# about 8 for clearing (loadtest.clearing_bench: six rows of the position check, then 3 loads and
+# closes of 100,000 and of 1,000,000 cleared transfers, which add ~3.3M rows to the cluster's
+# databases; CLEARING_BENCH_OPTIONS="--window-sizes 100000 --close-runs 1" for less),
 # then about 2 for the scaling runs' three clusters,
 # then the capacity model computed from both reports.
 bench: up
 	$(PYTHON) -m loadtest.bench
 	$(PYTHON) -m loadtest.security_cost
+	$(PYTHON) -m loadtest.clearing_bench $(CLEARING_BENCH_OPTIONS)
 	$(MAKE) --no-print-directory bench-scaling
 	$(PYTHON) -m loadtest.capacity
 
@@ -145,9 +157,10 @@ SCALING_SECONDS ?= 10
 bench-scaling: deps venv
 	$(PYTHON) -m loadtest.scaling --seconds $(SCALING_SECONDS)
 
-# SCENARIO (flash-sale | everyday | batch), USERS, RATE, DURATION, WORKERS (locust workers under
+# SCENARIO (flash-sale | everyday | batch | remittance), USERS, RATE, DURATION, WORKERS (locust workers under
 # one master; 0: one process), MAX_FAILURE_RATIO (0.01), MAX_P99_MS (500 ms, the latency SLO;
-# batch 5000) and the scenarios' own settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, ...) pass
+# batch 5000) and the scenarios' own settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, the
+# remittance's PARTICIPANTS, NET_DEBIT_CAP_MINOR, CLOSE_WINDOW_SECONDS, SETTLE_EVERY_CLOSES, ...) pass
 # through the environment; see loadtest/run.py. Fails when a threshold or an invariant does; the
 # verdict is reports/<run>/verdict.json beside locust's report.html. Runs against the cluster that
 # `make up` started (it starts nothing itself).

@@ -79,6 +79,7 @@ from deploy.coordinator import Coordinator
 from deploy.etcd import Etcd
 from deploy.grpc_worker import PROBE_CERTIFICATE, GrpcWorker
 from services.auth import auth_dir
+from services.ledger.clearing import CLEARING_HOME_KEY, HOSTING_PARTICIPANT_ID
 from deploy import postgres
 from deploy.postgres import PostgresShard
 from deploy.supervisor import RestartPolicy, Supervisor
@@ -728,7 +729,18 @@ class Cluster:
             ],
             "state_dir": str(self.state_dir),
             "auth": self._auth_description(),
+            # Clearing (services/ledger/clearing.py): the participant accounts belong to when opened
+            # without one, and the shard that holds the registry (participants, windows, settlements).
+            "hosting_participant_id": HOSTING_PARTICIPANT_ID,
+            "clearing_home_shard": self.clearing_home_shard(),
         }
+
+    def clearing_home_shard(self) -> str:
+        """The shard the clearing registry lives on, by the map `up` proposes for these shards (a
+        map in etcd that differs is warned about at `up`)."""
+        from sharding.shard_map import Shard, ShardMap
+
+        return ShardMap.evenly([Shard(shard.name, shard.dsn) for shard in self.shards]).shard_name_for_key(CLEARING_HOME_KEY)
 
     # One process at a time (fault injection in tests).
 

@@ -8,6 +8,11 @@ Funding goes through `Payments.CreateTransfers` (thousands of transfers per
 call); while a server answers UNIMPLEMENTED it falls back to concurrent
 `Transfer` calls. Every customer is funded from a SYSTEM account on its own
 shard, so funding never waits on transfers between shards.
+
+Participants (the Clearing service): `open_participant_accounts` registers a run's
+institutions as admin, sets their net debit caps, and opens and funds customers of each,
+every one from a SYSTEM account *of its own participant* on its shard: funding is then
+within one participant, never cleared, and the positions start at zero.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import grpc
-from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2
+from corebank.v1 import (
+    accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2,
+)
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -115,6 +122,12 @@ class AccountSet:
     # Funding transfers, acknowledged POSTED: (transfer_id, debit, credit, amount_minor).
     funding_transfers: list[tuple[str, str, str, int]] = dataclasses.field(default_factory=list)
     funding_path: str = ""
+    # Participants of the run (open_participant_accounts), in order, and the participant of each
+    # of its accounts (customers and the SYSTEM accounts that funded them).
+    participant_ids: list[str] = dataclasses.field(default_factory=list)
+    participant_by_account_id: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The net debit cap set for every participant in every currency (None: none set).
+    net_debit_cap_minor: int | None = None
 
     @property
     def customer_account_ids(self) -> list[str]:
@@ -163,7 +176,10 @@ class Setup:
     def __init__(self, channel: grpc.Channel, shard_map: ShardMap, run_id: str) -> None:
         self.accounts = accounts_pb2_grpc.AccountsStub(channel)
         self.payments = payments_pb2_grpc.PaymentsStub(channel)
+        self.clearing = clearing_pb2_grpc.ClearingStub(channel)
         self.shard_map = shard_map
+        # Customers opened for a participant: account_id -> participant_id.
+        self.participant_of: dict[str, str] = {}
         self.run_id = run_id
 
     def shard_of(self, account_id: str) -> str:
@@ -179,8 +195,10 @@ class Setup:
 
         return _bounded_futures((lambda r=r: starter(r) for r in requests), SETUP_CONCURRENCY_MAX)
 
-    def open_system_accounts(self) -> dict[str, str]:
+    def open_system_accounts(self, participant_id: str = "") -> dict[str, str]:
+        """A SYSTEM account on every shard (of `participant_id`; empty: the hosting bank's)."""
         wanted = {shard.name for shard in self.shard_map.shards}
+        key = f"{self.run_id}:system:{participant_id}" if participant_id else f"{self.run_id}:system"
         by_shard: dict[str, str] = {}
         for attempt in range(SYSTEM_ACCOUNT_ATTEMPTS_MAX):
             if wanted <= by_shard.keys():
@@ -188,8 +206,8 @@ class Setup:
             account = _with_retries(
                 lambda attempt=attempt: self.accounts.OpenAccount(
                     accounts_pb2.OpenAccountRequest(
-                        request_id=f"{self.run_id}:system:{attempt}", owner_id=f"{self.run_id}:bank",
-                        currency=CURRENCY, kind=accounts_pb2.SYSTEM, tier=0,
+                        request_id=f"{key}:{attempt}", owner_id=f"{self.run_id}:bank",
+                        currency=CURRENCY, kind=accounts_pb2.SYSTEM, tier=0, participant_id=participant_id,
                     ),
                     timeout=SETUP_CALL_TIMEOUT_SECONDS,
                 ),
@@ -201,17 +219,21 @@ class Setup:
             raise SetupError(f"no SYSTEM account landed on {sorted(missing)} in {SYSTEM_ACCOUNT_ATTEMPTS_MAX} tries")
         return by_shard
 
-    def open_customers(self, count: int) -> dict[str, list[str]]:
+    def open_customers(self, count: int, participant_ids: list[str] | None = None) -> dict[str, list[str]]:
+        """`count` customers; with `participant_ids`, the i-th belongs to participant_ids[i % len]."""
         requests = [
             accounts_pb2.OpenAccountRequest(
                 request_id=f"{self.run_id}:customer:{index}", owner_id=f"{self.run_id}:owner:{index}",
                 currency=CURRENCY, kind=accounts_pb2.CUSTOMER, tier=CUSTOMER_TIER,
+                participant_id=participant_ids[index % len(participant_ids)] if participant_ids else "",
             )
             for index in range(count)
         ]  # fmt: skip
         by_shard: dict[str, list[str]] = {shard.name: [] for shard in self.shard_map.shards}
-        for account in self._open_requests(requests):
+        for request, account in zip(requests, self._open_requests(requests)):
             by_shard[self.shard_of(account.account_id)].append(account.account_id)
+            if request.participant_id:
+                self.participant_of[account.account_id] = request.participant_id
         return by_shard
 
     def open_merchants(self, count: int, collect_on_every_shard: bool) -> list[str]:
@@ -224,6 +246,27 @@ class Setup:
             for index in range(count)
         ]  # fmt: skip
         return [account.account_id for account in self._open_requests(requests)]
+
+    def register_participant(self, participant_id: str, name: str, currencies: list[str]) -> None:
+        _with_retries(
+            lambda: self.clearing.RegisterParticipant(
+                clearing_pb2.RegisterParticipantRequest(
+                    request_id=f"{self.run_id}:participant:{participant_id}", participant_id=participant_id, name=name,
+                    currencies=currencies,
+                ),
+                timeout=SETUP_CALL_TIMEOUT_SECONDS,
+            ),
+            f"RegisterParticipant {participant_id}",
+        )  # fmt: skip
+
+    def set_net_debit_cap(self, participant_id: str, currency: str, cap_minor: int) -> None:
+        _with_retries(
+            lambda: self.clearing.SetNetDebitCap(
+                clearing_pb2.SetNetDebitCapRequest(participant_id=participant_id, currency=currency, cap_minor=cap_minor),
+                timeout=SETUP_CALL_TIMEOUT_SECONDS,
+            ),
+            f"SetNetDebitCap {participant_id} {currency}",
+        )
 
     def create_transfers(self, requests: list[payments_pb2.TransferRequest]) -> list[payments_pb2.TransferResult]:
         """One CreateTransfers call, retried whole while the service is overloaded or unreachable."""
@@ -346,4 +389,68 @@ def open_account_set(
         merchant_shard_by_id={account_id: shard_map.shard_name_for_key(account_id) for account_id in merchants},
         funding_transfers=funding,
         funding_path=path,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ParticipantSpec:
+    """An institution a run registers: its id suffix (after the run id), name and currencies."""
+
+    suffix: str
+    name: str
+    currencies: tuple[str, ...]
+
+
+def participant_id_of(run_id: str, suffix: str) -> str:
+    """`<run id>.<suffix>`: fresh per run, 1..32 characters of [A-Za-z0-9._-]."""
+    return f"{run_id}.{suffix}"
+
+
+def open_participant_accounts(
+    target: Target,
+    etcd_endpoint: str,
+    participants: list[ParticipantSpec],
+    customer_count: int,
+    net_debit_cap_minor: int | None,
+    run_id: str | None = None,
+    funding_amount_minor: int = FUNDING_AMOUNT_MINOR,
+    log: Callable[[str], None] = lambda line: None,
+) -> AccountSet:
+    """Register `participants` (as admin: `target` must carry an admin token), set each one's
+    net debit cap in every one of its currencies (None: no cap), and open `customer_count`
+    funded customers dealt round-robin to them, on all shards."""
+    run_id = run_id or new_run_id()
+    shard_map = load_shard_map(etcd_endpoint)
+    participant_ids = [participant_id_of(run_id, spec.suffix) for spec in participants]
+    started = time.monotonic()
+    with target.channel() as channel:
+        grpc.channel_ready_future(channel).result(timeout=SETUP_CALL_TIMEOUT_SECONDS)
+        setup = Setup(channel, shard_map, run_id)
+        for participant_id, spec in zip(participant_ids, participants):
+            setup.register_participant(participant_id, spec.name, list(spec.currencies))
+            if net_debit_cap_minor is not None:
+                for currency in spec.currencies:
+                    setup.set_net_debit_cap(participant_id, currency, net_debit_cap_minor)
+        system_by_participant = {participant_id: setup.open_system_accounts(participant_id) for participant_id in participant_ids}
+        for participant_id, by_shard in system_by_participant.items():
+            setup.participant_of.update(dict.fromkeys(by_shard.values(), participant_id))
+        customers_by_shard = setup.open_customers(customer_count, participant_ids)
+        opened = time.monotonic()
+        log(f"registered {len(participant_ids)} participants, opened {customer_count} customers in {opened - started:.1f} s")
+        funding, path = [], ""
+        for participant_id in participant_ids:
+            own = {shard_name: [a for a in ids if setup.participant_of.get(a) == participant_id]
+                   for shard_name, ids in customers_by_shard.items()}  # fmt: skip
+            rows, path = setup.fund(system_by_participant[participant_id], own, funding_amount_minor)
+            funding += rows
+        log(f"funded {len(funding)} customers through {path} in {time.monotonic() - opened:.1f} s")
+    return AccountSet(
+        run_id=run_id,
+        system_account_id_by_shard=system_by_participant[participant_ids[0]] if participant_ids else {},
+        customer_account_ids_by_shard=customers_by_shard,
+        funding_transfers=funding,
+        funding_path=path,
+        participant_ids=participant_ids,
+        participant_by_account_id=dict(setup.participant_of),
+        net_debit_cap_minor=net_debit_cap_minor,
     )

@@ -19,7 +19,15 @@ Checks, each printed with its figures:
    ended (by the wall-clock times in every process's log);
 6. flash sale: the merchant's balance_minor + collecting_minor equals the sum of
    its posted payments (acknowledged, plus those whose answer was lost and that
-   GetTransfer shows POSTED), and once the sweeps settle balance_minor alone does.
+   GetTransfer shows POSTED), and once the sweeps settle balance_minor alone does;
+7. remittance (clearing): the Reconcile RPC answers consistent; from the databases, no
+   transfer lost or doubled in windows: every POSTED cleared transfer row (on any shard)
+   has a window_id, each acknowledged transfer of the run between two participants has
+   exactly one posted row with a window_id and one within a participant none, every
+   window's totals equal its transfers (per shard, participant and currency) and net to
+   zero, and every position share equals its windows' nets less the settled resets; no
+   participant of the run owes more than its net debit cap (NET_DEBIT_CAP_EXCEEDED refusals
+   are counted, as the business answers they are).
 Writes FOLDER/verdict.json (each check, ok or not, with its figures) and exits 1 on any violation.
 """
 
@@ -40,13 +48,16 @@ from collections.abc import Callable
 
 import grpc
 import psycopg
-from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2
+from corebank.v1 import (
+    accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2,
+)
 
 from loadtest import swarm
-from loadtest.accounts import RETRYABLE_CODES, AccountSet, describe_rpc_error
+from loadtest.accounts import CURRENCY, RETRYABLE_CODES, AccountSet, describe_rpc_error
 from loadtest.swarm import POSTED, REFUSED, SENT, UNKNOWN
 from services.auth.client import Target
-from services.storage.audit import audit_cluster
+from services.ledger import clearing
+from services.storage.audit import audit_cluster, reader_dsn
 
 # Transfers between shards left in doubt become final within the pending timeout
 # (30 s) plus a lease (5 s) and a recovery scan (1 s); wait a little longer, no more.
@@ -71,6 +82,25 @@ POSTED_STATUS = 2
 # sub-account on the payer's shard. A row is a debit leg, a credit leg, or both.
 DEBIT_BRANCHES, CREDIT_BRANCHES = (0, 1, 3), (0, 2, 3)
 VIOLATIONS_SHOWN_MAX = 10
+# The Reconcile RPC reads every window of every shard: longer than a lookup.
+RECONCILE_TIMEOUT_SECONDS = 120.0
+NET_DEBIT_CAP_EXCEEDED = "NET_DEBIT_CAP_EXCEEDED"
+
+# Clearing (schema.sql's clearing section), each shard read in one snapshot. A row is a cleared
+# transfer's debit leg when it is posted on branch 0, 1 or 3 between two participants and no
+# settlement account is on a side (services.ledger.clearing.cleared_between).
+_CLEARED = f"""status = {POSTED_STATUS} AND branch IN (0, 1, 3) AND payer_participant_id IS NOT NULL
+      AND payer_participant_id <> payee_participant_id
+      AND NOT starts_with(debit_account_id, '{clearing.SETTLEMENT_ACCOUNT_ID_PREFIX}')
+      AND NOT starts_with(credit_account_id, '{clearing.SETTLEMENT_ACCOUNT_ID_PREFIX}')"""
+CLEARED_WITHOUT_WINDOW = f"SELECT count(*), min(transfer_id) FROM transfers WHERE {_CLEARED} AND window_id IS NULL"  # nosec B608 # constants only
+WINDOWED_TRANSFER_SUMS = f"""
+    SELECT window_id, payer_participant_id, payee_participant_id, currency, sum(amount_minor), count(*)
+    FROM transfers WHERE {_CLEARED} AND window_id IS NOT NULL GROUP BY 1, 2, 3, 4"""  # nosec B608 # constants only
+WINDOW_TOTALS = "SELECT window_id, participant_id, currency, debits_minor, credits_minor, transfers FROM clearing_window_totals"
+POSITIONS = "SELECT participant_id, currency, position_minor FROM clearing_positions"
+RESETS = "SELECT participant_id, currency, sum(amount_minor) FROM clearing_position_resets GROUP BY 1, 2"
+WINDOWS_OF = f"SELECT transfer_id, count(window_id) FROM transfers WHERE transfer_id = ANY(%s) AND status = {POSTED_STATUS} AND branch IN (0, 1, 3) GROUP BY 1"  # nosec B608 # constants only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +325,129 @@ def check_run(
             check_merchant_during_run(accounts.merchant_account_ids[0], sent, merchant_samples, report)
         if scenario == "flash-sale" and accounts.merchant_account_ids:
             check_merchant(channel, accounts.merchant_account_ids[0], sent, resolved, report)
+        if scenario == "remittance":
+            check_clearing(channel, shards, accounts, acknowledged, sent, report)
     return report
+
+
+@dataclasses.dataclass
+class ShardClearing:
+    """One shard's clearing, read in one snapshot."""
+
+    cleared_without_window: int
+    example_without_window: str | None
+    # (window, participant, currency) -> [debits, credits, transfers], from the transfers and as stored.
+    from_transfers: dict[tuple[int, str, str], list[int]]
+    stored_totals: dict[tuple[int, str, str], list[int]]
+    positions: dict[tuple[str, str], int]
+    resets: dict[tuple[str, str], int]
+
+
+def read_shard_clearing(dsn: str) -> ShardClearing:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        without, example = connection.execute(CLEARED_WITHOUT_WINDOW).fetchone()
+        from_transfers: dict[tuple[int, str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+        for window_id, payer, payee, currency, amount, count in connection.execute(WINDOWED_TRANSFER_SUMS):
+            from_transfers[(window_id, payer, currency)][0] += int(amount)
+            from_transfers[(window_id, payer, currency)][2] += int(count)
+            from_transfers[(window_id, payee, currency)][1] += int(amount)
+        stored = {(w, p, c): [int(d), int(cr), int(t)] for w, p, c, d, cr, t in connection.execute(WINDOW_TOTALS) if d or cr or t}
+        positions = {(p, c): int(position) for p, c, position in connection.execute(POSITIONS)}
+        resets = {(p, c): int(amount) for p, c, amount in connection.execute(RESETS)}
+        connection.execute("COMMIT")
+    return ShardClearing(int(without), example, dict(from_transfers), stored, positions, resets)
+
+
+def clearing_findings(name: str, shard: ShardClearing) -> tuple[list[str], list[str], list[str]]:
+    """(window totals that differ from their transfers, windows whose nets do not sum to zero,
+    positions that differ from their windows' nets less the resets) on one shard."""
+    totals = [
+        f"{name} window {key[0]} {key[1]} {key[2]}: transfers {shard.from_transfers.get(key, [0, 0, 0])}, "
+        f"totals {shard.stored_totals.get(key, [0, 0, 0])} (debits, credits, count)"
+        for key in sorted(shard.from_transfers.keys() | shard.stored_totals.keys())
+        if shard.from_transfers.get(key, [0, 0, 0]) != shard.stored_totals.get(key, [0, 0, 0])
+    ]
+    nets: dict[tuple[int, str], int] = collections.defaultdict(int)
+    for (window_id, _participant, currency), (debits, credits, _count) in shard.stored_totals.items():
+        nets[(window_id, currency)] += debits - credits
+    unbalanced = [f"{name} window {w} {c}: nets sum to {net}" for (w, c), net in sorted(nets.items()) if net]
+    expected: dict[tuple[str, str], int] = collections.defaultdict(int)
+    for (_window_id, participant, currency), (debits, credits, _count) in shard.stored_totals.items():
+        expected[(participant, currency)] += debits - credits
+    for key, amount in shard.resets.items():
+        expected[key] -= amount
+    positions = [
+        f"{name} {key[0]} {key[1]}: position {shard.positions.get(key, 0)}, windows' nets less resets {expected.get(key, 0)}"
+        for key in sorted(expected.keys() | shard.positions.keys())
+        if shard.positions.get(key, 0) != expected.get(key, 0)
+    ]
+    return totals, unbalanced, positions
+
+
+def check_clearing(
+    channel: grpc.Channel, shards: list[dict], accounts: AccountSet, acknowledged: list[SentTransfer],
+    sent: list[SentTransfer], report: Report,
+) -> None:
+    """Check 7 (see the module's docstring)."""
+    stub = clearing_pb2_grpc.ClearingStub(channel)
+    try:
+        reconciled = stub.Reconcile(clearing_pb2.ReconcileRequest(), timeout=RECONCILE_TIMEOUT_SECONDS)
+    except grpc.RpcError as error:
+        report.check(False, "Reconcile RPC: consistent", f"{describe_rpc_error(error)}: {error.details()}")
+    else:
+        report.check(
+            reconciled.consistent and not reconciled.findings, "Reconcile RPC: consistent",
+            f"{reconciled.windows_checked} windows, {reconciled.transfers_checked} transfers, "
+            f"{reconciled.participants_checked} participants, {reconciled.settlements_checked} settlements checked"
+            + "".join(f"; {f.check} {f.shard} window {f.window_id} {f.participant_id} {f.currency}: expected "
+                      f"{f.expected_minor}, found {f.found_minor} {f.detail}" for f in reconciled.findings[:VIOLATIONS_SHOWN_MAX]),
+        )  # fmt: skip
+
+    read = {shard["name"]: read_shard_clearing(reader_dsn(shard)) for shard in shards}
+    without = [f"{name}: {shard.cleared_without_window} (e.g. {shard.example_without_window})"
+               for name, shard in read.items() if shard.cleared_without_window]  # fmt: skip
+    report.check(not without, "every POSTED cleared transfer row has a window", "; ".join(without))
+    participant_of = accounts.participant_by_account_id
+    ids = [t.transfer_id for t in acknowledged]
+    windowed: collections.Counter = collections.Counter()
+    for shard in shards:
+        with psycopg.connect(reader_dsn(shard)) as connection:
+            for start in range(0, len(ids), SQL_ID_CHUNK_SIZE):
+                for transfer_id, count in connection.execute(WINDOWS_OF, (ids[start : start + SQL_ID_CHUNK_SIZE],)):
+                    windowed[transfer_id] += count
+    cleared = [t for t in acknowledged if participant_of.get(t.debit_account_id, "") != participant_of.get(t.credit_account_id, "")]
+    cleared_ids = {t.transfer_id for t in cleared}
+    wrong = [f"{t.transfer_id} in {windowed[t.transfer_id]} windows" for t in cleared if windowed[t.transfer_id] != 1]
+    wrong += [f"{t.transfer_id} (within one participant) in {windowed[t.transfer_id]} windows"
+              for t in acknowledged if t.transfer_id not in cleared_ids and windowed[t.transfer_id]]  # fmt: skip
+    report.check(
+        not wrong, f"each acknowledged transfer between participants in exactly one window, within one in none "
+        f"({len(cleared)} between, {len(acknowledged) - len(cleared)} within)", "; ".join(wrong[:VIOLATIONS_SHOWN_MAX]),
+    )  # fmt: skip
+    totals, unbalanced, positions = [], [], []
+    for name, shard in read.items():
+        shard_totals, shard_unbalanced, shard_positions = clearing_findings(name, shard)
+        totals, unbalanced, positions = totals + shard_totals, unbalanced + shard_unbalanced, positions + shard_positions
+    windows = {key[0] for shard in read.values() for key in shard.stored_totals}
+    report.check(not totals, f"every window's totals equal its transfers, per shard ({len(windows)} windows)",
+                 "; ".join(totals[:VIOLATIONS_SHOWN_MAX]))  # fmt: skip
+    report.check(not unbalanced, "every window's nets sum to zero per currency, per shard", "; ".join(unbalanced[:VIOLATIONS_SHOWN_MAX]))
+    report.check(not positions, "every position share equals its windows' nets less the settled resets",
+                 "; ".join(positions[:VIOLATIONS_SHOWN_MAX]))  # fmt: skip
+
+    refusals = sum(1 for t in sent if t.code.endswith("/" + NET_DEBIT_CAP_EXCEEDED))
+    over = []
+    for participant_id in accounts.participant_ids:
+        position = stub.GetPosition(
+            clearing_pb2.GetPositionRequest(participant_id=participant_id, currency=CURRENCY), timeout=CALL_TIMEOUT_SECONDS
+        )
+        if position.net_debit_cap_set and position.position_minor > position.net_debit_cap_minor:
+            over.append(f"{participant_id}: position {position.position_minor} > cap {position.net_debit_cap_minor}")
+    report.check(
+        not over, f"no participant of the run owes more than its net debit cap ({refusals} transfers refused "
+        f"{NET_DEBIT_CAP_EXCEEDED}, a business answer)", "; ".join(over),
+    )  # fmt: skip
 
 
 def check_merchant_during_run(

@@ -11,6 +11,14 @@ Scenarios:
 - `everyday`: transfers among many customers, CROSS_SHARD_SHARE of them between
   shards, plus balance reads (READ_SHARE of the tasks).
 - `batch`: clients calling CreateTransfers with BATCH_SIZE transfers per call.
+- `remittance`: PARTICIPANTS wallets of different countries (registered by the set-up, each
+  with a net debit cap of NET_DEBIT_CAP_MINOR in every currency), ACCOUNTS customers dealt
+  to them; users pay each other, across wallets (the first wallet sends HEAVY_SENDER_WEIGHT
+  times as often as each other: it runs into its cap) and SAME_PARTICIPANT_SHARE within one,
+  while one operator user closes the settlement window every CLOSE_WINDOW_SECONDS and, every
+  SETTLE_EVERY_CLOSES closes, settles the closed windows (DEFERRED_NET) and records every
+  participant settled. NET_DEBIT_CAP_EXCEEDED is a business answer: counted apart under its
+  own name, not as a failure.
 
 The host (--host, or the web UI's Host field) names the cluster: empty for
 $COREBANK_STATE_DIR's, a state folder or its cluster.json, or grpcs://HOST:PORT
@@ -49,7 +57,9 @@ import uuid  # noqa: E402
 import gevent  # noqa: E402
 import gevent.lock  # noqa: E402
 import grpc  # noqa: E402
-from corebank.v1 import accounts_pb2, accounts_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2  # noqa: E402
+from corebank.v1 import (  # noqa: E402
+    accounts_pb2, accounts_pb2_grpc, clearing_pb2, clearing_pb2_grpc, payments_pb2, payments_pb2_grpc, transfers_pb2,
+)
 from locust import LoadTestShape, User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner  # noqa: E402
@@ -60,7 +70,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from loadtest import accounts as setup_accounts  # noqa: E402
 from loadtest import swarm  # noqa: E402
 from loadtest.swarm import POSTED, REFUSED, UNKNOWN, env_float, env_int  # noqa: E402
+from services.auth import auth_dir, tokens  # noqa: E402
 from services.auth.client import Target  # noqa: E402
+from services.ledger.access import Role  # noqa: E402
 
 SCENARIO = os.environ.get("SCENARIO", "flash-sale")
 if SCENARIO not in swarm.SCENARIOS:
@@ -82,6 +94,31 @@ WAIT_SECONDS = env_float("WAIT_SECONDS", 0.0)
 OUTPUT_DIR = os.environ.get("LOADTEST_OUTPUT_DIR", "")
 
 assert 0.0 <= CROSS_SHARD_SHARE <= 1.0 and 0.0 <= READ_SHARE < 1.0, "shares are fractions"
+
+# The remittance scenario's wallets (the issue's models), in order; PARTICIPANTS takes the first ones.
+# Transfers are in the corridor currency (USD); each also has its local currency, capped too.
+REMITTANCE_WALLETS = (
+    setup_accounts.ParticipantSpec("hk", "Hong Kong wallet (model: AlipayHK)", ("USD", "HKD")),
+    setup_accounts.ParticipantSpec("ph", "Philippines wallet (model: GCash)", ("USD", "PHP")),
+    setup_accounts.ParticipantSpec("id", "Indonesia wallet (model: Dana)", ("USD", "IDR")),
+    setup_accounts.ParticipantSpec("my", "Malaysia wallet (model: Touch 'n Go)", ("USD", "MYR")),
+    setup_accounts.ParticipantSpec("sg", "Singapore wallet", ("USD", "SGD")),
+    setup_accounts.ParticipantSpec("th", "Thailand wallet", ("USD", "THB")),
+)
+PARTICIPANTS = env_int("PARTICIPANTS", 4)
+# 200.00 USD: the first wallet, sending twice as much as it receives, reaches it within seconds
+# of a window at a few hundred transfers a second, and a settlement brings it back down.
+NET_DEBIT_CAP_MINOR = env_int("NET_DEBIT_CAP_MINOR", 20_000)
+HEAVY_SENDER_WEIGHT = env_float("HEAVY_SENDER_WEIGHT", 2.0)
+SAME_PARTICIPANT_SHARE = env_float("SAME_PARTICIPANT_SHARE", 0.2)
+CLOSE_WINDOW_SECONDS = env_float("CLOSE_WINDOW_SECONDS", 3.0)
+SETTLE_EVERY_CLOSES = env_int("SETTLE_EVERY_CLOSES", 3)
+OPERATOR_SUBJECT = "loadtest-settlement-operator"
+assert 2 <= PARTICIPANTS <= len(REMITTANCE_WALLETS), f"PARTICIPANTS is 2..{len(REMITTANCE_WALLETS)}"
+assert 0.0 <= SAME_PARTICIPANT_SHARE <= 1.0 and HEAVY_SENDER_WEIGHT > 0 and SETTLE_EVERY_CLOSES >= 1
+assert NET_DEBIT_CAP_MINOR >= 0 and CLOSE_WINDOW_SECONDS > 0
+# Refusals that are the bank's business answer, not a failure: counted under their own name.
+NET_DEBIT_CAP_EXCEEDED = "NET_DEBIT_CAP_EXCEEDED"
 assert 1 <= BATCH_SIZE <= setup_accounts.CREATE_TRANSFERS_BATCH_SIZE_MAX, "BATCH_SIZE is 1..5000"
 
 # A call that failed with these may still have been applied (or may be later): the checker asks.
@@ -89,9 +126,19 @@ OUTCOME_UNKNOWN_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 )  # fmt: skip
-# Locust request names of the calls that carry one transfer each, and of the batch call.
-TRANSFER_CALL_NAMES = ("Transfer", "Transfer (payment)", "Transfer (cross-shard)")
+# Locust request names of the calls that carry one transfer each, and of the batch call. A call
+# refused with a business answer is named `<name>: <REASON>` (refused_call_name).
+TRANSFER_CALL_NAMES = ("Transfer", "Transfer (payment)", "Transfer (cross-shard)", "Transfer (cross-participant)",
+                       "Transfer (same participant)")  # fmt: skip
 BATCH_CALL_NAME = "CreateTransfers"
+
+
+def refused_call_name(name: str, reason: str) -> str:
+    return f"{name}: {reason}"
+
+
+def is_transfer_call(name: str) -> bool:
+    return name in TRANSFER_CALL_NAMES or name.split(": ")[0] in TRANSFER_CALL_NAMES
 
 # Custom messages between the master and its workers.
 PLAN_MESSAGE = "corebank_plan"  # master -> worker: the accounts to use (swarm.Plan)
@@ -113,11 +160,15 @@ class Run:
     plan: swarm.Plan | None = None
     setup_lock = gevent.lock.Semaphore()
     channels: list[grpc.Channel] = []
+    # Remittance: a channel with an operator's token (closing windows, creating settlements).
+    operator_channel: grpc.Channel | None = None
     channels_key = ""
     # Lists built once from the plan's accounts, since every task picks from them.
     customer_account_ids: list[str] = []
     customer_account_ids_by_shard: list[list[str]] = []
     shard_by_account_id: dict[str, str] = {}
+    # Remittance: each participant's customers, in the plan's participant order.
+    account_ids_by_participant: list[list[str]] = []
     transfer_log = swarm.TransferLog()
     # Set in the init event, i.e. after locust's --processes forks: transfer ids of two processes never meet.
     process_tag = ""
@@ -144,9 +195,14 @@ def _use_plan(plan: swarm.Plan) -> None:
     Run.shard_by_account_id = {
         account_id: shard_name for shard_name, ids in accounts.customer_account_ids_by_shard.items() for account_id in ids
     }
+    Run.account_ids_by_participant = [
+        [account_id for account_id in Run.customer_account_ids if accounts.participant_by_account_id.get(account_id) == participant_id]
+        for participant_id in accounts.participant_ids
+    ]  # fmt: skip
     if Run.channels_key != plan.host_key:
-        for channel in Run.channels:
+        for channel in Run.channels + ([Run.operator_channel] if Run.operator_channel else []):
             channel.close()
+        Run.operator_channel = None
         # Each process mints its own token from the cluster's key: none travels between locust processes.
         traffic = _at(plan.host_target().cluster().traffic_target(), plan.address)
         # A local subchannel pool per channel keeps them on separate connections, so
@@ -154,6 +210,10 @@ def _use_plan(plan: swarm.Plan) -> None:
         Run.channels = [traffic.channel(options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNEL_COUNT)]
         for channel in Run.channels:
             grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_TIMEOUT_SECONDS)
+        if SCENARIO == "remittance":
+            cluster = plan.host_target().cluster()
+            token = tokens.mint(auth_dir(cluster.raw["state_dir"]), Role.OPERATOR, OPERATOR_SUBJECT, tokens.TOKEN_TTL_SECONDS_MAX)
+            Run.operator_channel = _at(cluster.target.acting_as(token), plan.address).channel()
         Run.channels_key = plan.host_key
     Run.plan = plan
 
@@ -167,12 +227,19 @@ def _set_up(host: str | None) -> swarm.Plan:
         Run.plan = None
         cluster = host_target.cluster()
         flash_sale = SCENARIO == "flash-sale"
-        accounts = setup_accounts.open_account_set(
-            _at(cluster.target, host_target.address), cluster.etcd_endpoint, customer_count=ACCOUNTS,
-            merchant_count=1 if flash_sale else 0, collect_on_every_shard=flash_sale,
-            run_id=setup_accounts.new_run_id(SCENARIO),
-            log=lambda line: print(f"[loadtest] {SCENARIO}: {line}", file=sys.stderr, flush=True),
-        )  # fmt: skip
+        log_line = lambda line: print(f"[loadtest] {SCENARIO}: {line}", file=sys.stderr, flush=True)  # noqa: E731
+        if SCENARIO == "remittance":
+            # As admin (cluster.json's token): registering participants and setting caps are admin's.
+            accounts = setup_accounts.open_participant_accounts(
+                _at(cluster.target, host_target.address), cluster.etcd_endpoint, list(REMITTANCE_WALLETS[:PARTICIPANTS]),
+                ACCOUNTS, NET_DEBIT_CAP_MINOR, run_id=setup_accounts.new_run_id("rem"), log=log_line,
+            )  # fmt: skip
+        else:
+            accounts = setup_accounts.open_account_set(
+                _at(cluster.target, host_target.address), cluster.etcd_endpoint, customer_count=ACCOUNTS,
+                merchant_count=1 if flash_sale else 0, collect_on_every_shard=flash_sale,
+                run_id=setup_accounts.new_run_id(SCENARIO), log=log_line,
+            )  # fmt: skip
         folder = pathlib.Path(OUTPUT_DIR) if OUTPUT_DIR else swarm.new_run_folder(cluster.state_dir, SCENARIO)
         folder.mkdir(parents=True, exist_ok=True)
         plan = swarm.Plan(host_target.key, SCENARIO, str(host_target.cluster_file), host_target.address, accounts, str(folder))
@@ -301,7 +368,7 @@ def _write_run_files(environment, workers_missing: list[str]) -> None:
     calls_by_name: dict[str, int] = {}
     for entry in stats.entries.values():
         calls_by_name[entry.name] = calls_by_name.get(entry.name, 0) + entry.num_requests
-    transfers_called = sum(calls_by_name.get(name, 0) for name in TRANSFER_CALL_NAMES)
+    transfers_called = sum(count for name, count in calls_by_name.items() if is_transfer_call(name))
     transfers_called += calls_by_name.get(BATCH_CALL_NAME, 0) * BATCH_SIZE
     swarm.Totals(
         requests=stats.total.num_requests,
@@ -344,16 +411,22 @@ class GrpcUser(User):
     def new_transfer_id(self) -> str:
         return f"{self.transfer_id_prefix}:{next(self.sequence)}"
 
-    def call(self, method: str, stub_method, request, response_length=None):
-        """Make one call and report it; returns the response, or None after reporting a failure."""
+    def call(self, method: str, stub_method, request, response_length=None, business_refusals: frozenset = frozenset()):
+        """Make one call and report it; returns the response, or None after reporting a failure.
+
+        A refusal whose ErrorInfo reason is in `business_refusals` is the bank's answer, not a
+        failure: reported as a success named refused_call_name(method, reason) (it still returns None)."""
         started = time.perf_counter()
         try:
             response = stub_method(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
             described = setup_accounts.describe_rpc_error(error)
+            reason = described.partition("/")[2]
+            expected = reason in business_refusals
             self.environment.events.request.fire(
-                request_type="grpc", name=method, response_time=(time.perf_counter() - started) * 1000,
-                response_length=0, exception=GrpcFailure(described), context={"code": error.code().name},
+                request_type="grpc", name=refused_call_name(method, reason) if expected else method,
+                response_time=(time.perf_counter() - started) * 1000, response_length=0,
+                exception=None if expected else GrpcFailure(described), context={"code": error.code().name},
             )  # fmt: skip
             self.last_error = error
             return None
@@ -364,7 +437,10 @@ class GrpcUser(User):
         )  # fmt: skip
         return response
 
-    def transfer(self, debit_account_id: str, credit_account_id: str, amount_minor: int, name: str = "Transfer") -> bool:
+    def transfer(
+        self, debit_account_id: str, credit_account_id: str, amount_minor: int, name: str = "Transfer",
+        business_refusals: frozenset = frozenset(),
+    ) -> bool:
         """One Transfer, logged; True when it was acknowledged POSTED."""
         request = payments_pb2.TransferRequest(
             transfer_id=self.new_transfer_id(), debit_account_id=debit_account_id,
@@ -373,7 +449,7 @@ class GrpcUser(User):
         )  # fmt: skip
         # Logged as sent before the call: from then on it may post at any moment.
         Run.transfer_log.sent(request.transfer_id, debit_account_id, credit_account_id, amount_minor, time.time())
-        transfer = self.call(name, self.payments.Transfer, request)
+        transfer = self.call(name, self.payments.Transfer, request, business_refusals=business_refusals)
         answered_at = time.time()
         if transfer is not None:
             posted = transfer.status == transfers_pb2.POSTED
@@ -537,3 +613,74 @@ if SCENARIO == "batch":
                 else:
                     status = transfers_pb2.TransferStatus.Name(result.transfer.status)
                     Run.transfer_log.answered(request.transfer_id, UNKNOWN, status, answered_at)
+
+
+if SCENARIO == "remittance":
+
+    class RemittanceSender(GrpcUser):
+        """A wallet customer paying another wallet's customer, or (SAME_PARTICIPANT_SHARE) one of its own."""
+
+        @task
+        def send(self) -> None:
+            by_participant = Run.account_ids_by_participant
+            weights = [HEAVY_SENDER_WEIGHT] + [1.0] * (len(by_participant) - 1)
+            payer = self.rng.choices(range(len(by_participant)), weights)[0]
+            debit_account_id = self.rng.choice(by_participant[payer])
+            if self.rng.random() < SAME_PARTICIPANT_SHARE:
+                credit_account_id = self.rng.choice([a for a in by_participant[payer] if a != debit_account_id])
+                name = "Transfer (same participant)"
+            else:
+                payee = self.rng.choice([index for index in range(len(by_participant)) if index != payer])
+                credit_account_id = self.rng.choice(by_participant[payee])
+                name = "Transfer (cross-participant)"
+            amount_minor = self.rng.randint(1, setup_accounts.TRANSFER_AMOUNT_MINOR_MAX)
+            self.transfer(debit_account_id, credit_account_id, amount_minor, name=name,
+                          business_refusals=frozenset({NET_DEBIT_CAP_EXCEEDED}))  # fmt: skip
+
+    class SettlementOperator(GrpcUser):
+        """One in the whole swarm: closes the window every CLOSE_WINDOW_SECONDS (as an operator);
+        every SETTLE_EVERY_CLOSES closes settles the windows it closed (DEFERRED_NET, as an
+        operator) and records every entry settled (as admin, whose act that is)."""
+
+        fixed_count = 1
+        wait_time = constant(CLOSE_WINDOW_SECONDS)
+
+        def on_start(self) -> None:
+            super().on_start()
+            self.operator = clearing_pb2_grpc.ClearingStub(Run.operator_channel)
+            self.admin = clearing_pb2_grpc.ClearingStub(Run.channels[self.number % len(Run.channels)])
+            self.closed_window_ids: list[int] = []
+            # (request_id, window_ids) of a CreateSettlement whose outcome is unknown: asked again as is.
+            self.pending_settlement: tuple[str, list[int]] | None = None
+
+        @task
+        def close_and_settle(self) -> None:
+            closed = self.call(
+                "CloseSettlementWindow", self.operator.CloseSettlementWindow,
+                clearing_pb2.CloseSettlementWindowRequest(request_id=f"{self.new_transfer_id()}:close", reason=f"locust {SCENARIO}"),
+            )  # fmt: skip
+            if closed is not None:
+                self.closed_window_ids.append(closed.closed_window.window_id)
+            if self.pending_settlement is None:
+                if len(self.closed_window_ids) < SETTLE_EVERY_CLOSES:
+                    return
+                self.pending_settlement = (f"{self.new_transfer_id()}:settle", self.closed_window_ids)
+                self.closed_window_ids = []
+            request_id, window_ids = self.pending_settlement
+            settlement = self.call(
+                "CreateSettlement", self.operator.CreateSettlement,
+                clearing_pb2.CreateSettlementRequest(request_id=request_id, window_ids=window_ids, model=clearing_pb2.DEFERRED_NET),
+            )  # fmt: skip
+            if settlement is None:
+                if self.last_error.code() not in OUTCOME_UNKNOWN_CODES:
+                    # Refused, so nothing was recorded: the windows go into the next try, under a new id.
+                    self.closed_window_ids = window_ids + self.closed_window_ids
+                    self.pending_settlement = None
+                return
+            self.pending_settlement = None
+            for entry in settlement.entries:
+                self.call(
+                    "RecordParticipantSettled", self.admin.RecordParticipantSettled,
+                    clearing_pb2.RecordParticipantSettledRequest(settlement_id=settlement.settlement_id,
+                                                                 participant_id=entry.participant_id, currency=entry.currency),
+                )  # fmt: skip

@@ -32,7 +32,7 @@ from deploy.cluster import CLUSTER_FILE
 from loadtest.accounts import AccountSet
 from loadtest.cluster import Cluster, load_cluster, state_dir_from_environment
 
-SCENARIOS = ("flash-sale", "everyday", "batch")
+SCENARIOS = ("flash-sale", "everyday", "batch", "remittance")
 REPORTS_FOLDER = "reports"
 SETUP_FILE = "setup.json"
 TRANSFERS_FILE = "transfers.csv"

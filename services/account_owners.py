@@ -1,6 +1,7 @@
-"""Who owns each account, and its kind: what authorisation asks of the accounts a caller names.
+"""Who owns each account, and its kind: what authorisation asks of the accounts a caller names;
+and the participant it belongs to: what clearing asks of a transfer's payee before it begins.
 
-An account's owner_id and kind never change once it is opened, and accounts are never
+An account's owner_id, kind and participant_id never change once it is opened, and accounts are never
 deleted, so a cached answer stays exact without any invalidation: this per-process cache is
 filled on first use and never asked to forget. "Not found" is never cached (the account
 may be opened a moment later). Bounded: at most OWNERSHIPS_MAX entries, the oldest dropped
@@ -29,12 +30,18 @@ class AccountOwners:
         self.router = router
         self.ownerships_max = ownerships_max
         self._known: dict[str, AccountOwnership] = {}
+        # account_id -> participant_id, filled by the same reads (and bounded the same way).
+        self._participants: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._known)
 
-    def remember(self, account_id: str, ownership: AccountOwnership) -> None:
+    def remember(self, account_id: str, ownership: AccountOwnership, participant_id: str | None = None) -> None:
         """Keep what a read of the account found anyway (GetAccount), so no lookup follows."""
+        if participant_id is not None and account_id not in self._participants:
+            if len(self._participants) >= self.ownerships_max:
+                self._participants = dict(list(self._participants.items())[max(1, int(self.ownerships_max * EVICTION_SHARE)):])
+            self._participants[account_id] = participant_id
         if account_id in self._known:
             return
         if len(self._known) >= self.ownerships_max:
@@ -76,9 +83,9 @@ class AccountOwners:
                 for account_id in shard_account_ids:
                     answers[account_id] = error
                 return
-            for account_id, owner_id, kind in rows:
+            for account_id, owner_id, kind, *participant in rows:
                 ownership = AccountOwnership(owner_id, kind)
-                self.remember(account_id, ownership)
+                self.remember(account_id, ownership, *participant)
                 answers[account_id] = ownership
 
         if len(by_shard) == 1:  # one account, or all on one shard: no task for one coroutine
@@ -86,3 +93,27 @@ class AccountOwners:
         elif by_shard:
             await asyncio.gather(*(look_up(shard_name, ids) for shard_name, ids in by_shard.items()))
         return answers
+
+    async def participants_of(self, account_ids: list[str], timeout_seconds: float) -> dict[str, str | None]:
+        """Each account's participant, None if the account does not exist. Raises if a shard does
+        not answer (a transfer must not go on uncleared for want of its payee)."""
+        unknown = list(dict.fromkeys(account_id for account_id in account_ids if account_id not in self._participants))
+        if unknown:
+            await self._read_participants(unknown, timeout_seconds)
+        return {account_id: self._participants.get(account_id) for account_id in account_ids}
+
+    async def _read_participants(self, account_ids: list[str], timeout_seconds: float) -> None:
+        """One read per shard for the accounts not known yet (it fills their ownerships too)."""
+        by_shard: dict[str, list[str]] = {}
+        for account_id in account_ids:
+            by_shard.setdefault(self.router.shard_name_for(account_id), []).append(account_id)
+
+        async def look_up(shard_name: str, shard_account_ids: list[str]) -> None:
+            rows = await self.router.handle(shard_name).get_owners(shard_account_ids, timeout_seconds)
+            for account_id, owner_id, kind, *participant in rows:
+                self.remember(account_id, AccountOwnership(owner_id, kind), *participant)
+
+        if len(by_shard) == 1:
+            await look_up(*next(iter(by_shard.items())))
+        else:
+            await asyncio.gather(*(look_up(shard_name, ids) for shard_name, ids in by_shard.items()))

@@ -27,7 +27,7 @@ from services.api import metrics
 from services.coordinator.driver import TransferDriver, outcome
 from services.ledger.coordination import FINAL_STATES
 from services.group_commit import GroupCommitter
-from services.ledger import authorization, errors, ids, paging
+from services.ledger import authorization, clearing, errors, ids, paging
 from services.ledger.access import Caller
 from services.ledger.accounts import Account, AccountStatus, OpenAccountRequest, check_status_change, closed_status
 from services.ledger.authorization import AccountOwnership, Action
@@ -35,7 +35,8 @@ from services.ledger.limits import TierLimits
 from services.ledger.rate_limits import RateLimiter, RateLimits
 from services.ledger.transfers import Transfer, TransferRequest, linked_transfer_failed
 from services.storage import id_registry
-from services.storage.batch_posting import post_chains
+from services.storage.batch_posting import Outcome, post_chains
+from services.storage.positions import PositionStore
 from services.storage.id_registry import Registration, transfer_registration
 from services.storage.shard_store import ShardStore
 from services.storage.tcc_store import Begun, TccStore
@@ -71,6 +72,13 @@ DRAIN_SECONDS_MAX = 5.0
 # per transfer id at most, and at most this many in the process. Past it, new transfers
 # between shards get OVERLOADED; recovery finishes whatever a full process leaves.
 DRIVES_IN_FLIGHT_MAX = 10_000
+# The reference of a settlement account's movements (post_settlement_leg).
+SETTLEMENT_REFERENCE = "settlement"
+# A debit whose payer's share of its net debit cap lacks headroom: at most this many rebalances
+# before it is posted for good (final for the cap), so that debits racing for the same share
+# on one shard do not take the headroom a rebalance moved there for another and get it refused
+# while the cap as a whole still had room.
+CAP_REBALANCES_MAX = 3
 
 
 def bounded_timeout(time_remaining_seconds: float | None) -> float:
@@ -95,6 +103,9 @@ class LedgerService:
         # Per process, like every bucket of the limiter: see services/ledger/rate_limits.py.
         self.rate_limiter = RateLimiter(rate_limits or RateLimits.load(), clock)
         self.owners = AccountOwners(router)
+        self.positions = PositionStore(router)
+        # (participant_id, currency) pairs the clearing registry has: never removed, so cached for good.
+        self._participant_currencies_known: set[tuple[str, str]] = set()
         # Drives outlive the request that started them (a client deadline does not stop a
         # transfer); keyed by transfer id, so retries of one transfer share one task.
         self._drives: dict[str, asyncio.Task] = {}
@@ -162,8 +173,9 @@ class LedgerService:
     async def open_account(self, caller: Caller, request: OpenAccountRequest, timeout_seconds: float) -> tuple[Account, bool]:
         self.rate_limiter.admit_call(caller)
         authorization.check_open_account(caller, request.owner_id, request.kind)
-        request.validated(self.limits)
+        request = request.validated(self.limits)
         deadline = asyncio.get_running_loop().time() + timeout_seconds
+        await self._check_participant_currency(request.participant_id, request.currency, deadline)
         # Registered bank-wide first: two racing OpenAccount calls with one request_id and
         # different fields (collect_on_every_shard picks another id, maybe on another shard)
         # can never both open an account.
@@ -194,6 +206,22 @@ class LedgerService:
             await self._change_status(account.account_id, lambda merchant: merchant.status, open_sub_accounts, timeout_seconds)
         return account, created
 
+    async def _check_participant_currency(self, participant_id: str, currency: str, deadline: float) -> None:
+        """An account of a participant other than the hosting one needs it registered (on the
+        clearing home shard) with the account's currency. Participants and their currencies are
+        never removed, so a positive answer is kept for good."""
+        if participant_id == clearing.HOSTING_PARTICIPANT_ID or (participant_id, currency) in self._participant_currencies_known:
+            return
+        home = self.router.handle_for(clearing.CLEARING_HOME_KEY)
+        registered, enabled = await home.participant_currency(participant_id, currency, _time_left(deadline))
+        if not registered:
+            raise errors.ParticipantNotFound(f"participant {participant_id} is not registered", participant_id=participant_id)
+        if not enabled:
+            raise errors.ParticipantCurrencyNotEnabled(
+                f"participant {participant_id} does not have {currency}", participant_id=participant_id, currency=currency
+            )
+        self._participant_currencies_known.add((participant_id, currency))
+
     async def get_account(self, caller: Caller, account_id: str, timeout_seconds: float) -> tuple[Account, int]:
         """The account, and what it is collecting on every shard and has not swept in yet."""
         self.rate_limiter.admit_call(caller)
@@ -210,7 +238,7 @@ class LedgerService:
             account, swept_in_minor = await store.get_account(account_id, timeout_seconds), 0
         ownership = None if account is None else AccountOwnership(account.owner_id, account.kind)
         if ownership is not None:
-            self.owners.remember(account_id, ownership)
+            self.owners.remember(account_id, ownership, account.participant_id)
         if caller is not None and authorization.needs_ownership(caller, Action.READ):
             authorization.check_account(caller, Action.READ, account_id, ownership)
         if account is None:
@@ -374,6 +402,65 @@ class LedgerService:
         access.LEDGER: between the merchant's own accounts, so neither authorised nor limited."""
         return await self._transfer(request.validated_sweep(), timeout_seconds)
 
+    async def post_settlement_leg(self, leg: clearing.SettlementLeg, timeout_seconds: float) -> Transfer:
+        """A settlement account's movement (services/clearing_service.py), made by the ledger itself
+        like a sweep: neither authorised nor limited, idempotent by its id (a retry answers from
+        the transfer it made), never cleared (a settlement account is on a side)."""
+        request = TransferRequest(
+            leg.transfer_id, leg.debit_account_id, leg.credit_account_id, leg.amount_minor, leg.currency, SETTLEMENT_REFERENCE
+        )
+        return await self._transfer(request.validated_settlement(), timeout_seconds)
+
+    async def _rebalance(self, participant_id: str, currency: str, shard_name: str, need_minor: int, deadline: float) -> tuple[bool, int | None]:
+        """Move cap allotment to `shard_name` from the participant's other shards, its need on top
+        when the whole cap has room for it: (whether it had, the cap)."""
+        shares = await self.positions.rebalance(participant_id, currency, _time_left(deadline), need_shard=shard_name, need_minor=need_minor)
+        allotments = [share.allotment_minor for share in shares.values()]
+        cap = None if any(allotment is None for allotment in allotments) else sum(allotments)
+        return shares[shard_name].fits(need_minor), cap
+
+    async def _with_headroom(self, shard_name: str, items: list, needs_of, attempt_again, deadline: float) -> list:
+        """The rebalance-and-retry loop of debits whose payer's share of its net debit cap lacked
+        headroom on `shard_name` (same-shard chains or begins between shards). `needs_of(outcome)` is
+        an outcome's need, `attempt_again(indexes, final)` posts those items again. One rebalance per
+        participant and currency per round (needs summed); an item goes again final for the cap
+        when the whole cap had no room for it, or at the last round: its refusal then means its
+        participant's whole position would pass the cap (NET_DEBIT_CAP_EXCEEDED, recorded)."""
+        outcomes = list(items)
+        for attempt in range(CAP_REBALANCES_MAX):
+            waiting = [index for index, outcome in enumerate(outcomes) if needs_of(outcome) is not None]
+            if not waiting:
+                break
+            needs: dict[tuple[str, str], int] = {}
+            for index in waiting:
+                participant_id, currency, need_minor = needs_of(outcomes[index])
+                needs[participant_id, currency] = needs.get((participant_id, currency), 0) + need_minor
+            rebalanced = dict(zip(needs, await asyncio.gather(
+                *(self._rebalance(*key, shard_name, need, deadline) for key, need in needs.items())
+            )))
+            final = {index for index in waiting if attempt == CAP_REBALANCES_MAX - 1 or not rebalanced[needs_of(outcomes[index])[:2]][0]}
+            caps = {index: rebalanced[needs_of(outcomes[index])[:2]][1] for index in waiting}
+            for index, outcome in zip(waiting, await attempt_again(waiting, final)):
+                outcomes[index] = outcome
+                refusal = _cap_refusal(outcome)
+                if refusal is not None and caps[index] is not None:
+                    refusal.metadata["net_debit_cap_minor"] = str(caps[index])
+        return outcomes
+
+    async def _post_same_shard(self, shard_name: str, chains: list[list[TransferRequest]], deadline: float) -> list[list[Outcome]]:
+        """Post chains on their shard, with the rebalance-and-retry loop (_with_headroom) for those
+        whose payer's share of its cap lacked headroom (nothing of them was recorded)."""
+        outcomes = await self.committer(shard_name).submit(chains, deadline)
+        if all(getattr(chain_outcomes[0], "needs_headroom", None) is None for chain_outcomes in outcomes):
+            return outcomes
+
+        async def post_again(indexes: list[int], final: set[int]) -> list[list[Outcome]]:
+            return await self.committer(shard_name).submit(
+                [[dataclasses.replace(request, final_for_cap=index in final) for request in chains[index]] for index in indexes], deadline
+            )
+
+        return await self._with_headroom(shard_name, outcomes, lambda chain_outcomes: chain_outcomes[0].needs_headroom, post_again, deadline)
+
     async def _transfer(self, request: TransferRequest, timeout_seconds: float) -> Transfer:
         deadline = asyncio.get_running_loop().time() + timeout_seconds
         debit_shard = self.router.shard_name_for(request.debit_account_id)
@@ -381,8 +468,8 @@ class LedgerService:
         if not self._registered_by_its_batch(request, debit_shard):
             await self._claim_transfer_id(request, deadline)
         if debit_shard != credit_shard:
-            return await self._transfer_between_shards(request, debit_shard, credit_shard, timeout_seconds)
-        ((posted,),) = await self.committer(debit_shard).submit([[request]], deadline)
+            return await self._transfer_between_shards(request, debit_shard, credit_shard, _time_left(deadline))
+        ((posted,),) = await self._post_same_shard(debit_shard, [[request]], deadline)
         return self._answer(request, posted.transfer, posted.fresh_refusal)
 
     async def create_transfers(
@@ -442,7 +529,7 @@ class LedgerService:
 
         async def commit_shard(shard_name: str, chains: list[list[int]]) -> None:
             try:
-                outcomes = await self.committer(shard_name).submit([[requests[i] for i in chain] for chain in chains], deadline)
+                outcomes = await self._post_same_shard(shard_name, [[requests[i] for i in chain] for chain in chains], deadline)
             except errors.LedgerError as error:
                 for index in (i for chain in chains for i in chain):
                     answers[index] = error
@@ -575,9 +662,17 @@ class LedgerService:
             raise self._overloaded()
         try:
             deadline = asyncio.get_running_loop().time() + timeout_seconds
-            begun = await self.driver.begin(
-                request, debit_shard, credit_shard, timeout_seconds, register_id_here=self._registered_by_its_batch(request, debit_shard)
-            )
+            request = await self._with_payee(request, deadline)
+            register_id_here = self._registered_by_its_batch(request, debit_shard)
+            begun = await self.driver.begin(request, debit_shard, credit_shard, _time_left(deadline), register_id_here=register_id_here)
+            if begun.needs_headroom is not None:
+                async def begin_again(indexes: list[int], final: set[int]) -> list[Begun]:
+                    return [await self.driver.begin(
+                        dataclasses.replace(request, final_for_cap=bool(final)), debit_shard, credit_shard, _time_left(deadline),
+                        register_id_here=register_id_here,
+                    )]
+
+                (begun,) = await self._with_headroom(debit_shard, [begun], lambda begun: begun.needs_headroom, begin_again, deadline)
             found = self._in_flight(request, begun, debit_shard, lambda record: asyncio.create_task(self.driver.drive(record)))
             return found if isinstance(found, Transfer) else await self._final(request, found, debit_shard, deadline)
         finally:
@@ -596,14 +691,20 @@ class LedgerService:
         indexes = indexes[:admitted]
         try:
             starts = []
+            if not indexes:
+                return
+            try:
+                payees = await self.owners.participants_of([requests[index].credited for index in indexes], _time_left(deadline))
+            except errors.LedgerError as error:
+                for index in indexes:
+                    answers[index] = error
+                return
             for index in indexes:
-                request = requests[index]
+                request = requests[index] = dataclasses.replace(requests[index], payee_participant_id=_payee(payees[requests[index].credited]))
                 debit_shard, credit_shard = (self.router.shard_name_for(a) for a in (request.debit_account_id, request.credited))
                 starts.append((request, debit_shard, credit_shard, self._registered_by_its_batch(request, debit_shard)))
-            if not starts:
-                return
             leased_at = self.driver.clock.monotonic()  # the driver's clock: drive_many compares with it
-            all_begun = await self.driver.begin_many(starts, deadline - asyncio.get_running_loop().time())
+            all_begun = await self._begin_many(starts, deadline)
             together = _DrivenTogether(self.driver, leased_at)
             waits = []
             for index, (request, debit_shard, _, _), begun in zip(indexes, starts, all_begun):
@@ -629,6 +730,42 @@ class LedgerService:
             await asyncio.gather(*(wait(*waiting) for waiting in waits))
         finally:
             self._cross_shard_in_flight -= admitted
+
+    async def _with_payee(self, request: TransferRequest, deadline: float) -> TransferRequest:
+        """The request with its credited account's participant (cached per process): a transfer
+        between shards checks the cap on its debit shard before its credit shard is asked."""
+        payees = await self.owners.participants_of([request.credited], _time_left(deadline))
+        return dataclasses.replace(request, payee_participant_id=_payee(payees[request.credited]))
+
+    async def _begin_many(self, starts: list[tuple[TransferRequest, str, str, bool]], deadline: float) -> list:
+        """driver.begin_many, with the rebalance-and-retry loop (_with_headroom) per debit shard for
+        the transfers whose payer's share of its cap lacked headroom (nothing of them was recorded)."""
+        all_begun = await self.driver.begin_many(starts, _time_left(deadline))
+
+        def needs_of(begun) -> tuple[str, str, int] | None:
+            return begun.needs_headroom if isinstance(begun, Begun) else None
+
+        by_shard: dict[str, list[int]] = {}
+        for index, begun in enumerate(all_begun):
+            if needs_of(begun) is not None:
+                by_shard.setdefault(starts[index][1], []).append(index)
+
+        async def on_shard(shard_name: str, indexes: list[int]) -> None:
+            async def begin_again(again: list[int], final: set[int]) -> list:
+                return await self.driver.begin_many(
+                    [(dataclasses.replace(starts[indexes[i]][0], final_for_cap=i in final), *starts[indexes[i]][1:]) for i in again],
+                    _time_left(deadline),
+                )
+
+            try:
+                outcomes = await self._with_headroom(shard_name, [all_begun[i] for i in indexes], needs_of, begin_again, deadline)
+            except errors.LedgerError as error:
+                outcomes = [error] * len(indexes)
+            for index, outcome in zip(indexes, outcomes):
+                all_begun[index] = outcome
+
+        await asyncio.gather(*(on_shard(shard_name, indexes) for shard_name, indexes in by_shard.items()))
+        return all_begun
 
     def _in_flight(self, request: TransferRequest, begun: Begun, debit_shard: str, drive_created) -> Transfer | asyncio.Future:
         """What a begin found: the final transfer (its refusal or a conflict is raised), or the drive
@@ -736,6 +873,12 @@ class LedgerService:
         raise authorization.transfer_not_found(transfer_id)
 
 
+def _payee(participant_id: str | None) -> str:
+    """The payee a transfer between shards begins with: clearing.UNKNOWN_PAYEE for an account not
+    found, so that one opened before the credit try is refused there, never posted uncleared."""
+    return clearing.UNKNOWN_PAYEE if participant_id is None else participant_id
+
+
 def _time_left(deadline: float) -> float:
     """What is left of a request's time (bounded_timeout's margin is already taken off)."""
     time_left_seconds = deadline - asyncio.get_running_loop().time()
@@ -816,6 +959,15 @@ def _fail_chain(
             answers[index] = error
         else:
             answers[index] = linked_transfer_failed(requests[failed_index].transfer_id)
+
+
+def _cap_refusal(outcome) -> errors.NetDebitCapExceeded | None:
+    """The fresh NET_DEBIT_CAP_EXCEEDED of a posting (a chain's outcomes) or a begin, if it is one."""
+    if isinstance(outcome, list):
+        refusals = [member.fresh_refusal for member in outcome]
+    else:
+        refusals = [getattr(outcome, "fresh_refusal", None)]
+    return next((refusal for refusal in refusals if isinstance(refusal, errors.NetDebitCapExceeded)), None)
 
 
 def _answer_or_error(answer) -> Transfer | errors.LedgerError:

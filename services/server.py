@@ -48,6 +48,7 @@ from services.api.servicers import AccountsServicer, ClearingServicer, PaymentsS
 from services.auth import pki
 from services.auth.tokens import TokenVerifier
 from services.bootstrap import ShardConnections
+from services.clearing_service import ClearingService
 from services.coordinator import wiring
 from services.ledger.limits import TierLimits
 from services.ledger.rate_limits import RateLimits
@@ -169,7 +170,7 @@ async def serve(
     )
     accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(ledger), server)
     payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(ledger), server)
-    clearing_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(), server)
+    clearing_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(ClearingService(shards.router, ledger)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -55,6 +55,7 @@ def account_message(account: Account, collecting_minor: int = 0) -> accounts_pb2
         updated_at=timestamp_fields(account.updated_at),
         collect_on_every_shard=account.collect_on_every_shard,
         collecting_minor=collecting_minor,
+        participant_id=account.participant_id,
     )
 
 

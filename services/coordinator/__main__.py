@@ -1,5 +1,6 @@
 """The coordinator process: recovery of transfers between shards, the sweep of collecting merchants,
-and the periodic invariant audit (services/coordinator/integrity.py).
+the periodic invariant audit (services/coordinator/integrity.py) and the finishing of settlement
+window closes left CLOSING (services/coordinator/window_recovery.py).
 
     python -m services.coordinator --etcd 127.0.0.1:7101 --metrics-listen 127.0.0.1:7120 --process-name coordinator-0
 
@@ -22,8 +23,10 @@ from services import collection
 from services.bootstrap import ShardConnections
 from services.coordinator import wiring
 from services.coordinator.driver import PARTICIPANT_CALL_TIMEOUT_SECONDS
-from services.coordinator import integrity
+from services.coordinator import integrity, window_recovery
+from services.clearing_service import ClearingService
 from services.coordinator.recovery import Recovery, in_doubt_bound_seconds
+from services.ledger import clearing
 from services.ledger.limits import TierLimits
 from services.ledger_service import LedgerService
 from services.observability import build_info
@@ -55,16 +58,22 @@ async def serve(
         figures.swept(await collection.sweep_once(ledger, PARTICIPANT_CALL_TIMEOUT_SECONDS))
 
     recovery = Recovery(wiring.tcc_for_shard(shards.router), wiring.shard_names(shards.router), driver, sweep=sweep)
-    periodic_audit = integrity.PeriodicAudit(lambda: audited_shards(shards.router.shard_map, audit_passfile), figures)
+    periodic_audit = integrity.PeriodicAudit(
+        lambda: audited_shards(shards.router.shard_map, audit_passfile), figures,
+        clearing_home=lambda: shards.router.shard_map.shard_name_for_key(clearing.CLEARING_HOME_KEY),
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stopping.set)
     log.info("recovering in-doubt transfers (metrics on %s)", metrics_listen)
     auditing = asyncio.create_task(periodic_audit.run(stopping), name="periodic-audit")
+    closing = asyncio.create_task(
+        window_recovery.run(ClearingService(shards.router, ledger).finish_interrupted_closes, stopping), name="window-recovery"
+    )
     await recovery.run(stopping)
     auditing.cancel()  # a run in progress is not waited for: its thread is a daemon, its reads only read
-    await asyncio.gather(auditing, return_exceptions=True)
+    await asyncio.gather(auditing, closing, return_exceptions=True)
     await shards.close()
 
 

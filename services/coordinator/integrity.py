@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.collection import SweepPass
+from services.coordinator.clearing_watch import ClearingFigures, read_clearing
 from services.ledger.money import CURRENCY_EXPONENTS
 from services.storage import audit
 
@@ -102,6 +103,8 @@ class IntegrityCollector:
         self.in_doubt_bound_seconds = in_doubt_bound_seconds
         self.audit: AuditRun | None = None
         self.sweep: SweepFigures | None = None
+        self.clearing: ClearingFigures | None = None
+        self.clearing_read_at = 0.0  # wall clock
 
     def audited(self, run: AuditRun) -> None:
         self.audit = run
@@ -115,8 +118,14 @@ class IntegrityCollector:
             backlog[currency_label(currency)] += amount_minor
         self.sweep = SweepFigures(time.time(), dict(backlog), done.backlog_sub_accounts)
 
+    def read_clearing(self, figures: ClearingFigures) -> None:
+        self.clearing = figures
+        self.clearing_read_at = time.time()
+
     def collect(self) -> Iterable[Metric]:
-        return integrity_families(self.in_doubt_bound_seconds, self.audit, self.sweep)
+        return integrity_families(self.in_doubt_bound_seconds, self.audit, self.sweep) + clearing_families(
+            self.clearing, self.clearing_read_at
+        )
 
 
 def integrity_families(in_doubt_bound_seconds: float, run: AuditRun | None, sweep: SweepFigures | None) -> list[Metric]:
@@ -171,6 +180,45 @@ def integrity_families(in_doubt_bound_seconds: float, run: AuditRun | None, swee
     return families
 
 
+def clearing_families(figures: ClearingFigures | None, read_at: float) -> list[Metric]:
+    """Clearing's exposition (deploy/prometheus/metrics.md, "Clearing"). Before the first read the
+    timestamp reads 0, the counts 0, and no participant series exist."""
+    families: list[Metric] = [GaugeMetricFamily(
+        "corebank_clearing_last_read_timestamp_seconds", "When the coordinator last read every shard's clearing figures", value=read_at,
+    )]
+    position = GaugeMetricFamily(
+        "corebank_clearing_position_minor", "What the participant owes, net, in the currency: every shard's share, reservations included",
+        labels=["participant", "currency"],
+    )
+    cap = GaugeMetricFamily(
+        "corebank_clearing_net_debit_cap_minor", "The participant's net debit cap in the currency (only where one is set)",
+        labels=["participant", "currency"],
+    )
+    threshold = GaugeMetricFamily(
+        "corebank_clearing_threshold_ratio", "The participant's alarm threshold, as a share of its cap (0.9 for 90%)",
+        labels=["participant", "currency"],
+    )
+    if figures is not None:
+        for (participant_id, currency), amount_minor in sorted(figures.positions_minor.items()):
+            position.add_metric([participant_id, currency], amount_minor)
+        for (participant_id, currency), (cap_minor, threshold_percent) in sorted(figures.caps.items()):
+            cap.add_metric([participant_id, currency], cap_minor)
+            threshold.add_metric([participant_id, currency], threshold_percent / 100)
+    families += [position, cap, threshold]
+    scalars = [
+        ("corebank_clearing_open_window_id", "The settlement window open now", "open_window_id"),
+        ("corebank_clearing_open_window_age_seconds", "How long the open settlement window has been open", "open_window_age_seconds"),
+        ("corebank_clearing_closing_windows", "Settlement windows left CLOSING (a close interrupted before every shard moved on)", "closing_windows"),
+        ("corebank_clearing_oldest_closing_window_age_seconds", "How long the oldest CLOSING window has been closing", "oldest_closing_age_seconds"),
+        ("corebank_clearing_pending_settlements", "Settlements with participants not yet recorded as settled", "pending_settlements"),
+        ("corebank_clearing_oldest_pending_settlement_age_seconds", "Age of the oldest settlement not fully recorded", "oldest_pending_settlement_age_seconds"),
+        ("corebank_clearing_shards_on_another_window", "Shards whose current window is not the open one while no close runs", "shards_on_another_window"),
+    ]
+    for name, documentation, field in scalars:
+        families.append(GaugeMetricFamily(name, documentation, value=getattr(figures, field) if figures else 0))
+    return families
+
+
 def audit_books_of(shards: list[tuple[str, str]]) -> list[audit.ShardBooks]:
     """Every shard's books, one after another: (name, DSN) each. Raises audit.ShardUnreadable."""
     return [audit.audit_books(name, dsn, AUDIT_STATEMENT_TIMEOUT_SECONDS) for name, dsn in shards]
@@ -207,11 +255,13 @@ class PeriodicAudit:
 
     def __init__(
         self, shards: Callable[[], list[tuple[str, str]]], collector: IntegrityCollector,
-        interval_seconds: float = AUDIT_INTERVAL_SECONDS,
+        interval_seconds: float = AUDIT_INTERVAL_SECONDS, clearing_home: Callable[[], str] | None = None,
     ) -> None:
         self.shards = shards
         self.collector = collector
         self.interval_seconds = interval_seconds
+        # The clearing figures are read after each audit when the home shard is known.
+        self.clearing_home = clearing_home
 
     async def run_once(self) -> AuditRun | None:
         """One audit; None (and the last figures kept, their time ageing) when a shard cannot be read."""
@@ -226,6 +276,14 @@ class PeriodicAudit:
             found = [str(violation) for shard in books for violation in shard.violations()]
             log.error("periodic audit: INVARIANTS BROKEN (%d): %s", len(found), "; ".join(found[: audit.VIOLATIONS_LISTED_PER_INVARIANT_MAX]))
         self.collector.audited(run)
+        if self.clearing_home is not None:
+            home = self.clearing_home()
+            try:
+                figures = await in_daemon_thread(lambda: read_clearing(self.shards(), home, AUDIT_STATEMENT_TIMEOUT_SECONDS))
+            except audit.ShardUnreadable as error:
+                log.warning("clearing figures: %s; the last ones stand", error)
+            else:
+                self.collector.read_clearing(figures)  # type: ignore[arg-type]
         return run
 
     async def run(self, stopping: asyncio.Event) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 import enum
 
-from services.ledger import errors, ids, money
+from services.ledger import clearing, errors, ids, money
 from services.ledger.limits import TierLimits
 
 
@@ -40,8 +40,11 @@ class OpenAccountRequest:
     kind: int
     tier: int
     collect_on_every_shard: bool = False
+    # The institution the account belongs to; "" (the default) is the hosting participant's.
+    participant_id: str = ""
 
     def validated(self, limits: TierLimits) -> OpenAccountRequest:
+        """The request checked, with its participant named (the hosting one when left empty)."""
         ids.validate_id(self.request_id, "request_id")
         ids.validate_id(self.owner_id, "owner_id")
         money.validate_currency(self.currency)
@@ -60,14 +63,22 @@ class OpenAccountRequest:
                 f"collect_on_every_shard needs a tier without a balance cap; tier {self.tier} has one for {self.currency}",
                 field="collect_on_every_shard",
             )
+        if not self.participant_id:
+            return dataclasses.replace(self, participant_id=clearing.HOSTING_PARTICIPANT_ID)
+        clearing.validate_participant_id(self.participant_id)
         return self
 
     def registry_fields(self) -> dict:
         """What the request_id is registered with bank-wide: a reuse with other fields is a conflict."""
-        return {
+        fields = {
             "owner_id": self.owner_id, "currency": self.currency, "kind": self.kind, "tier": self.tier,
             "collect_on_every_shard": self.collect_on_every_shard,
         }
+        if self.participant_id and self.participant_id != clearing.HOSTING_PARTICIPANT_ID:
+            # Only when not the hosting one: ids registered before participants existed (all of
+            # them the hosting participant's) stay compatible with their retries.
+            fields["participant_id"] = self.participant_id
+        return fields
 
     @property
     def account_id(self) -> str:
@@ -91,6 +102,7 @@ class Account:
     updated_at: datetime.datetime | None = None
     collect_on_every_shard: bool = False
     parent_account_id: str | None = None
+    participant_id: str = clearing.HOSTING_PARTICIPANT_ID
 
     @property
     def balance_minor(self) -> int:
@@ -102,9 +114,10 @@ class Account:
 
     def conflicting_fields(self, request: OpenAccountRequest) -> list[str]:
         """Fields where a retried OpenAccount differs from the one that opened this account."""
-        mine = (self.owner_id, self.currency, int(self.kind), self.tier)
-        theirs = (request.owner_id, request.currency, request.kind, request.tier)
-        return [name for name, a, b in zip(("owner_id", "currency", "kind", "tier"), mine, theirs) if a != b]
+        names = ("owner_id", "currency", "kind", "tier", "participant_id")
+        mine = (self.owner_id, self.currency, int(self.kind), self.tier, self.participant_id)
+        theirs = (request.owner_id, request.currency, request.kind, request.tier, request.participant_id or clearing.HOSTING_PARTICIPANT_ID)
+        return [name for name, a, b in zip(names, mine, theirs) if a != b]
 
 
 def check_status_change(account: Account, status: int) -> AccountStatus:

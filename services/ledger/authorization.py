@@ -17,6 +17,14 @@ CUSTOMER or MERCHANT account.
 | ... credit                       | any                       | any              | no       | any   |
 | GetTransfer                      | own debit or credit side  | any              | any      | any   |
 
+Clearing (corebank.v1.Clearing: `check_clearing`, by role alone; a customer may do none of it):
+
+| use case                                                   | customer | service | operator | admin |
+|------------------------------------------------------------|----------|---------|----------|-------|
+| RegisterParticipant, SetNetDebitCap, RecordParticipantSettled | no    | no      | no       | yes   |
+| CloseSettlementWindow, CreateSettlement                    | no       | no      | yes      | yes   |
+| GetParticipant, GetPosition, Get/ListSettlementWindow(s), GetSettlement, Reconcile | no | yes | yes | yes |
+
 - "no" answers PERMISSION_DENIED / ROLE_NOT_ALLOWED (metadata role, action); a customer
   opening an account for another owner_id gets OWNER_MISMATCH (metadata field).
 - A customer naming an account that is not its own gets ACCOUNT_NOT_FOUND (a transfer whose
@@ -106,6 +114,34 @@ _SEES_OWN_ONLY = frozenset({Role.CUSTOMER})
 # An admin may do everything: asked first, by identity, so that the callers of the hot path
 # (the bench, a funding job) pay no table lookup (an Enum's hash is Python code).
 _ADMIN = Role.ADMIN
+
+
+class ClearingAction(enum.Enum):
+    """What a caller does in corebank.v1.Clearing; the value is the ROLE_NOT_ALLOWED metadata."""
+
+    REGISTER_PARTICIPANT = "register_participant"
+    SET_NET_DEBIT_CAP = "set_net_debit_cap"
+    RECORD_SETTLED = "record_participant_settled"
+    CLOSE_WINDOW = "close_settlement_window"
+    CREATE_SETTLEMENT = "create_settlement"
+    READ = "read_clearing"  # participants, positions, windows, settlements, reconciliation
+
+
+# The roles that may do each clearing action: the second table of the docstring.
+_CLEARING_ROLES: dict[ClearingAction, frozenset[Role]] = {
+    ClearingAction.REGISTER_PARTICIPANT: frozenset({Role.ADMIN}),
+    ClearingAction.SET_NET_DEBIT_CAP: frozenset({Role.ADMIN}),
+    ClearingAction.RECORD_SETTLED: frozenset({Role.ADMIN}),
+    ClearingAction.CLOSE_WINDOW: frozenset({Role.ADMIN, Role.OPERATOR}),
+    ClearingAction.CREATE_SETTLEMENT: frozenset({Role.ADMIN, Role.OPERATOR}),
+    ClearingAction.READ: frozenset({Role.ADMIN, Role.OPERATOR, Role.SERVICE}),
+}
+
+
+def check_clearing(caller: Caller, action: ClearingAction) -> None:
+    """Clearing's rule: by role alone (nothing in clearing is a customer's own), before validation."""
+    if caller.role not in _CLEARING_ROLES[action]:
+        raise role_not_allowed(caller, action.value)
 
 
 def account_not_found(account_id: str, **metadata: object) -> errors.AccountNotFound:

@@ -153,6 +153,22 @@ class TransferNotFound(NotFound):
     reason = "TRANSFER_NOT_FOUND"
 
 
+class ParticipantNotFound(NotFound):
+    reason = "PARTICIPANT_NOT_FOUND"
+
+
+class SettlementWindowNotFound(NotFound):
+    reason = "SETTLEMENT_WINDOW_NOT_FOUND"
+
+
+class SettlementNotFound(NotFound):
+    reason = "SETTLEMENT_NOT_FOUND"
+
+
+class SettlementEntryNotFound(NotFound):
+    reason = "SETTLEMENT_ENTRY_NOT_FOUND"
+
+
 # Idempotency.
 class IdempotencyConflict(LedgerError):
     category = Category.ALREADY_EXISTS
@@ -165,6 +181,13 @@ class TransferExists(LedgerError):
 
     category = Category.ALREADY_EXISTS
     reason = "TRANSFER_EXISTS"
+
+
+class ParticipantExists(LedgerError):
+    """RegisterParticipant with another request_id for a participant_id already registered."""
+
+    category = Category.ALREADY_EXISTS
+    reason = "PARTICIPANT_EXISTS"
 
 
 # Business refusals. A refused transfer is recorded as REJECTED with the reason.
@@ -210,6 +233,25 @@ class AccountBalanceNotZero(Refusal):
 
 class AccountHasPending(Refusal):
     reason = "ACCOUNT_HAS_PENDING"
+
+
+# Clearing (services/ledger/clearing.py).
+class NetDebitCapExceeded(Refusal):
+    """The payer's participant would owe more than its net debit cap: recorded REJECTED."""
+
+    reason = "NET_DEBIT_CAP_EXCEEDED"
+
+
+class ParticipantCurrencyNotEnabled(Refusal):
+    reason = "PARTICIPANT_CURRENCY_NOT_ENABLED"
+
+
+class SettlementWindowNotClosed(Refusal):
+    reason = "SETTLEMENT_WINDOW_NOT_CLOSED"
+
+
+class SettlementWindowAlreadySettled(Refusal):
+    reason = "SETTLEMENT_WINDOW_ALREADY_SETTLED"
 
 
 class LinkedTransferFailed(Refusal):

@@ -5,7 +5,7 @@ import enum
 import hashlib
 import re
 
-from services.ledger import errors
+from services.ledger import clearing, errors
 
 ID_LENGTH_MAX = 64
 REFERENCE_LENGTH_MAX = 256
@@ -70,6 +70,16 @@ def validate_client_account_id(value: str, field: str) -> str:
     validate_id(value, field)
     if is_internal_account(value):
         raise errors.InternalAccount(f"{field} names an internal account of the ledger", field=field, account_id=value)
+    return value
+
+
+def validate_transfer_account_id(value: str, field: str) -> str:
+    """An account id a client may name as a side of a transfer: not internal, not a settlement account."""
+    validate_client_account_id(value, field)
+    # Settlement accounts are moved only by the ledger's own settlement transfers; clients may
+    # read them (GetAccount), never name them in a transfer.
+    if clearing.is_settlement_account(value):
+        raise errors.InternalAccount(f"{field} names a settlement account: only settlements move it", field=field, account_id=value)
     return value
 
 

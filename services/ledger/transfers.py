@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import enum
 
-from services.ledger import errors, ids, money
+from services.ledger import clearing, errors, ids, money
 from services.ledger.accounts import Account, AccountKind, AccountStatus
 from services.ledger.limits import TierLimits
 
@@ -45,6 +45,13 @@ class TransferRequest:
     # Set by routing, never by clients: the account that takes the credit when it is not
     # credit_account_id itself (a collecting merchant's sub-account on the payer's shard).
     credited_account_id: str = ""
+    # Set by the service, never by clients: the participant of the credited account, looked up
+    # before a transfer between shards begins (its credit branch checks it); None: unknown.
+    payee_participant_id: str | None = None
+    # Set by the service: the payer's share of its net debit cap was rebalanced for this
+    # attempt, so a debit that still does not fit is refused (NET_DEBIT_CAP_EXCEEDED), not
+    # sent back for more headroom.
+    final_for_cap: bool = False
 
     @property
     def credited(self) -> str:
@@ -68,13 +75,19 @@ class TransferRequest:
     def validated(self) -> TransferRequest:
         """A client's request: checks that need no account; a failure records nothing."""
         ids.validate_client_transfer_id(self.transfer_id)
-        ids.validate_client_account_id(self.debit_account_id, "debit_account_id")
-        ids.validate_client_account_id(self.credit_account_id, "credit_account_id")
+        ids.validate_transfer_account_id(self.debit_account_id, "debit_account_id")
+        ids.validate_transfer_account_id(self.credit_account_id, "credit_account_id")
         return self._validated_fields()
 
     def validated_sweep(self) -> TransferRequest:
         """A sweep the ledger made itself: its ids are in the ledger's own namespaces."""
         assert self.is_sweep and self.transfer_id.startswith(ids.RESERVED_TRANSFER_ID_PREFIX), f"not a sweep: {self}"
+        return self._validated_fields()
+
+    def validated_settlement(self) -> TransferRequest:
+        """A settlement movement the ledger made itself (services/ledger/clearing.py settlement_legs)."""
+        assert self.transfer_id.startswith(clearing.SETTLEMENT_TRANSFER_ID_PREFIX), f"not a settlement movement: {self}"
+        assert clearing.is_settlement_account(self.debit_account_id) and clearing.is_settlement_account(self.credit_account_id)
         return self._validated_fields()
 
     def _validated_fields(self) -> TransferRequest:

@@ -30,7 +30,7 @@ GRANT UPDATE (status, debits_posted_minor, credits_posted_minor, debits_pending_
     ON accounts TO {service};
 -- A branch of a transfer between shards is PENDING until its confirm or cancel (tcc_store.py's
 -- settle): status and finalized_at only, and only while PENDING (the policy below).
-GRANT UPDATE (status, finalized_at) ON transfers TO {service};
+GRANT UPDATE (status, finalized_at, window_id) ON transfers TO {service};
 -- A coordinator record's lease, attempts, fault and final state (tcc_store.py), only while
 -- not final (the policy below). Never the transfer it describes.
 GRANT UPDATE (state, reason, lease_owner, lease_epoch, lease_expires_at, attempts, fault, faulted_at, updated_at, finalized_at)
@@ -69,6 +69,24 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- Clearing (schema.sql's clearing section): the service reads and inserts; it updates a position
+-- share's counters and allotment, a window total's sums, the shard's current window, and on the
+-- clearing home the registry's caps, windows' and settlements' states. Resets are insert-only.
+-- Never DELETE (the triggers refuse it to anyone).
+REVOKE ALL ON clearing_positions, clearing_window_totals, clearing_shard_window, clearing_position_resets,
+    participants, participant_currencies, settlement_windows, settlements, settlement_entries FROM PUBLIC, {service}, {auditor};
+GRANT SELECT, INSERT ON clearing_positions, clearing_window_totals, clearing_shard_window, clearing_position_resets,
+    participants, participant_currencies, settlement_windows, settlements, settlement_entries TO {service};
+GRANT SELECT ON clearing_positions, clearing_window_totals, clearing_shard_window, clearing_position_resets,
+    participants, participant_currencies, settlement_windows, settlements, settlement_entries TO {auditor};
+GRANT UPDATE (position_minor, reserved_minor, allotment_minor, updated_at) ON clearing_positions TO {service};
+GRANT UPDATE (debits_minor, credits_minor, transfers) ON clearing_window_totals TO {service};
+GRANT UPDATE (window_id, switched_at) ON clearing_shard_window TO {service};
+GRANT UPDATE (net_debit_cap_minor, threshold_percent, updated_at) ON participant_currencies TO {service};
+GRANT UPDATE (state, closed_at, reason, close_request_id, settlement_id) ON settlement_windows TO {service};
+GRANT UPDATE (state, settled_at) ON settlements TO {service};
+GRANT UPDATE (settled_at) ON settlement_entries TO {service};
 
 -- Rows that are final stay as they are: row-level security lets the service role update
 -- only rows that are not final; an UPDATE of a final row finds no row and changes nothing.

@@ -62,7 +62,7 @@ CREATE INDEX IF NOT EXISTS transfers_failed_sweeps ON transfers (debit_account_i
     WHERE status IN (3, 4) AND starts_with(debit_account_id, 'sub_');
 
 -- Transfers are never deleted, and never changed once final (POSTED 2, VOIDED 3,
--- REJECTED 4). A PENDING transfer may only change status and finalized_at.
+-- REJECTED 4). A PENDING transfer may only change status, finalized_at and window_id.
 CREATE OR REPLACE FUNCTION transfers_are_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -73,10 +73,12 @@ BEGIN
         RAISE EXCEPTION 'transfer % is final', OLD.transfer_id USING ERRCODE = 'restrict_violation';
     END IF;
     IF (NEW.transfer_id, NEW.seq, NEW.debit_account_id, NEW.credit_account_id, NEW.amount_minor,
-        NEW.currency, NEW.reference, NEW.created_at, NEW.branch, NEW.clearing_account_id)
+        NEW.currency, NEW.reference, NEW.created_at, NEW.branch, NEW.clearing_account_id,
+        to_jsonb(NEW) -> 'payer_participant_id', to_jsonb(NEW) -> 'payee_participant_id')
        IS DISTINCT FROM
        (OLD.transfer_id, OLD.seq, OLD.debit_account_id, OLD.credit_account_id, OLD.amount_minor,
-        OLD.currency, OLD.reference, OLD.created_at, OLD.branch, OLD.clearing_account_id) THEN
+        OLD.currency, OLD.reference, OLD.created_at, OLD.branch, OLD.clearing_account_id,
+        to_jsonb(OLD) -> 'payer_participant_id', to_jsonb(OLD) -> 'payee_participant_id') THEN
         RAISE EXCEPTION 'transfer % may only change status', OLD.transfer_id USING ERRCODE = 'restrict_violation';
     END IF;
     RETURN NEW;
@@ -238,3 +240,133 @@ CREATE TRIGGER audit_log_is_never_truncated BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_is_append_only();
 -- End of the audit log's section.
 -- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
+-- Clearing between participants (services/ledger/clearing.py has the model; storage is
+-- services/storage/clearing_store.py). Every account belongs to a participant; a transfer
+-- between two participants is cleared on its debit shard, in the transaction that posts it.
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS participant_id text NOT NULL DEFAULT 'corebank';
+-- On rows of cleared transfers (branch 0, 3, and 1 from its try on): the participants, and the
+-- window the transfer joined when it posted (branch 1: set by its confirm, while PENDING).
+ALTER TABLE transfers ADD COLUMN IF NOT EXISTS payer_participant_id text;
+ALTER TABLE transfers ADD COLUMN IF NOT EXISTS payee_participant_id text;
+ALTER TABLE transfers ADD COLUMN IF NOT EXISTS window_id bigint;
+CREATE INDEX IF NOT EXISTS transfers_by_window ON transfers (window_id) WHERE window_id IS NOT NULL;
+-- The coordinator record carries them too: the credit branch checks that its account still
+-- belongs to the payee named at the try (NULL: a record from before clearing, not cleared).
+ALTER TABLE tcc_transfers ADD COLUMN IF NOT EXISTS payer_participant_id text;
+ALTER TABLE tcc_transfers ADD COLUMN IF NOT EXISTS payee_participant_id text;
+
+-- This shard's share of each participant's position per currency (PositionShare).
+CREATE TABLE IF NOT EXISTS clearing_positions (
+    participant_id  text NOT NULL,
+    currency        text NOT NULL,
+    -- Posted: paid - received on this shard, less the windows settled for it.
+    position_minor  bigint NOT NULL DEFAULT 0,
+    -- Debits between shards tried here, not yet confirmed or cancelled.
+    reserved_minor  bigint NOT NULL DEFAULT 0 CHECK (reserved_minor >= 0),
+    -- This shard's share of the net debit cap (the shares sum to the cap); NULL: no cap.
+    allotment_minor bigint,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (participant_id, currency)
+);
+-- What each participant paid and received per window on this shard: kept by the transactions
+-- that post cleared transfers, so closing and settling a window never scans its transfers.
+CREATE TABLE IF NOT EXISTS clearing_window_totals (
+    window_id      bigint NOT NULL,
+    participant_id text NOT NULL,
+    currency       text NOT NULL,
+    debits_minor   bigint NOT NULL DEFAULT 0 CHECK (debits_minor >= 0),
+    credits_minor  bigint NOT NULL DEFAULT 0 CHECK (credits_minor >= 0),
+    -- Cleared transfers this participant paid in the window here.
+    transfers      bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (window_id, participant_id, currency)
+);
+-- The window this shard's transfers join (one row). Transactions that post cleared transfers
+-- read it under a shared advisory lock; a window close changes it under the exclusive one.
+CREATE TABLE IF NOT EXISTS clearing_shard_window (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    window_id   bigint NOT NULL,
+    switched_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO clearing_shard_window (window_id) VALUES (1) ON CONFLICT DO NOTHING;
+-- A settlement's windows taken out of a participant's position on this shard: the barrier
+-- that makes RecordParticipantSettled's reset happen once per shard.
+CREATE TABLE IF NOT EXISTS clearing_position_resets (
+    settlement_id  bigint NOT NULL,
+    participant_id text NOT NULL,
+    currency       text NOT NULL,
+    amount_minor   bigint NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (settlement_id, participant_id, currency)
+);
+
+-- The clearing registry: on every shard by this schema, used on the clearing home shard only
+-- (the shard the key 'clearing' hashes to, services/storage/clearing_store.py).
+CREATE TABLE IF NOT EXISTS participants (
+    participant_id text PRIMARY KEY,
+    request_id     text NOT NULL UNIQUE,
+    name           text NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS participant_currencies (
+    participant_id        text NOT NULL REFERENCES participants,
+    currency              text NOT NULL,
+    settlement_account_id text NOT NULL,
+    -- NULL: no cap.
+    net_debit_cap_minor   bigint CHECK (net_debit_cap_minor >= 0),
+    threshold_percent     integer NOT NULL DEFAULT 90 CHECK (threshold_percent BETWEEN 1 AND 100),
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (participant_id, currency)
+);
+-- The hosting bank's own participant (clearing.HOSTING_PARTICIPANT_ID; positions.HOSTING_REGISTRATION_REQUEST_ID):
+-- accounts opened without a participant_id belong to it. It has every currency: its
+-- participant_currencies row for one is made when first needed (a cap set on it).
+INSERT INTO participants (participant_id, request_id, name)
+VALUES ('corebank', 'corebank:hosting', 'corebank (hosting bank)') ON CONFLICT DO NOTHING;
+-- services.ledger.clearing.WindowState
+CREATE TABLE IF NOT EXISTS settlement_windows (
+    window_id        bigint PRIMARY KEY,
+    state            smallint NOT NULL,
+    opened_at        timestamptz NOT NULL DEFAULT now(),
+    closed_at        timestamptz,
+    reason           text NOT NULL DEFAULT '',
+    close_request_id text UNIQUE,
+    settlement_id    bigint
+);
+CREATE UNIQUE INDEX IF NOT EXISTS settlement_windows_one_open ON settlement_windows ((true)) WHERE state = 1;
+INSERT INTO settlement_windows (window_id, state) VALUES (1, 1) ON CONFLICT DO NOTHING;
+-- services.ledger.clearing.SettlementModel, SettlementState
+CREATE TABLE IF NOT EXISTS settlements (
+    settlement_id bigint PRIMARY KEY,
+    request_id    text NOT NULL UNIQUE,
+    model         smallint NOT NULL,
+    state         smallint NOT NULL,
+    window_ids    bigint[] NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    settled_at    timestamptz
+);
+CREATE TABLE IF NOT EXISTS settlement_entries (
+    settlement_id  bigint NOT NULL REFERENCES settlements,
+    participant_id text NOT NULL,
+    currency       text NOT NULL,
+    debits_minor   bigint NOT NULL,
+    credits_minor  bigint NOT NULL,
+    transfers      bigint NOT NULL,
+    settled_at     timestamptz,
+    PRIMARY KEY (settlement_id, participant_id, currency)
+);
+-- History is never deleted (the reconciliation relies on it).
+DO $$
+DECLARE
+    table_name text;
+BEGIN
+    FOREACH table_name IN ARRAY ARRAY['clearing_window_totals', 'clearing_position_resets', 'participants',
+                                      'participant_currencies', 'settlement_windows', 'settlements', 'settlement_entries'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %1$s_are_never_deleted ON %1$s', table_name);
+        EXECUTE format('CREATE TRIGGER %1$s_are_never_deleted BEFORE DELETE ON %1$s FOR EACH ROW EXECUTE FUNCTION rows_are_never_deleted()', table_name);
+        EXECUTE format('DROP TRIGGER IF EXISTS %1$s_are_never_truncated ON %1$s', table_name);
+        EXECUTE format('CREATE TRIGGER %1$s_are_never_truncated BEFORE TRUNCATE ON %1$s FOR EACH STATEMENT EXECUTE FUNCTION rows_are_never_deleted()', table_name);
+    END LOOP;
+END;
+$$;
+-- End of the clearing section.

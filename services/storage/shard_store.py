@@ -43,7 +43,8 @@ DEAD_CONNECTIONS_SKIPPED_MAX = POOL_SIZE_MAX
 
 ACCOUNT_COLUMNS = (
     "account_id, request_id, owner_id, currency, kind, tier, status, debits_posted_minor, credits_posted_minor,"
-    " debits_pending_minor, credits_pending_minor, created_at, updated_at, collect_on_every_shard, parent_account_id"
+    " debits_pending_minor, credits_pending_minor, created_at, updated_at, collect_on_every_shard, parent_account_id,"
+    " participant_id"
 )
 TRANSFER_COLUMNS = (
     "transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference, status, reason, seq,"
@@ -53,13 +54,19 @@ TRANSFER_COLUMNS = (
 SELECT_TRANSFER = prepared("select_transfer", f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = %s")  # nosec B608 # constants only, no request data
 SELECT_ACCOUNT = prepared("select_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s")  # nosec B608 # constants only, no request data
 # Who owns each of some accounts, and their kind (authorisation: services/ledger/authorization.py).
-SELECT_ACCOUNT_OWNERS = prepared("select_account_owners", "SELECT account_id, owner_id, kind FROM accounts WHERE account_id = ANY(%s)")
+SELECT_ACCOUNT_OWNERS = prepared(
+    "select_account_owners", "SELECT account_id, owner_id, kind, participant_id FROM accounts WHERE account_id = ANY(%s)"
+)
 LOCK_ACCOUNT = prepared("lock_account", f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %s FOR UPDATE")  # nosec B608 # constants only, no request data
 INSERT_ACCOUNT = f"""
-    INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status, collect_on_every_shard, parent_account_id)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+    INSERT INTO accounts (account_id, request_id, owner_id, currency, kind, tier, status, collect_on_every_shard, parent_account_id,
+                          participant_id)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (account_id) DO NOTHING
     RETURNING {ACCOUNT_COLUMNS}"""  # nosec B608 # constants only, no request data
+# The clearing registry (on the clearing home shard): OpenAccount checks the participant it names.
+SELECT_PARTICIPANT = "SELECT 1 FROM participants WHERE participant_id = %s"
+SELECT_PARTICIPANT_CURRENCY = "SELECT 1 FROM participant_currencies WHERE participant_id = %s AND currency = %s"
 SET_STATUS = f"UPDATE accounts SET status = %s, updated_at = now() WHERE account_id = %s RETURNING {ACCOUNT_COLUMNS}"  # nosec B608 # constants only, no request data
 SET_COLLECTION_STATUS = "UPDATE accounts SET status = %s, updated_at = now() WHERE parent_account_id = %s"
 # A merchant's sub-accounts are credited only by payments and debited only by sweeps, so
@@ -256,18 +263,19 @@ class ShardStore:
             inserted, existing = await session.run(
                 session.begin(INSERT_ACCOUNT, SELECT_ACCOUNT, COMMIT),
                 [request.account_id, request.request_id, request.owner_id, request.currency, request.kind,
-                 request.tier, AccountStatus.ACTIVE, request.collect_on_every_shard, None, request.account_id],
+                 request.tier, AccountStatus.ACTIVE, request.collect_on_every_shard, None, request.participant_id, request.account_id],
             )
         # When the id was taken, the INSERT returns nothing and the SELECT the account opened earlier.
         return (account_from_row(inserted[0]), True) if inserted else (account_from_row(existing[0]), False)
 
     async def open_collection_account(self, merchant: Account, account_id: str, timeout_seconds: float) -> None:
-        """The merchant's sub-account on this shard (idempotent): same owner, currency, tier and status."""
+        """The merchant's sub-account on this shard (idempotent): same owner, currency, tier, status
+        and participant (a payment it collects is cleared like one to the merchant)."""
         async with self.session(timeout_seconds) as session:
             await session.run(
                 session.begin(INSERT_ACCOUNT, COMMIT),
                 [account_id, account_id, merchant.owner_id, merchant.currency, merchant.kind, merchant.tier,
-                 merchant.status, False, merchant.account_id],
+                 merchant.status, False, merchant.account_id, merchant.participant_id],
             )
 
     async def set_collection_status(self, merchant_id: str, status: int, timeout_seconds: float) -> None:
@@ -329,11 +337,20 @@ class ShardStore:
             (found,) = await session.run(session.begin(SELECT_ACCOUNT, COMMIT), [account_id])
         return account_from_row(found[0]) if found else None
 
-    async def get_owners(self, account_ids: list[str], timeout_seconds: float) -> list[tuple[str, str, AccountKind]]:
-        """(account_id, owner_id, kind) of each of `account_ids` that exists on this shard, in one round trip."""
+    async def get_owners(self, account_ids: list[str], timeout_seconds: float) -> list[tuple[str, str, AccountKind, str]]:
+        """(account_id, owner_id, kind, participant_id) of each of `account_ids` that exists on this
+        shard, in one round trip."""
         async with self.session(timeout_seconds) as session:
             (rows,) = await session.run(session.begin(SELECT_ACCOUNT_OWNERS, COMMIT), [account_ids])
-        return [(account_id, owner_id, AccountKind(kind)) for account_id, owner_id, kind in rows]
+        return [(account_id, owner_id, AccountKind(kind), participant_id) for account_id, owner_id, kind, participant_id in rows]
+
+    async def participant_currency(self, participant_id: str, currency: str, timeout_seconds: float) -> tuple[bool, bool]:
+        """(the participant is registered, it has the currency): read on the clearing home shard."""
+        async with self.session(timeout_seconds) as session:
+            participant, enabled = await session.run(
+                session.begin(SELECT_PARTICIPANT, SELECT_PARTICIPANT_CURRENCY, COMMIT), [participant_id, participant_id, currency]
+            )
+        return bool(participant), bool(enabled)
 
     async def list_account_transfers(
         self, account_id: str, before_seq: int, limit: int, timeout_seconds: float

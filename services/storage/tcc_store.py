@@ -21,11 +21,11 @@ import datetime
 
 from services.ledger.accounts import Account, AccountKind, AccountStatus
 from services.ledger.coordination import BarrierOperation, CancelCause, CoordinatorState, TryOutcome, blocked_outcome, refused_outcome
-from services.ledger import errors, ids
+from services.ledger import clearing, errors, ids
 from services.ledger.limits import TierLimits
 from services.ledger.transfers import Branch, Transfer, TransferRequest, TransferStatus
 from services.ledger.transfers import clearing_refusal, credit_side_refusal, debit_side_refusal
-from services.storage import id_registry
+from services.storage import id_registry, positions
 from services.storage.batch_posting import APPLY_BALANCE_CHANGES, LOCK_ACCOUNTS, SELECT_TRANSFERS as SELECT_LOCAL_TRANSFERS
 from services.storage.prepared import prepared
 from services.storage.shard_store import COMMIT, KEY_RACE_ATTEMPTS_MAX, SELECT_TRANSFER, KeyTaken
@@ -37,7 +37,7 @@ CREDIT_BRANCH = int(Branch.CREDIT)
 TCC_COLUMNS = (
     "transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference, credit_shard, state,"
     " reason, lease_owner, lease_epoch, lease_expires_at, pending_expires_at, attempts, created_at, updated_at,"
-    " finalized_at"
+    " finalized_at, payer_participant_id, payee_participant_id"
 )
 SELECT_NOW = "SELECT now()"
 SELECT_RECORD = prepared("select_record", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = %s")  # nosec B608 # constants only, no request data
@@ -49,25 +49,27 @@ ENSURE_CLEARING_ACCOUNTS = f"""
 SELECT_RECORDS = prepared("select_records", f"SELECT {TCC_COLUMNS} FROM tcc_transfers WHERE transfer_id = ANY(%s)")  # nosec B608 # constants only, no request data
 INSERT_RECORDS = prepared("insert_records", f"""
     INSERT INTO tcc_transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
-                               credit_shard, state, reason, lease_owner, lease_expires_at, pending_expires_at, finalized_at)
+                               credit_shard, state, reason, lease_owner, lease_expires_at, pending_expires_at, finalized_at,
+                               payer_participant_id, payee_participant_id)
     SELECT id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
            now() + make_interval(secs => lease_seconds), now() + make_interval(secs => pending_seconds),
-           CASE WHEN final THEN now() END
+           CASE WHEN final THEN now() END, payer, payee
     FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::smallint[],
-                %s::text[], %s::text[], %s::float8[], %s::float8[], %s::bool[])
+                %s::text[], %s::text[], %s::float8[], %s::float8[], %s::bool[], %s::text[], %s::text[])
          AS record(id, debit, credit, amount, currency, reference, credit_shard, state, reason, owner,
-                   lease_seconds, pending_seconds, final)
+                   lease_seconds, pending_seconds, final, payer, payee)
     RETURNING {TCC_COLUMNS}""")  # nosec B608 # constants only, no request data
 INSERT_BARRIERS = prepared("insert_barriers", """
     INSERT INTO tcc_barriers (transfer_id, branch, operation, outcome)
     SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[])""")
 INSERT_BRANCHES = prepared("insert_branches", """
     INSERT INTO transfers (transfer_id, debit_account_id, credit_account_id, amount_minor, currency, reference,
-                           status, reason, branch, clearing_account_id, finalized_at)
-    SELECT id, debit, credit, amount, currency, reference, status, reason, branch, clearing, CASE WHEN final THEN now() END
+                           status, reason, branch, clearing_account_id, finalized_at, payer_participant_id, payee_participant_id)
+    SELECT id, debit, credit, amount, currency, reference, status, reason, branch, clearing, CASE WHEN final THEN now() END,
+           payer, payee
     FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::smallint[], %s::text[],
-                %s::smallint[], %s::text[], %s::bool[])
-         AS branch_row(id, debit, credit, amount, currency, reference, status, reason, branch, clearing, final)""")
+                %s::smallint[], %s::text[], %s::bool[], %s::text[], %s::text[])
+         AS branch_row(id, debit, credit, amount, currency, reference, status, reason, branch, clearing, final, payer, payee)""")
 # Reservations, summed per account by the caller: pending debits and pending credits.
 RESERVE = prepared("reserve", """
     UPDATE accounts SET debits_pending_minor = debits_pending_minor + change.debits,
@@ -156,7 +158,9 @@ def _settle_debits_sql() -> str:
         ON CONFLICT DO NOTHING RETURNING transfer_id AS id, operation
     ), moved AS (
         UPDATE transfers t SET status = CASE WHEN barrier.operation = '{confirm}'
-                THEN {int(TransferStatus.POSTED)} ELSE {int(TransferStatus.VOIDED)} END, finalized_at = now()
+                THEN {int(TransferStatus.POSTED)} ELSE {int(TransferStatus.VOIDED)} END, finalized_at = now(),
+            -- A cleared transfer (its debit branch names its payer) joins the window open now.
+            window_id = CASE WHEN barrier.operation = '{confirm}' AND t.payer_participant_id IS NOT NULL THEN %(window_id)s::bigint END
         FROM barrier WHERE t.transfer_id = barrier.id AND t.status = {int(TransferStatus.PENDING)} AND t.branch = {DEBIT_BRANCH}
         RETURNING t.transfer_id AS id, t.debit_account_id AS debited, t.clearing_account_id AS credited, t.amount_minor AS amount,
                   barrier.operation = '{confirm}' AS posts
@@ -208,6 +212,15 @@ class TccRecord:
     # A permanent fault met while driving it (tcc_transfers.fault); only the queries that
     # select it (TCC_COLUMNS_WITH_FAULT) fill it in, the others leave it empty.
     fault: str = ""
+    # The participants of its accounts when it began (None: a record from before clearing, or
+    # a payee unknown then). Its credit branch refuses an account of another participant.
+    payer_participant_id: str | None = None
+    payee_participant_id: str | None = None
+
+    @property
+    def cleared(self) -> tuple[str, str] | None:
+        """(payer, payee) when the transfer is cleared: its debit try reserved on the payer's share."""
+        return clearing.cleared_between(self.debit_account_id, self.payer_participant_id, self.credit_account_id, self.payee_participant_id)
 
     @property
     def request(self) -> TransferRequest:
@@ -228,8 +241,14 @@ class TccRecord:
         )
 
 
+# Where the columns after the record's own sit in a row of TCC_COLUMNS (and TCC_COLUMNS_WITH_FAULT).
+_PARTICIPANTS_AT = len(TCC_COLUMNS.split(",")) - 2
+
+
 def record_from_row(row: tuple) -> TccRecord:
-    return TccRecord(*row[:7], CoordinatorState(row[7]), *row[8:])
+    payer, payee = row[_PARTICIPANTS_AT], row[_PARTICIPANTS_AT + 1]
+    fault = row[_PARTICIPANTS_AT + 2] if len(row) > _PARTICIPANTS_AT + 2 else ""
+    return TccRecord(*row[:7], CoordinatorState(row[7]), *row[8:_PARTICIPANTS_AT], fault, payer, payee)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +259,9 @@ class Begun:
     created: bool
     fresh_refusal: errors.LedgerError | None = None
     same_shard_transfer: Transfer | None = None
+    # Nothing recorded: the payer's share lacks headroom; (participant_id, currency, amount):
+    # rebalance, then begin again with the request final for the cap.
+    needs_headroom: tuple[str, str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +287,11 @@ class BeginItem:
     @property
     def transfer_id(self) -> str:
         return self.request.transfer_id
+
+    @property
+    def payee_participant_id(self) -> str | None:
+        """The credited account's participant as the service looked it up (TransferRequest's)."""
+        return self.request.payee_participant_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +453,18 @@ class TccStore:
             records = {row[0]: record_from_row(row) for row in found}
             local_transfers = {row[0]: transfer_from_row(row) for row in local}
             first_uses = id_registry.first_uses(registered[0]) if registrations else {}
+            cleared = {
+                item.transfer_id: pair for item in items if item.transfer_id not in records and item.transfer_id not in local_transfers
+                and (pair := _cleared_at_begin(item, accounts)) is not None
+            }
+            shares: dict[positions.ShareKey, clearing.PositionShare] = {}
+            if cleared:
+                # The payers' shares, after the accounts: the cap is checked and the debit reserved there.
+                _, shares = await positions.lock_shares(
+                    session, self.shard_name, [(cleared[item.transfer_id][0], item.request.currency) for item in items if item.transfer_id in cleared],
+                    [], [],
+                )
+            position_changes = positions.PositionChanges()
             results: list[Begun | errors.LedgerError | None] = [None] * len(items)
             refusals: dict[str, errors.LedgerError | None] = {}
             record_rows, barrier_rows, branch_rows, changes = [], [], [], {}
@@ -448,7 +487,22 @@ class TccStore:
                 refusal = debit_side_refusal(request, accounts.get(request.debit_account_id), limits) or (
                     clearing_refusal(request, accounts[item.clearing_account_id], credited=True)
                 )
+                pair = cleared.get(request.transfer_id)
+                if refusal is None and pair is not None:
+                    share_key = (pair[0], request.currency)
+                    refusal = positions.exposure_refusal(shares[share_key], None, request.amount_minor)
+                    if refusal is None and not shares[share_key].fits(request.amount_minor):
+                        if not request.final_for_cap:
+                            results[index] = Begun(None, created=False, needs_headroom=(*share_key, request.amount_minor))
+                            continue
+                        refusal = clearing.cap_exceeded(*share_key, None)
+                    if refusal is None:
+                        positions.apply_to(shares, share_key, reserved=request.amount_minor)
+                        position_changes.reserved(pair[0], request.currency, request.amount_minor)
                 refusals[request.transfer_id] = refusal
+                debit_account = accounts.get(request.debit_account_id)
+                payer = debit_account.participant_id if debit_account is not None else None
+                payee = item.payee_participant_id
                 refused = refusal is not None
                 reason = refusal.reason if refused else ""
                 amount = request.amount_minor
@@ -456,6 +510,7 @@ class TccStore:
                     request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
                     request.reference, item.credit_shard, int(CoordinatorState.REJECTED if refused else CoordinatorState.TRYING),
                     reason, item.owner, item.lease_seconds, item.pending_timeout_seconds, refused,
+                    payer, payee,
                 ))
                 barrier_rows.append(
                     (request.transfer_id, DEBIT_BRANCH, BarrierOperation.TRY.value, refused_outcome(reason) if refused else TryOutcome.APPLIED.value)
@@ -463,7 +518,7 @@ class TccStore:
                 branch_rows.append((
                     request.transfer_id, request.debit_account_id, request.credit_account_id, amount, request.currency,
                     request.reference, int(TransferStatus.REJECTED if refused else TransferStatus.PENDING), reason, DEBIT_BRANCH,
-                    item.clearing_account_id, refused,
+                    item.clearing_account_id, refused, *(pair or (None, None)),
                 ))
                 if not refused:
                     _plan(accounts, changes, request.debit_account_id, amount, 0, RESERVED_COUNTERS)
@@ -473,9 +528,10 @@ class TccStore:
                     await session.run(COMMIT)
                 return results
             reserve, reserve_params = _changes_statement(RESERVE, changes)
+            reserve_shares, reserve_shares_params = position_changes.statements(None)
             (inserted,) = await session.run(
-                batch(INSERT_RECORDS, INSERT_BARRIERS, INSERT_BRANCHES, *reserve, COMMIT),
-                _columns(record_rows) + _columns(barrier_rows) + _columns(branch_rows) + reserve_params,
+                batch(INSERT_RECORDS, INSERT_BARRIERS, INSERT_BRANCHES, *reserve, *reserve_shares, COMMIT),
+                _columns(record_rows) + _columns(barrier_rows) + _columns(branch_rows) + reserve_params + reserve_shares_params,
             )
         created = {row[0]: record_from_row(row) for row in inserted}
         for index, item in enumerate(items):
@@ -508,16 +564,16 @@ class TccStore:
                     outcome = blocked_outcome(CancelCause.PENDING_TIMEOUT)
                 else:
                     # The clearing account (debited here) is checked too: its int64 range holds.
-                    refusal = credit_side_refusal(request, accounts.get(record.credit_account_id), limits) or (
-                        clearing_refusal(request, accounts[item.clearing_account_id], credited=False)
-                    )
+                    refusal = _other_payee(record, accounts.get(record.credit_account_id)) or credit_side_refusal(
+                        request, accounts.get(record.credit_account_id), limits
+                    ) or clearing_refusal(request, accounts[item.clearing_account_id], credited=False)
                     outcome = refused_outcome(refusal.reason) if refusal else TryOutcome.APPLIED.value
                 outcomes[item.transfer_id] = outcome
                 barrier_rows.append((item.transfer_id, CREDIT_BRANCH, BarrierOperation.TRY.value, outcome))
                 if outcome == TryOutcome.APPLIED:
                     branch_rows.append((
                         record.transfer_id, record.debit_account_id, record.credit_account_id, record.amount_minor, record.currency,
-                        record.reference, int(TransferStatus.POSTED), "", CREDIT_BRANCH, item.clearing_account_id, True,
+                        record.reference, int(TransferStatus.POSTED), "", CREDIT_BRANCH, item.clearing_account_id, True, None, None,
                     ))
                     _plan(accounts, changes, record.credit_account_id, 0, record.amount_minor, POSTED_COUNTERS)
                     _plan(accounts, changes, item.clearing_account_id, record.amount_minor, 0, POSTED_COUNTERS)
@@ -557,10 +613,36 @@ class TccStore:
             "ids": [item.transfer_id for item in items], "customers": sorted({item.record.debit_account_id for item in items}),
             "operations": [(BarrierOperation.CONFIRM if item.confirm else BarrierOperation.CANCEL).value for item in items],
             "epochs": [item.record.lease_epoch for item in items], "reasons": [item.reason for item in items],
-            "final_states": [int(item.final_state) for item in items],
+            "final_states": [int(item.final_state) for item in items], "window_id": None,
         }
+        cleared = {item.transfer_id: item.record.cleared for item in items if item.record.cleared is not None}
         async with self.store.session(timeout_seconds) as session:
-            _, rows = await session.run(session.begin(LOCK_DEBIT_BRANCH_ACCOUNTS, SETTLE_DEBITS, COMMIT), params)
+            if not cleared:
+                _, rows = await session.run(session.begin(LOCK_DEBIT_BRANCH_ACCOUNTS, SETTLE_DEBITS, COMMIT), params)
+            else:
+                # Accounts first, then the window (shared lock) and the payers' and payees' shares on this
+                # shard, sorted; a confirm moves the payer's reservation into its position and the payee's
+                # position down, and the transfer joins the window open now.
+                keys = sorted({(participant_id, item.record.currency) for item in items for participant_id in cleared.get(item.transfer_id, ())})
+                _, _, window, _ = await session.run(
+                    session.begin(LOCK_DEBIT_BRANCH_ACCOUNTS, positions.WINDOW_LOCK_SHARED, positions.SELECT_WINDOW,
+                                  positions.ENSURE_SHARES_NAMED, positions.LOCK_SHARES_NAMED),
+                    {**params, **positions.share_params(keys)},
+                )
+                params["window_id"] = int(window[0][0])
+                (rows,) = await session.run(SETTLE_DEBITS, params)
+                position_changes = positions.PositionChanges()
+                by_transfer = {item.transfer_id: item for item in items}
+                for row in rows:
+                    item = by_transfer[row[0]]
+                    if row[2] and row[0] in cleared:  # moved by this call
+                        payer, payee = cleared[row[0]]
+                        if item.confirm:
+                            position_changes.posted(payer, payee, item.record.currency, item.record.amount_minor, reserved=True)
+                        else:
+                            position_changes.released(payer, item.record.currency, item.record.amount_minor)
+                statements, statement_params = position_changes.statements(params["window_id"])
+                await session.run(batch(*statements, COMMIT), statement_params)
         by_id = {
             row[0]: Settled(record_from_row(row[3:]) if row[3] is not None else None, BranchResult(row[3] is not None, row[1], row[2]))
             for row in rows
@@ -648,6 +730,25 @@ class TccStore:
         async with self.store.session(timeout_seconds) as session:
             (rows,) = await session.run(session.begin(LIST_IN_DOUBT_WITH_FAULTS, COMMIT), [limit])
         return [record_from_row(row) for row in rows]
+
+
+def _cleared_at_begin(item: BeginItem, accounts: dict[str, Account]) -> tuple[str, str] | None:
+    """(payer, payee) when a transfer between shards is cleared: its payer's account (locked here)
+    and the payee the service looked up for the credited account."""
+    debit = accounts.get(item.request.debit_account_id)
+    if debit is None:
+        return None
+    return clearing.cleared_between(debit.account_id, debit.participant_id, item.request.credited, item.payee_participant_id)
+
+
+def _other_payee(record: TccRecord, credit: Account | None) -> errors.LedgerError | None:
+    """The credit account found now belongs to another participant than the one the transfer began
+    for (and cleared to): it is not the account the try named."""
+    if credit is None or record.payee_participant_id is None or credit.participant_id == record.payee_participant_id:
+        return None
+    return errors.AccountNotFound(
+        f"account {record.credit_account_id} of participant {record.payee_participant_id} not found", account_id=record.credit_account_id
+    )
 
 
 def _raised_or_returned(result):

@@ -22,6 +22,14 @@ that links can be cut or slowed. Then:
   one, the test's total unchanged, no customer below zero (in any read, too),
   nothing left pending, each account's balance equal to what the resolved
   history says, and services.storage.audit content.
+- clearing (--participants N, default 3; 0 leaves it out): the customers belong to N
+  participants in turn (funded by a SYSTEM account of their own participant, so funding is
+  not cleared), the first participant has a net debit cap (--cap-minor), and a closer thread
+  closes the settlement window every --close-every-seconds under the faults. After healing,
+  every close whose answer was unknown is retried with its request id, every CLOSED window is
+  settled and recorded, and the checker adds: no window CLOSING, the clearing invariants from
+  the databases (tests/fixtures/clearing.py), the capped participant within its cap, and
+  Reconcile consistent.
 
 A failure prints the seed; the same seed replays the same plan of operations
 and faults (the interleaving of threads is the one thing it cannot replay).
@@ -58,6 +66,7 @@ from deploy.cluster import Cluster
 from services.auth.client import Target
 from services.storage.audit import audit_cluster
 from tests.fixtures import faults
+from tests.fixtures import clearing as clearing_books
 from tests.fixtures.cluster import make_state_dir
 from tests.fixtures.ledger import LedgerClient, _load_shard_map
 from tests.fixtures.proxy import TcpProxy
@@ -113,6 +122,16 @@ FINAL_STATUSES = {transfers_pb2.POSTED: "POSTED", transfers_pb2.REJECTED: "REJEC
 NEVER_STARTED = "NOT_FOUND"
 POSTED_ROW_STATUS = 2  # transfers.status in the shards' schema
 
+# Clearing: participants the customers belong to, the first one's net debit cap (about one and a
+# half opening balances: some of its payments are refused NET_DEBIT_CAP_EXCEEDED), and how often
+# the closer closes the window.
+PARTICIPANTS_DEFAULT = 3
+CAP_MINOR_DEFAULT = 15_000
+CLOSE_EVERY_SECONDS_DEFAULT = 2.0
+CLEARING_CURRENCY = "USD"
+# After healing: retries of unknown closes and of settlement calls, each bounded.
+CLEARING_RETRY_SECONDS = 30.0
+
 FAULT_KINDS = ("kill-grpc", "crash-shard", "freeze-shard", "stop-etcd", "cut-shard", "delay-shard", "kill-coordinator")
 ROLE_COORDINATOR = "coordinator"
 
@@ -130,6 +149,9 @@ class Config:
     faults: tuple[str, ...] = FAULT_KINDS
     fault_hold_seconds_max: float = FAULT_HOLD_SECONDS_MAX
     fault_quiet_seconds_max: float = FAULT_QUIET_SECONDS_MAX
+    participants: int = PARTICIPANTS_DEFAULT
+    cap_minor: int = CAP_MINOR_DEFAULT
+    close_every_seconds: float = CLOSE_EVERY_SECONDS_DEFAULT
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
@@ -375,10 +397,123 @@ def proxy_delayed(proxy: TcpProxy, seconds: float) -> Iterator[None]:
 class Accounts:
     customers_by_shard: dict[str, list[str]]
     banks: list[str]  # the SYSTEM accounts that funded the customers
+    participants: list[str] = dataclasses.field(default_factory=list)  # the first one is capped
+    participant_of: dict[str, str] = dataclasses.field(default_factory=dict)  # customer -> participant
 
     @property
     def customers(self) -> list[str]:
         return [a for accounts in self.customers_by_shard.values() for a in accounts]
+
+
+def open_participant_accounts(clearing: clearing_books.ClearingClient, shard_names: list[str], config: Config) -> Accounts:
+    """Customers of `config.participants` participants in turn, each funded by a SYSTEM account of
+    its own participant on its shard (not cleared); the first participant capped."""
+    token = uuid.uuid4().hex[:8]
+    participants = [f"bank-{token}-{i}" for i in range(config.participants)]
+    for participant in participants:
+        clearing.register(participant, [CLEARING_CURRENCY])
+    customers: dict[str, list[str]] = {}
+    participant_of: dict[str, str] = {}
+    banks = []
+    for shard in shard_names:
+        customers[shard] = []
+        for k in range(config.accounts_per_shard):
+            participant = participants[(k + shard_names.index(shard)) % len(participants)]
+            account = clearing.funded(participant, shard, OPENING_BALANCE_MINOR, CLEARING_CURRENCY).account_id
+            customers[shard].append(account)
+            participant_of[account] = participant
+            banks.append(clearing.system(participant, shard, CLEARING_CURRENCY).account_id)
+    clearing.set_cap(participants[0], CLEARING_CURRENCY, config.cap_minor)
+    return Accounts(customers, sorted(set(banks)), participants, participant_of)
+
+
+def clearing_supported(channel: grpc.Channel) -> bool:
+    """Whether the server implements Clearing (asked, not assumed)."""
+    try:
+        clearing_books.clearing_pb2_grpc.ClearingStub(channel).GetSettlementWindow(
+            clearing_books.clearing_pb2.GetSettlementWindowRequest(), timeout=PROBE_DEADLINE_SECONDS)
+    except grpc.RpcError as error:
+        return error.code() != grpc.StatusCode.UNIMPLEMENTED
+    return True
+
+
+class Closer(threading.Thread):
+    """Closes the settlement window every `every_seconds` while the workload runs; remembers the
+    request ids whose answer was unknown (to retry once healed)."""
+
+    def __init__(self, endpoint: Target, every_seconds: float, token: str) -> None:
+        super().__init__(name="closer", daemon=True)
+        self.endpoint, self.every_seconds, self.token = endpoint, every_seconds, token
+        self.stopping = threading.Event()
+        self.closed: dict[str, tuple[int, int]] = {}
+        self.unknown: list[str] = []
+        self.failed: list[str] = []
+
+    def run(self) -> None:
+        with open_channel(self.endpoint) as channel:
+            stub = clearing_books.clearing_pb2_grpc.ClearingStub(channel)
+            for n in itertools.count():
+                if self.stopping.wait(self.every_seconds):
+                    return
+                request_id = f"bank-close-{self.token}-{n}"
+                try:
+                    answer = stub.CloseSettlementWindow(clearing_books.clearing_pb2.CloseSettlementWindowRequest(
+                        request_id=request_id, reason="bank test"), timeout=CLIENT_DEADLINE_SECONDS)
+                    self.closed[request_id] = clearing_books.closed_pair(answer)
+                except grpc.RpcError as error:
+                    if error.code() in DEFINITE_FAILURE_CODES or error.code() == grpc.StatusCode.INTERNAL:
+                        self.failed.append(f"close {request_id}: {error.code().name}/{error_reason(error)}")
+                    else:
+                        self.unknown.append(request_id)
+
+
+def _retried(call, seconds: float = CLEARING_RETRY_SECONDS):
+    """A clearing call retried (same request) while its answer is unknown."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            if error.code() in DEFINITE_FAILURE_CODES or error.code() == grpc.StatusCode.INTERNAL or time.monotonic() > deadline:
+                raise
+            time.sleep(RESOLVE_ROUND_DELAY_SECONDS)
+
+
+def check_clearing(description: dict, accounts: Accounts, closer: Closer | None, config: Config) -> list[str]:
+    """Once healed: finish the unknown closes by retrying them, settle every CLOSED window, then judge."""
+    violations = [f"clearing: {text}" for text in (closer.failed if closer else [])]
+    with open_channel(Target.of_cluster(description)) as channel:
+        grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_TIMEOUT_SECONDS)
+        ledger = LedgerClient(channel, asyncio.run(_load_shard_map(description["etcd_endpoint"])))
+        clearing = clearing_books.ClearingClient(channel, ledger)
+        try:
+            for request_id in closer.unknown if closer else []:
+                pair = clearing_books.closed_pair(_retried(lambda: clearing.close(request_id, reason="bank test")))
+                if pair[1] != pair[0] + 1:
+                    violations.append(f"clearing: close {request_id} answered {pair}")
+            closed = [w.window_id for w in _retried(lambda: clearing.windows(clearing_books.clearing_pb2.WINDOW_CLOSED))]
+            for first in range(0, len(closed), 100):
+                window_ids = sorted(closed[first:first + 100])
+                settlement = _retried(lambda: clearing.create_settlement(f"bank-settle-{config.seed}-{uuid.uuid4().hex[:8]}", window_ids))
+                if sum(e.net_minor for e in settlement.entries):
+                    violations.append(f"clearing: settlement {settlement.settlement_id} nets sum to {sum(e.net_minor for e in settlement.entries)}")
+                for entry in settlement.entries:
+                    _retried(lambda: clearing.record(settlement.settlement_id, entry.participant_id, entry.currency))
+            home = clearing.home_shard
+            state = clearing_books.wait_quiet(description["shards"], home)
+            violations += [f"clearing: {text}" for text in state.violations()]
+            if accounts.participants:
+                position, reserved = state.position_total(accounts.participants[0], CLEARING_CURRENCY)
+                if position + reserved > config.cap_minor:
+                    violations.append(f"clearing: capped participant at {position} + {reserved}, past its cap {config.cap_minor}")
+            report = _retried(lambda: clearing.reconcile())
+            if not report.consistent:
+                violations += [f"reconcile: {finding.check} {finding.shard} window {finding.window_id} {finding.participant_id} "
+                               f"{finding.currency}: expected {finding.expected_minor}, found {finding.found_minor} {finding.detail}"
+                               for finding in report.findings] or ["reconcile: not consistent, without findings"]
+        except grpc.RpcError as error:
+            violations.append(f"clearing: {error.code().name}/{error_reason(error)}: {error.details()}")
+    return violations
 
 
 def open_accounts(ledger: LedgerClient, shard_names: list[str], accounts_per_shard: int) -> Accounts:
@@ -490,6 +625,7 @@ class Report:
     workload_seconds: float
     unresolved: list[str]
     all_final_seconds: float  # after healing, until the last unknown was final
+    clearing: str = ""  # what the clearing part did, when it ran
 
     def counts(self) -> dict[str, collections.Counter]:
         counts: dict[str, collections.Counter] = {"transfer": collections.Counter(), "read": collections.Counter()}
@@ -517,6 +653,8 @@ class Report:
                 f"  unknowns final after healing: p50 {statistics.median(finals):.2f}s max {finals[-1]:.2f}s; "
                 f"all answered {self.all_final_seconds:.1f}s after healing (bound {FINAL_WITHIN_SECONDS}s)"
             )
+        if self.clearing:
+            lines.append(f"  clearing: {self.clearing}")
         lines.append(f"  faults: {len(self.faults)} " + _top(collections.Counter(f.kind for f in self.faults)))
         for fault in self.faults:
             lines.append(
@@ -682,7 +820,10 @@ def run(chaos: ChaosCluster, config: Config) -> Report:
     with open_channel(endpoint) as channel:
         grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_TIMEOUT_SECONDS)
         ledger = LedgerClient(channel, asyncio.run(_load_shard_map(description["etcd_endpoint"])))
-        accounts = open_accounts(ledger, shard_names, config.accounts_per_shard)
+        if config.participants and clearing_supported(channel):
+            accounts = open_participant_accounts(clearing_books.ClearingClient(channel, ledger), shard_names, config)
+        else:
+            accounts = open_accounts(ledger, shard_names, config.accounts_per_shard)
     start = balances(description["shards"], accounts.customers + accounts.banks)
     log.info("%d accounts open and funded; workload begins", len(start))
 
@@ -691,11 +832,17 @@ def run(chaos: ChaosCluster, config: Config) -> Report:
     history = History()
     workload = Workload(endpoint, accounts, config, history, clock)
     nemesis = Nemesis(chaos, config, clock)
+    closer = Closer(endpoint, config.close_every_seconds, workload.run_token) if accounts.participants else None
     nemesis.start()
+    if closer:
+        closer.start()
     try:
         workload.run(config.duration_seconds, also_until=nemesis.every_kind_done)
     finally:
         nemesis.stopping.set()
+        if closer:
+            closer.stopping.set()
+            closer.join(HEAL_TIMEOUT_SECONDS)
         nemesis.join(HEAL_TIMEOUT_SECONDS)
     workload_seconds = clock()
     # Whatever the last fault left (or a fault that failed to heal): repair, bounded by deploy's own timeouts.
@@ -703,9 +850,15 @@ def run(chaos: ChaosCluster, config: Config) -> Report:
     healed_seconds = clock()
     log.info("healed %.1fs after the workload ended; checking", healed_seconds - workload_seconds)
     violations, unresolved, all_final_seconds = check(chaos.refresh(), accounts, start, history, healed_seconds, clock)
+    clearing_summary = ""
+    if accounts.participants:
+        violations += check_clearing(chaos.refresh(), accounts, closer, config)
+        clearing_summary = (f"{len(accounts.participants)} participants (cap {config.cap_minor} on {accounts.participants[0]}), "
+                            f"{len(closer.closed) if closer else 0} windows closed under faults, "
+                            f"{len(closer.unknown) if closer else 0} closes answered unknown and retried once healed")
     log.info("checked in %.1fs", clock() - healed_seconds)
     violations += [f"nemesis: {f.kind} on {f.target} did not heal cleanly: {f.error}" for f in nemesis.records if f.error]
-    return Report(config, history.ops, nemesis.records, violations, workload_seconds, unresolved, all_final_seconds)
+    return Report(config, history.ops, nemesis.records, violations, workload_seconds, unresolved, all_final_seconds, clearing_summary)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -722,6 +875,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("COREBANK_CHAOS_PORT_BASE") or DEFAULT_PORT_BASE))
     parser.add_argument("--keep", action="store_true", help="keep the state folder (logs, data) even on success")
     parser.add_argument("--history", help="write the history as JSON lines to this file")
+    parser.add_argument("--participants", type=int, default=PARTICIPANTS_DEFAULT, help="participants the customers belong to; 0: no clearing")
+    parser.add_argument("--cap-minor", type=int, default=CAP_MINOR_DEFAULT, help="the first participant's net debit cap")
+    parser.add_argument("--close-every-seconds", type=float, default=CLOSE_EVERY_SECONDS_DEFAULT)
     return parser.parse_args(argv)
 
 
@@ -735,7 +891,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=seed, duration_seconds=args.minutes * 60, clients=args.clients, accounts_per_shard=args.accounts_per_shard,
         cross_shard_share=args.cross_shard_share, read_share=args.read_share,
         faults=tuple(kind for kind in args.faults.split(",") if kind), fault_hold_seconds_max=args.fault_hold_seconds_max,
-        fault_quiet_seconds_max=args.fault_quiet_seconds_max,
+        fault_quiet_seconds_max=args.fault_quiet_seconds_max, participants=args.participants, cap_minor=args.cap_minor,
+        close_every_seconds=args.close_every_seconds,
     )  # fmt: skip
     print(f"bank test: seed {seed}, {args.minutes} min, port base {args.port_base}", flush=True)
     state_dir = make_state_dir("corebank-chaos-")

@@ -36,7 +36,7 @@ COMMAND_TIMEOUT_SECONDS = 120
 
 CLUSTER_JSON_KEYS = {
     "grpc_endpoint", "etcd_endpoint", "metrics_endpoints", "prometheus_url", "alertmanager_url", "shards", "processes",
-    "state_dir", "auth",
+    "state_dir", "auth", "hosting_participant_id", "clearing_home_shard",
 }  # fmt: skip
 # The monitoring `up` starts beside the services (deploy/monitoring.py), and the supervisor, which
 # only watches in this unsupervised cluster: all healthy in a healthy cluster.

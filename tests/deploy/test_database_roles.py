@@ -29,15 +29,27 @@ from tests.fixtures.cluster import bare_shard
 
 ROLES_PORT = int(os.environ.get("COREBANK_TEST_ROLES_PORT") or 17900)
 # The audit trail's table (services/audit_log) too, when the schema has it: insert-only, like the registry.
-TABLES = ("accounts", "transfers", "id_registry", "tcc_transfers", "tcc_barriers")
+TABLES = (
+    "accounts", "transfers", "id_registry", "tcc_transfers", "tcc_barriers",
+    # Clearing (schema.sql's clearing section).
+    "clearing_positions", "clearing_window_totals", "clearing_shard_window", "clearing_position_resets",
+    "participants", "participant_currencies", "settlement_windows", "settlements", "settlement_entries",
+)
 OPTIONAL_TABLES = ("audit_log",)
 SERVICE_UPDATABLE_COLUMNS = {
     "accounts": {"status", "debits_posted_minor", "credits_posted_minor", "debits_pending_minor", "credits_pending_minor", "updated_at"},
-    "transfers": {"status", "finalized_at"},
+    "transfers": {"status", "finalized_at", "window_id"},
     "tcc_transfers": {
         "state", "reason", "lease_owner", "lease_epoch", "lease_expires_at", "attempts", "fault", "faulted_at", "updated_at",
         "finalized_at",
     },
+    "clearing_positions": {"position_minor", "reserved_minor", "allotment_minor", "updated_at"},
+    "clearing_window_totals": {"debits_minor", "credits_minor", "transfers"},
+    "clearing_shard_window": {"window_id", "switched_at"},
+    "participant_currencies": {"net_debit_cap_minor", "threshold_percent", "updated_at"},
+    "settlement_windows": {"state", "closed_at", "reason", "close_request_id", "settlement_id"},
+    "settlements": {"state", "settled_at"},
+    "settlement_entries": {"settled_at"},
 }
 TABLE_PRIVILEGES = """
     SELECT table_name, privilege_type FROM information_schema.role_table_grants

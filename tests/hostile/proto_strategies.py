@@ -134,6 +134,11 @@ class Pools:
     fresh_prefix: str = "fz"
     fresh_ids_max: int = 50
     repeated_boundary_sizes: tuple[int, ...] = ()  # e.g. the batch limit and one past it
+    # Clearing: participants registered for the test (never the hosting bank's own: a cap set on
+    # it would reach every other test), settlement windows and settlements that exist.
+    participant_ids: tuple[str, ...] = ()
+    window_ids: tuple[int, ...] = ()
+    settlement_ids: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,6 +210,30 @@ def owner_ids(pools: Pools) -> st.SearchStrategy[str]:
     return st.one_of(known, known, known, known.flatmap(lambda value: st.sampled_from(_near_misses(value))), generic_strings())
 
 
+def participant_ids(pools: Pools) -> st.SearchStrategy[str]:
+    """Participants that exist, their near misses, the 32-character limit's edges, and junk."""
+    known = _from(pools.participant_ids)
+    return st.one_of(
+        known, known, known, known.flatmap(lambda value: st.sampled_from(_near_misses(value))),
+        _fresh(pools, "p-"),
+        st.builds(lambda n, c: c * n, st.sampled_from((31, 32, 33, 64)), st.sampled_from("Ab9._-")),
+        st.sampled_from(["corebank-clearing", "CoreBank", "corebank ", "stl_p_x", "a:b", "a b", "é"]),
+        generic_strings(),
+    )
+
+
+# Clearing's numeric ids (windows, settlements): ones that exist, their neighbours, and the edges.
+CLEARING_ID_FIELDS = ("window_id", "settlement_id", "window_ids")
+
+
+def clearing_ids_for(field: FieldDescriptor, pools: Pools) -> st.SearchStrategy[int]:
+    known = pools.settlement_ids if field.name == "settlement_id" else pools.window_ids
+    low, high = _INTEGER_RANGES[field.type]
+    near = sorted({value + delta for value in known for delta in (-1, 0, 1) if low <= value + delta <= high})
+    return st.one_of(_from(known) if known else st.nothing(), st.sampled_from(near) if near else st.nothing(),
+                     st.sampled_from([v for v in (0, 1, 2, 2**31, 2**53, 2**63 - 1, 2**63, 2**64 - 1) if low <= v <= high]))
+
+
 def currencies() -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(CURRENCIES), st.sampled_from(CURRENCIES), st.sampled_from(ODD_CURRENCIES), generic_strings())
 
@@ -271,8 +300,10 @@ def free_text() -> st.SearchStrategy[str]:
 def strings_for(field: FieldDescriptor, pools: Pools) -> st.SearchStrategy[str]:
     """A string field's values, by what its name says it holds; generic strings for any other."""
     name = field.name
-    if name == "currency":
+    if name in ("currency", "currencies"):
         return currencies()
+    if name == "participant_id":
+        return participant_ids(pools)
     if name.endswith("account_id"):
         return account_ids(pools)
     if name == "transfer_id":
@@ -293,7 +324,7 @@ def strings_for(field: FieldDescriptor, pools: Pools) -> st.SearchStrategy[str]:
 # ---------------------------------------------------------------------------------------
 # Other scalars.
 
-def integers_for(field: FieldDescriptor) -> st.SearchStrategy[int]:
+def integers_for(field: FieldDescriptor, pools: Pools = Pools()) -> st.SearchStrategy[int]:
     low, high = _INTEGER_RANGES[field.type]
     boundaries = sorted({value for value in _INTEGER_BOUNDARIES + (low, high, low + 1, high - 1) if low <= value <= high})
     by_name: list[st.SearchStrategy[int]] = []
@@ -303,6 +334,10 @@ def integers_for(field: FieldDescriptor) -> st.SearchStrategy[int]:
         by_name += [st.sampled_from([v for v in (0, 1, 2, 49, 50, 499, 500, 501, -1) if low <= v <= high])] * 2
     if field.name == "tier":
         by_name.append(st.integers(max(low, -1), min(high, 5)))
+    if field.name == "threshold_percent":
+        by_name.append(st.sampled_from([v for v in (0, 1, 89, 90, 99, 100, 101, -1, 255) if low <= v <= high]))
+    if field.name in CLEARING_ID_FIELDS:
+        by_name += [clearing_ids_for(field, pools)] * 2
     return st.one_of(*by_name, st.sampled_from(boundaries), st.sampled_from(boundaries), st.integers(low, high),
                      st.integers(max(low, -10), min(high, 1_000)))
 
@@ -329,8 +364,10 @@ def plausible_scalars_for(field: FieldDescriptor, pools: Pools) -> st.SearchStra
     get past validation, so the fuzz reaches authorisation, the posting rules and success."""
     name = field.name
     if field.type == FieldDescriptor.TYPE_STRING:
-        if name == "currency":
+        if name in ("currency", "currencies"):
             return st.sampled_from(("USD", "USD", "USD", "JPY"))
+        if name == "participant_id":
+            return st.one_of(_from(pools.participant_ids), _fresh(pools, "p-"))
         if name.endswith("account_id"):
             return _from(pools.account_ids)
         if name == "transfer_id":
@@ -346,6 +383,10 @@ def plausible_scalars_for(field: FieldDescriptor, pools: Pools) -> st.SearchStra
         low, high = _INTEGER_RANGES[field.type]
         if name.endswith("_minor"):
             return st.integers(max(low, 1), min(high, 10_000))
+        if name == "threshold_percent":
+            return st.integers(0, 100)
+        if name in CLEARING_ID_FIELDS and (pools.window_ids or pools.settlement_ids):
+            return clearing_ids_for(field, pools)
         if name == "tier":
             return st.sampled_from((0, 0, 1, 2, 3))  # a customer opens tier 0 only
         return st.integers(max(low, 0), min(high, 500))
@@ -360,7 +401,7 @@ def scalars_for(field: FieldDescriptor, pools: Pools) -> st.SearchStrategy:
     if field.type == FieldDescriptor.TYPE_STRING:
         return strings_for(field, pools)
     if field.type in _INTEGER_RANGES:
-        return integers_for(field)
+        return integers_for(field, pools)
     if field.type == FieldDescriptor.TYPE_ENUM:
         return enums_for(field)
     if field.type == FieldDescriptor.TYPE_BOOL:

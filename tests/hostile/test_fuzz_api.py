@@ -45,7 +45,7 @@ from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from corebank.v1 import accounts_pb2, errors_pb2, payments_pb2
+from corebank.v1 import accounts_pb2, clearing_pb2, clearing_pb2_grpc, errors_pb2, payments_pb2
 from services.auth import auth_dir, client, tokens
 from services.collection import collection_account_id
 from services.coordinator.clearing import clearing_account_id
@@ -88,9 +88,16 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 RECORDED_REFUSALS = {
     "INSUFFICIENT_FUNDS", "ACCOUNT_FROZEN", "ACCOUNT_DEBIT_BLOCKED", "ACCOUNT_CREDIT_BLOCKED", "ACCOUNT_CLOSED",
     "CURRENCY_MISMATCH", "LIMIT_EXCEEDED", "BALANCE_OVERFLOW", "ACCOUNT_NOT_FOUND", "TRANSFER_VOIDED",
-    "LINKED_TRANSFER_FAILED", "LINKED_CHAIN_SPANS_SHARDS",
+    "LINKED_TRANSFER_FAILED", "LINKED_CHAIN_SPANS_SHARDS", "NET_DEBIT_CAP_EXCEEDED",
 }
 MONEY_METHODS = {"Transfer", "CreateTransfers"}
+# Who may call the Clearing methods (protos/corebank/v1/clearing.proto): any other method reads.
+CLEARING_SERVICE = "corebank.v1.Clearing"
+CLEARING_READERS = {"admin", "operator", "service"}
+CLEARING_ROLES = {
+    "RegisterParticipant": {"admin"}, "SetNetDebitCap": {"admin"}, "RecordParticipantSettled": {"admin"},
+    "CloseSettlementWindow": {"admin", "operator"}, "CreateSettlement": {"admin", "operator"},
+}
 KIND_CUSTOMER, KIND_MERCHANT, KIND_SYSTEM = 1, 2, 3
 OWNED_KINDS = (KIND_CUSTOMER, KIND_MERCHANT)
 # grpc's own limit on a call's metadata (grpc.max_metadata_size, 8 KiB by default): past it the
@@ -127,6 +134,20 @@ FINGERPRINT_SQL = """
            CASE WHEN parent_account_id IS NOT NULL OR starts_with(account_id, 'hot_') THEN ''
                 ELSE debits_posted_minor || ' ' || credits_posted_minor || ' ' || debits_pending_minor || ' ' || credits_pending_minor
            END, ',' ORDER BY account_id), '')) FROM accounts WHERE NOT starts_with(account_id, 'clr_')),
+      (SELECT md5(concat_ws('|',
+           (SELECT string_agg(concat_ws(',', participant_id, currency, position_minor, reserved_minor), ';' ORDER BY 1)
+              FROM clearing_positions WHERE position_minor <> 0 OR reserved_minor <> 0),
+           (SELECT string_agg(concat_ws(',', window_id, participant_id, currency, debits_minor, credits_minor, transfers), ';' ORDER BY 1)
+              FROM clearing_window_totals),
+           (SELECT string_agg(window_id::text, ';') FROM clearing_shard_window),
+           (SELECT string_agg(concat_ws(',', settlement_id, participant_id, currency, amount_minor), ';' ORDER BY 1) FROM clearing_position_resets),
+           (SELECT string_agg(concat_ws(',', participant_id, request_id, name), ';' ORDER BY 1) FROM participants),
+           (SELECT string_agg(concat_ws(',', participant_id, currency, settlement_account_id, net_debit_cap_minor, threshold_percent), ';' ORDER BY 1)
+              FROM participant_currencies),
+           (SELECT string_agg(concat_ws(',', window_id, state, closed_at, reason, close_request_id, settlement_id), ';' ORDER BY 1) FROM settlement_windows),
+           (SELECT string_agg(concat_ws(',', settlement_id, request_id, model, state, window_ids, settled_at), ';' ORDER BY 1) FROM settlements),
+           (SELECT string_agg(concat_ws(',', settlement_id, participant_id, currency, debits_minor, credits_minor, settled_at), ';' ORDER BY 1)
+              FROM settlement_entries)))),
       (SELECT count(*) FROM tcc_transfers WHERE finalized_at IS NULL AND NOT starts_with(transfer_id, 'sys:'))
       + (SELECT count(*) FROM transfers WHERE status = 1 AND NOT starts_with(transfer_id, 'sys:'))
 """
@@ -134,7 +155,8 @@ FINGERPRINT_FIELDS = (
     "transfer rows (other ids)", "transfer rows (request ids)", "PENDING/POSTED rows (request ids)",
     "coordinator records (other ids)", "coordinator records (request ids)", "coordinator records not REJECTED/VOIDED (request ids)",
     "barriers (other ids)", "registered ids (other ids)", "registered transfer ids (request ids)",
-    "accounts (but clearing)", "accounts' owners, kinds, tiers, statuses and counters (digest)", "in flight",
+    "accounts (but clearing)", "accounts' owners, kinds, tiers, statuses and counters (digest)",
+    "clearing: positions, window totals, resets, participants, windows, settlements (digest)", "in flight",
 )
 # The fields a refusal recorded under the request's own ids may change (a REJECTED row, its record and registered id).
 RECORDED_FIELDS = {"transfer rows (request ids)", "coordinator records (request ids)", "registered transfer ids (request ids)"}
@@ -387,7 +409,7 @@ class Identity:
 class Fuzz:
     """The module's world: accounts and transfers to aim at, identities, the databases, and a tally."""
 
-    def __init__(self, cluster: dict, ledger, shard_map, channel_as) -> None:
+    def __init__(self, cluster: dict, ledger, shard_map, channel_as, admin_channel) -> None:
         run = uuid.uuid4().hex[:8]
         self.databases = Databases(cluster["shards"])
         self.tally: collections.Counter = collections.Counter()
@@ -396,10 +418,19 @@ class Fuzz:
         accounts, payments = ledger.accounts, ledger.payments
         request_ids = []
 
-        def open_account(owner_id: str, kind=accounts_pb2.CUSTOMER, tier=2, currency="USD", collect=False) -> str:
+        # Clearing: bob's accounts belong to a participant of their own, so alice's payments to him are
+        # cleared; a window with them is closed and settled (not recorded), for the Clearing methods to aim at.
+        clearing = clearing_pb2_grpc.ClearingStub(admin_channel)
+        participants = (f"fzp-{run}-bob", f"fzp-{run}-other")
+        for participant_id in participants:
+            clearing.RegisterParticipant(clearing_pb2.RegisterParticipantRequest(
+                request_id=f"fz-reg-{participant_id}", participant_id=participant_id, name=participant_id, currencies=["USD", "JPY"]))
+
+        def open_account(owner_id: str, kind=accounts_pb2.CUSTOMER, tier=2, currency="USD", collect=False, participant_id="") -> str:
             request_ids.append(f"fz-open-{run}-{len(request_ids)}")
             return accounts.OpenAccount(accounts_pb2.OpenAccountRequest(
                 request_id=request_ids[-1], owner_id=owner_id, currency=currency, kind=kind, tier=tier, collect_on_every_shard=collect,
+                participant_id=participant_id,
             )).account_id
 
         transfer_ids = []
@@ -416,7 +447,7 @@ class Fuzz:
         alice_merchant = open_account(alice, kind=accounts_pb2.MERCHANT, tier=1)
         alice_collecting = open_account(alice, kind=accounts_pb2.MERCHANT, tier=3, collect=True)
         alice_jpy, alice_empty = open_account(alice, currency="JPY"), open_account(alice)
-        bob_main, bob_frozen = open_account(bob), open_account(bob)
+        bob_main, bob_frozen = open_account(bob, participant_id=participants[0]), open_account(bob, participant_id=participants[0])
         for account in (alice_main, bob_main, bob_frozen):
             move(bank, account, FUNDING_MINOR)
         move(bank, alice_small, 10_000)
@@ -426,6 +457,9 @@ class Fuzz:
         move(alice_main, alice_collecting, 890)
         accounts.UpdateAccountStatus(accounts_pb2.UpdateAccountStatusRequest(account_id=bob_frozen, status=accounts_pb2.FROZEN))
         listing = accounts.ListAccountTransfers(accounts_pb2.ListAccountTransfersRequest(account_id=alice_main, page_size=1))
+        closed = clearing.CloseSettlementWindow(clearing_pb2.CloseSettlementWindowRequest(request_id=f"fz-close-{run}"))
+        settlement = clearing.CreateSettlement(clearing_pb2.CreateSettlementRequest(
+            request_id=f"fz-settle-{run}", window_ids=[closed.closed_window.window_id], model=clearing_pb2.DEFERRED_NET))
         shards = [shard.name for shard in shard_map.shards]
         self.pools = ps.Pools(
             account_ids=(alice_main, alice_small, alice_merchant, alice_collecting, alice_jpy, alice_empty, bob_main, bob_frozen, bank, bank_jpy),
@@ -437,6 +471,8 @@ class Fuzz:
             owner_ids=(alice, bob, f"fz-bank-{run}", "corebank-clearing"),
             page_tokens=(listing.next_page_token,) if listing.next_page_token else (),
             fresh_prefix=f"fz-{run}", repeated_boundary_sizes=BATCH_BOUNDARY_SIZES,
+            participant_ids=participants,
+            window_ids=(closed.closed_window.window_id, closed.open_window.window_id), settlement_ids=(settlement.settlement_id,),
         )
         self.unauthenticated_channel = client.channel(cluster, token=None)
         roles = {"customer": "customer", "other-customer": "customer", "operator": "operator", "admin": "admin", "service": "service"}
@@ -488,6 +524,8 @@ class Fuzz:
         response = method.response_class.FromString(response_bytes)
         role, subject = identity.role, identity.subject
         problems = []
+        if method.service == CLEARING_SERVICE and role not in CLEARING_ROLES.get(method.name, CLEARING_READERS):
+            problems.append(f"{role} called Clearing.{method.name}")
         named = []
         if isinstance(response, accounts_pb2.Account):
             named = [response.account_id]
@@ -562,8 +600,8 @@ class Fuzz:
 
 
 @pytest.fixture(scope="module")
-def fuzz(cluster, ledger, shard_map, channel_as):
-    world = Fuzz(cluster, ledger, shard_map, channel_as)
+def fuzz(cluster, ledger, shard_map, channel_as, grpc_channel):
+    world = Fuzz(cluster, ledger, shard_map, channel_as, grpc_channel)
     yield world
     world.close()
     print(f"\nfuzz: {sum(world.tally.values())} calls; answers by identity, method, code and reason:")

@@ -158,3 +158,27 @@ def test_the_periodic_audit_reads_as_the_auditor_when_its_passfile_is_given():
     assert (fields["user"], fields["passfile"]) == (DatabaseRole.AUDITOR.value, "/state/secrets/auditor.pgpass")
     assert (fields["host"], fields["port"], fields["dbname"]) == ("127.0.0.1", "5432", "corebank")
     assert audited_shards(shard_map, None) == [("shard-0", service_dsn)]
+
+
+def test_clearing_figures_are_exposed_per_participant_and_absent_before_the_first_read():
+    from services.coordinator.clearing_watch import ClearingFigures
+
+    collector = integrity.IntegrityCollector(1.0)
+    found = families(collector)
+    assert found["corebank_clearing_last_read_timestamp_seconds"][0].value == 0
+    assert found["corebank_clearing_position_minor"] == [] and found["corebank_clearing_net_debit_cap_minor"] == []
+    assert found["corebank_clearing_closing_windows"][0].value == 0
+    collector.read_clearing(ClearingFigures(
+        positions_minor={("alpha", "USD"): 950, ("beta", "USD"): -950}, caps={("alpha", "USD"): (1000, 90)},
+        open_window_id=7, open_window_age_seconds=12.5, closing_windows=1, oldest_closing_age_seconds=3.0,
+        pending_settlements=2, oldest_pending_settlement_age_seconds=40.0, shards_on_another_window=0,
+    ))
+    found = families(collector)
+    assert {(s.labels["participant"], s.labels["currency"]): s.value for s in found["corebank_clearing_position_minor"]} == {
+        ("alpha", "USD"): 950, ("beta", "USD"): -950,
+    }
+    assert [(s.labels["participant"], s.value) for s in found["corebank_clearing_net_debit_cap_minor"]] == [("alpha", 1000)]
+    assert [s.value for s in found["corebank_clearing_threshold_ratio"]] == [0.9]
+    assert found["corebank_clearing_open_window_id"][0].value == 7
+    assert found["corebank_clearing_pending_settlements"][0].value == 2
+    assert found["corebank_clearing_last_read_timestamp_seconds"][0].value > 0

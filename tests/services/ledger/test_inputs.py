@@ -105,7 +105,8 @@ def test_account_id_is_a_valid_id_derived_from_the_request_id_only():
 
 def test_open_account_validation():
     good = OpenAccountRequest("req-1", "owner-1", "USD", kind=1, tier=0)
-    assert good.validated(LIMITS) is good
+    # An account opened without a participant belongs to the hosting one.
+    assert good.validated(LIMITS).participant_id == "corebank" and good.validated(LIMITS).request_id == good.request_id
     with pytest.raises(errors.MissingField):
         OpenAccountRequest("req-1", "owner-1", "USD", kind=0, tier=0).validated(LIMITS)
     with pytest.raises(errors.InvalidField):

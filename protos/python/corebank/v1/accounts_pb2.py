@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from corebank.v1 import transfers_pb2 as corebank_dot_v1_dot_transfers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orebank/v1/accounts.proto\x12\x0b\x63orebank.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1b\x63orebank/v1/transfers.proto\"\x80\x04\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x19\n\x11\x63urrency_exponent\x18\x04 \x01(\x05\x12&\n\x04kind\x18\x05 \x01(\x0e\x32\x18.corebank.v1.AccountKind\x12\x0c\n\x04tier\x18\x06 \x01(\x05\x12*\n\x06status\x18\x07 \x01(\x0e\x32\x1a.corebank.v1.AccountStatus\x12\x15\n\rbalance_minor\x18\x08 \x01(\x03\x12\x17\n\x0f\x61vailable_minor\x18\t \x01(\x03\x12\x1b\n\x13\x64\x65\x62its_posted_minor\x18\n \x01(\x03\x12\x1c\n\x14\x63redits_posted_minor\x18\x0b \x01(\x03\x12\x1c\n\x14\x64\x65\x62its_pending_minor\x18\x0c \x01(\x03\x12\x1d\n\x15\x63redits_pending_minor\x18\r \x01(\x03\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x63ollect_on_every_shard\x18\x10 \x01(\x08\x12\x18\n\x10\x63ollecting_minor\x18\x11 \x01(\x03\"\xa2\x01\n\x12OpenAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.corebank.v1.AccountKind\x12\x0c\n\x04tier\x18\x05 \x01(\x05\x12\x1e\n\x16\x63ollect_on_every_shard\x18\x06 \x01(\x08\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\\\n\x1aUpdateAccountStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.corebank.v1.AccountStatus\")\n\x13\x43loseAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"X\n\x1bListAccountTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x1cListAccountTransfersResponse\x12(\n\ttransfers\x18\x01 \x03(\x0b\x32\x15.corebank.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*S\n\x0b\x41\x63\x63ountKind\x12\x1c\n\x18\x41\x43\x43OUNT_KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43USTOMER\x10\x01\x12\x0c\n\x08MERCHANT\x10\x02\x12\n\n\x06SYSTEM\x10\x03*v\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0f\n\x0b\x42LOCK_DEBIT\x10\x02\x12\x10\n\x0c\x42LOCK_CREDIT\x10\x03\x12\n\n\x06\x46ROZEN\x10\x04\x12\n\n\x06\x43LOSED\x10\x05\x32\x9f\x03\n\x08\x41\x63\x63ounts\x12\x44\n\x0bOpenAccount\x12\x1f.corebank.v1.OpenAccountRequest\x1a\x14.corebank.v1.Account\x12\x42\n\nGetAccount\x12\x1e.corebank.v1.GetAccountRequest\x1a\x14.corebank.v1.Account\x12T\n\x13UpdateAccountStatus\x12\'.corebank.v1.UpdateAccountStatusRequest\x1a\x14.corebank.v1.Account\x12\x46\n\x0c\x43loseAccount\x12 .corebank.v1.CloseAccountRequest\x1a\x14.corebank.v1.Account\x12k\n\x14ListAccountTransfers\x12(.corebank.v1.ListAccountTransfersRequest\x1a).corebank.v1.ListAccountTransfersResponseB\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orebank/v1/accounts.proto\x12\x0b\x63orebank.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1b\x63orebank/v1/transfers.proto\"\x98\x04\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x19\n\x11\x63urrency_exponent\x18\x04 \x01(\x05\x12&\n\x04kind\x18\x05 \x01(\x0e\x32\x18.corebank.v1.AccountKind\x12\x0c\n\x04tier\x18\x06 \x01(\x05\x12*\n\x06status\x18\x07 \x01(\x0e\x32\x1a.corebank.v1.AccountStatus\x12\x15\n\rbalance_minor\x18\x08 \x01(\x03\x12\x17\n\x0f\x61vailable_minor\x18\t \x01(\x03\x12\x1b\n\x13\x64\x65\x62its_posted_minor\x18\n \x01(\x03\x12\x1c\n\x14\x63redits_posted_minor\x18\x0b \x01(\x03\x12\x1c\n\x14\x64\x65\x62its_pending_minor\x18\x0c \x01(\x03\x12\x1d\n\x15\x63redits_pending_minor\x18\r \x01(\x03\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x63ollect_on_every_shard\x18\x10 \x01(\x08\x12\x18\n\x10\x63ollecting_minor\x18\x11 \x01(\x03\x12\x16\n\x0eparticipant_id\x18\x12 \x01(\t\"\xba\x01\n\x12OpenAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.corebank.v1.AccountKind\x12\x0c\n\x04tier\x18\x05 \x01(\x05\x12\x1e\n\x16\x63ollect_on_every_shard\x18\x06 \x01(\x08\x12\x16\n\x0eparticipant_id\x18\x07 \x01(\t\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\\\n\x1aUpdateAccountStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.corebank.v1.AccountStatus\")\n\x13\x43loseAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"X\n\x1bListAccountTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x1cListAccountTransfersResponse\x12(\n\ttransfers\x18\x01 \x03(\x0b\x32\x15.corebank.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*S\n\x0b\x41\x63\x63ountKind\x12\x1c\n\x18\x41\x43\x43OUNT_KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43USTOMER\x10\x01\x12\x0c\n\x08MERCHANT\x10\x02\x12\n\n\x06SYSTEM\x10\x03*v\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0f\n\x0b\x42LOCK_DEBIT\x10\x02\x12\x10\n\x0c\x42LOCK_CREDIT\x10\x03\x12\n\n\x06\x46ROZEN\x10\x04\x12\n\n\x06\x43LOSED\x10\x05\x32\x9f\x03\n\x08\x41\x63\x63ounts\x12\x44\n\x0bOpenAccount\x12\x1f.corebank.v1.OpenAccountRequest\x1a\x14.corebank.v1.Account\x12\x42\n\nGetAccount\x12\x1e.corebank.v1.GetAccountRequest\x1a\x14.corebank.v1.Account\x12T\n\x13UpdateAccountStatus\x12\'.corebank.v1.UpdateAccountStatusRequest\x1a\x14.corebank.v1.Account\x12\x46\n\x0c\x43loseAccount\x12 .corebank.v1.CloseAccountRequest\x1a\x14.corebank.v1.Account\x12k\n\x14ListAccountTransfers\x12(.corebank.v1.ListAccountTransfersRequest\x1a).corebank.v1.ListAccountTransfersResponseB\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corebank.v1.accounts_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026corebank/v1;corebankv1'
-  _globals['_ACCOUNTKIND']._serialized_start=1152
-  _globals['_ACCOUNTKIND']._serialized_end=1235
-  _globals['_ACCOUNTSTATUS']._serialized_start=1237
-  _globals['_ACCOUNTSTATUS']._serialized_end=1355
+  _globals['_ACCOUNTKIND']._serialized_start=1200
+  _globals['_ACCOUNTKIND']._serialized_end=1283
+  _globals['_ACCOUNTSTATUS']._serialized_start=1285
+  _globals['_ACCOUNTSTATUS']._serialized_end=1403
   _globals['_ACCOUNT']._serialized_start=106
-  _globals['_ACCOUNT']._serialized_end=618
-  _globals['_OPENACCOUNTREQUEST']._serialized_start=621
-  _globals['_OPENACCOUNTREQUEST']._serialized_end=783
-  _globals['_GETACCOUNTREQUEST']._serialized_start=785
-  _globals['_GETACCOUNTREQUEST']._serialized_end=824
-  _globals['_UPDATEACCOUNTSTATUSREQUEST']._serialized_start=826
-  _globals['_UPDATEACCOUNTSTATUSREQUEST']._serialized_end=918
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=920
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=961
-  _globals['_LISTACCOUNTTRANSFERSREQUEST']._serialized_start=963
-  _globals['_LISTACCOUNTTRANSFERSREQUEST']._serialized_end=1051
-  _globals['_LISTACCOUNTTRANSFERSRESPONSE']._serialized_start=1053
-  _globals['_LISTACCOUNTTRANSFERSRESPONSE']._serialized_end=1150
-  _globals['_ACCOUNTS']._serialized_start=1358
-  _globals['_ACCOUNTS']._serialized_end=1773
+  _globals['_ACCOUNT']._serialized_end=642
+  _globals['_OPENACCOUNTREQUEST']._serialized_start=645
+  _globals['_OPENACCOUNTREQUEST']._serialized_end=831
+  _globals['_GETACCOUNTREQUEST']._serialized_start=833
+  _globals['_GETACCOUNTREQUEST']._serialized_end=872
+  _globals['_UPDATEACCOUNTSTATUSREQUEST']._serialized_start=874
+  _globals['_UPDATEACCOUNTSTATUSREQUEST']._serialized_end=966
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=968
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1009
+  _globals['_LISTACCOUNTTRANSFERSREQUEST']._serialized_start=1011
+  _globals['_LISTACCOUNTTRANSFERSREQUEST']._serialized_end=1099
+  _globals['_LISTACCOUNTTRANSFERSRESPONSE']._serialized_start=1101
+  _globals['_LISTACCOUNTTRANSFERSRESPONSE']._serialized_end=1198
+  _globals['_ACCOUNTS']._serialized_start=1406
+  _globals['_ACCOUNTS']._serialized_end=1821
 # @@protoc_insertion_point(module_scope)

@@ -39,7 +39,7 @@ FROZEN: AccountStatus
 CLOSED: AccountStatus
 
 class Account(_message.Message):
-    __slots__ = ("account_id", "owner_id", "currency", "currency_exponent", "kind", "tier", "status", "balance_minor", "available_minor", "debits_posted_minor", "credits_posted_minor", "debits_pending_minor", "credits_pending_minor", "created_at", "updated_at", "collect_on_every_shard", "collecting_minor")
+    __slots__ = ("account_id", "owner_id", "currency", "currency_exponent", "kind", "tier", "status", "balance_minor", "available_minor", "debits_posted_minor", "credits_posted_minor", "debits_pending_minor", "credits_pending_minor", "created_at", "updated_at", "collect_on_every_shard", "collecting_minor", "participant_id")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class Account(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     COLLECT_ON_EVERY_SHARD_FIELD_NUMBER: _ClassVar[int]
     COLLECTING_MINOR_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     owner_id: str
     currency: str
@@ -74,23 +75,26 @@ class Account(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     collect_on_every_shard: bool
     collecting_minor: int
-    def __init__(self, account_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., currency: _Optional[str] = ..., currency_exponent: _Optional[int] = ..., kind: _Optional[_Union[AccountKind, str]] = ..., tier: _Optional[int] = ..., status: _Optional[_Union[AccountStatus, str]] = ..., balance_minor: _Optional[int] = ..., available_minor: _Optional[int] = ..., debits_posted_minor: _Optional[int] = ..., credits_posted_minor: _Optional[int] = ..., debits_pending_minor: _Optional[int] = ..., credits_pending_minor: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., collect_on_every_shard: _Optional[bool] = ..., collecting_minor: _Optional[int] = ...) -> None: ...
+    participant_id: str
+    def __init__(self, account_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., currency: _Optional[str] = ..., currency_exponent: _Optional[int] = ..., kind: _Optional[_Union[AccountKind, str]] = ..., tier: _Optional[int] = ..., status: _Optional[_Union[AccountStatus, str]] = ..., balance_minor: _Optional[int] = ..., available_minor: _Optional[int] = ..., debits_posted_minor: _Optional[int] = ..., credits_posted_minor: _Optional[int] = ..., debits_pending_minor: _Optional[int] = ..., credits_pending_minor: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., collect_on_every_shard: _Optional[bool] = ..., collecting_minor: _Optional[int] = ..., participant_id: _Optional[str] = ...) -> None: ...
 
 class OpenAccountRequest(_message.Message):
-    __slots__ = ("request_id", "owner_id", "currency", "kind", "tier", "collect_on_every_shard")
+    __slots__ = ("request_id", "owner_id", "currency", "kind", "tier", "collect_on_every_shard", "participant_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     COLLECT_ON_EVERY_SHARD_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     owner_id: str
     currency: str
     kind: AccountKind
     tier: int
     collect_on_every_shard: bool
-    def __init__(self, request_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., currency: _Optional[str] = ..., kind: _Optional[_Union[AccountKind, str]] = ..., tier: _Optional[int] = ..., collect_on_every_shard: _Optional[bool] = ...) -> None: ...
+    participant_id: str
+    def __init__(self, request_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., currency: _Optional[str] = ..., kind: _Optional[_Union[AccountKind, str]] = ..., tier: _Optional[int] = ..., collect_on_every_shard: _Optional[bool] = ..., participant_id: _Optional[str] = ...) -> None: ...
 
 class GetAccountRequest(_message.Message):
     __slots__ = ("account_id",)

@@ -23,9 +23,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orebank/v1/clearing.proto\x12\x0b\x63orebank.v12\n\n\x08\x43learingB\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orebank/v1/clearing.proto\x12\x0b\x63orebank.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x01\n\x0bParticipant\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x34\n\ncurrencies\x18\x03 \x03(\x0b\x32 .corebank.v1.ParticipantCurrency\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07hosting\x18\x05 \x01(\x08\"\x99\x01\n\x13ParticipantCurrency\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x1d\n\x15settlement_account_id\x18\x02 \x01(\t\x12\x19\n\x11net_debit_cap_set\x18\x03 \x01(\x08\x12\x1b\n\x13net_debit_cap_minor\x18\x04 \x01(\x03\x12\x19\n\x11threshold_percent\x18\x05 \x01(\x05\"j\n\x1aRegisterParticipantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\ncurrencies\x18\x04 \x03(\t\"/\n\x15GetParticipantRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\"o\n\x15SetNetDebitCapRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x11\n\tcap_minor\x18\x03 \x01(\x03\x12\x19\n\x11threshold_percent\x18\x04 \x01(\x05\">\n\x12GetPositionRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"\x9c\x02\n\x08Position\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0eposition_minor\x18\x03 \x01(\x03\x12\x16\n\x0ereserved_minor\x18\x04 \x01(\x03\x12\x1d\n\x15window_position_minor\x18\x05 \x01(\x03\x12\x11\n\twindow_id\x18\x06 \x01(\x04\x12\x19\n\x11net_debit_cap_set\x18\x07 \x01(\x08\x12\x1b\n\x13net_debit_cap_minor\x18\x08 \x01(\x03\x12\x19\n\x11threshold_percent\x18\t \x01(\x05\x12\x19\n\x11threshold_reached\x18\n \x01(\x08\x12\x16\n\x0eheadroom_minor\x18\x0b \x01(\x03\"\xa6\x02\n\x10SettlementWindow\x12\x11\n\twindow_id\x18\x01 \x01(\x04\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".corebank.v1.SettlementWindowState\x12-\n\topened_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x15\n\rsettlement_id\x18\x06 \x01(\x04\x12\x16\n\x0etransfer_count\x18\x07 \x01(\x04\x12/\n\x07\x61mounts\x18\x08 \x03(\x0b\x32\x1e.corebank.v1.ParticipantAmount\"}\n\x11ParticipantAmount\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x62its_minor\x18\x03 \x01(\x03\x12\x15\n\rcredits_minor\x18\x04 \x01(\x03\x12\x11\n\tnet_minor\x18\x05 \x01(\x03\"/\n\x1aGetSettlementWindowRequest\x12\x11\n\twindow_id\x18\x01 \x01(\x04\"x\n\x1cListSettlementWindowsRequest\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".corebank.v1.SettlementWindowState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x1dListSettlementWindowsResponse\x12.\n\x07windows\x18\x01 \x03(\x0b\x32\x1d.corebank.v1.SettlementWindow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x1c\x43loseSettlementWindowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x89\x01\n\x1d\x43loseSettlementWindowResponse\x12\x34\n\rclosed_window\x18\x01 \x01(\x0b\x32\x1d.corebank.v1.SettlementWindow\x12\x32\n\x0bopen_window\x18\x02 \x01(\x0b\x32\x1d.corebank.v1.SettlementWindow\"n\n\x17\x43reateSettlementRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nwindow_ids\x18\x02 \x03(\x04\x12+\n\x05model\x18\x03 \x01(\x0e\x32\x1c.corebank.v1.SettlementModel\"\xa0\x02\n\nSettlement\x12\x15\n\rsettlement_id\x18\x01 \x01(\x04\x12+\n\x05model\x18\x02 \x01(\x0e\x32\x1c.corebank.v1.SettlementModel\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.corebank.v1.SettlementState\x12\x12\n\nwindow_ids\x18\x04 \x03(\x04\x12-\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x1c.corebank.v1.SettlementEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nsettled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x0fSettlementEntry\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x62its_minor\x18\x03 \x01(\x03\x12\x15\n\rcredits_minor\x18\x04 \x01(\x03\x12\x11\n\tnet_minor\x18\x05 \x01(\x03\x12\x0f\n\x07settled\x18\x06 \x01(\x08\x12.\n\nsettled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctransfer_ids\x18\x08 \x03(\t\"-\n\x14GetSettlementRequest\x12\x15\n\rsettlement_id\x18\x01 \x01(\x04\"b\n\x1fRecordParticipantSettledRequest\x12\x15\n\rsettlement_id\x18\x01 \x01(\x04\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\"&\n\x10ReconcileRequest\x12\x12\n\nwindow_ids\x18\x01 \x03(\x04\"\xcc\x01\n\x11ReconcileResponse\x12\x12\n\nconsistent\x18\x01 \x01(\x08\x12\x34\n\x08\x66indings\x18\x02 \x03(\x0b\x32\".corebank.v1.ReconciliationFinding\x12\x17\n\x0fwindows_checked\x18\x03 \x01(\x04\x12\x19\n\x11transfers_checked\x18\x04 \x01(\x04\x12\x1c\n\x14participants_checked\x18\x05 \x01(\x04\x12\x1b\n\x13settlements_checked\x18\x06 \x01(\x04\"\xaf\x01\n\x15ReconciliationFinding\x12\r\n\x05\x63heck\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\t\x12\x11\n\twindow_id\x18\x03 \x01(\x04\x12\x16\n\x0eparticipant_id\x18\x04 \x01(\t\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x16\n\x0e\x65xpected_minor\x18\x06 \x01(\x03\x12\x13\n\x0b\x66ound_minor\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t*\xab\x01\n\x15SettlementWindowState\x12\'\n#SETTLEMENT_WINDOW_STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bWINDOW_OPEN\x10\x01\x12\x11\n\rWINDOW_CLOSED\x10\x02\x12\x1d\n\x19WINDOW_PENDING_SETTLEMENT\x10\x03\x12\x12\n\x0eWINDOW_SETTLED\x10\x04\x12\x12\n\x0eWINDOW_CLOSING\x10\x05*P\n\x0fSettlementModel\x12 \n\x1cSETTLEMENT_MODEL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44\x45\x46\x45RRED_NET\x10\x01\x12\t\n\x05GROSS\x10\x02*c\n\x0fSettlementState\x12 \n\x1cSETTLEMENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SETTLEMENT_PENDING\x10\x01\x12\x16\n\x12SETTLEMENT_SETTLED\x10\x02\x32\xd6\x07\n\x08\x43learing\x12X\n\x13RegisterParticipant\x12\'.corebank.v1.RegisterParticipantRequest\x1a\x18.corebank.v1.Participant\x12N\n\x0eGetParticipant\x12\".corebank.v1.GetParticipantRequest\x1a\x18.corebank.v1.Participant\x12K\n\x0eSetNetDebitCap\x12\".corebank.v1.SetNetDebitCapRequest\x1a\x15.corebank.v1.Position\x12\x45\n\x0bGetPosition\x12\x1f.corebank.v1.GetPositionRequest\x1a\x15.corebank.v1.Position\x12]\n\x13GetSettlementWindow\x12\'.corebank.v1.GetSettlementWindowRequest\x1a\x1d.corebank.v1.SettlementWindow\x12n\n\x15ListSettlementWindows\x12).corebank.v1.ListSettlementWindowsRequest\x1a*.corebank.v1.ListSettlementWindowsResponse\x12n\n\x15\x43loseSettlementWindow\x12).corebank.v1.CloseSettlementWindowRequest\x1a*.corebank.v1.CloseSettlementWindowResponse\x12Q\n\x10\x43reateSettlement\x12$.corebank.v1.CreateSettlementRequest\x1a\x17.corebank.v1.Settlement\x12K\n\rGetSettlement\x12!.corebank.v1.GetSettlementRequest\x1a\x17.corebank.v1.Settlement\x12\x61\n\x18RecordParticipantSettled\x12,.corebank.v1.RecordParticipantSettledRequest\x1a\x17.corebank.v1.Settlement\x12J\n\tReconcile\x12\x1d.corebank.v1.ReconcileRequest\x1a\x1e.corebank.v1.ReconcileResponseB\x1aP\x01Z\x16\x63orebank/v1;corebankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +34,56 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corebank.v1.clearing_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026corebank/v1;corebankv1'
-  _globals['_CLEARING']._serialized_start=43
-  _globals['_CLEARING']._serialized_end=53
+  _globals['_SETTLEMENTWINDOWSTATE']._serialized_start=3124
+  _globals['_SETTLEMENTWINDOWSTATE']._serialized_end=3295
+  _globals['_SETTLEMENTMODEL']._serialized_start=3297
+  _globals['_SETTLEMENTMODEL']._serialized_end=3377
+  _globals['_SETTLEMENTSTATE']._serialized_start=3379
+  _globals['_SETTLEMENTSTATE']._serialized_end=3478
+  _globals['_PARTICIPANT']._serialized_start=77
+  _globals['_PARTICIPANT']._serialized_end=247
+  _globals['_PARTICIPANTCURRENCY']._serialized_start=250
+  _globals['_PARTICIPANTCURRENCY']._serialized_end=403
+  _globals['_REGISTERPARTICIPANTREQUEST']._serialized_start=405
+  _globals['_REGISTERPARTICIPANTREQUEST']._serialized_end=511
+  _globals['_GETPARTICIPANTREQUEST']._serialized_start=513
+  _globals['_GETPARTICIPANTREQUEST']._serialized_end=560
+  _globals['_SETNETDEBITCAPREQUEST']._serialized_start=562
+  _globals['_SETNETDEBITCAPREQUEST']._serialized_end=673
+  _globals['_GETPOSITIONREQUEST']._serialized_start=675
+  _globals['_GETPOSITIONREQUEST']._serialized_end=737
+  _globals['_POSITION']._serialized_start=740
+  _globals['_POSITION']._serialized_end=1024
+  _globals['_SETTLEMENTWINDOW']._serialized_start=1027
+  _globals['_SETTLEMENTWINDOW']._serialized_end=1321
+  _globals['_PARTICIPANTAMOUNT']._serialized_start=1323
+  _globals['_PARTICIPANTAMOUNT']._serialized_end=1448
+  _globals['_GETSETTLEMENTWINDOWREQUEST']._serialized_start=1450
+  _globals['_GETSETTLEMENTWINDOWREQUEST']._serialized_end=1497
+  _globals['_LISTSETTLEMENTWINDOWSREQUEST']._serialized_start=1499
+  _globals['_LISTSETTLEMENTWINDOWSREQUEST']._serialized_end=1619
+  _globals['_LISTSETTLEMENTWINDOWSRESPONSE']._serialized_start=1621
+  _globals['_LISTSETTLEMENTWINDOWSRESPONSE']._serialized_end=1725
+  _globals['_CLOSESETTLEMENTWINDOWREQUEST']._serialized_start=1727
+  _globals['_CLOSESETTLEMENTWINDOWREQUEST']._serialized_end=1793
+  _globals['_CLOSESETTLEMENTWINDOWRESPONSE']._serialized_start=1796
+  _globals['_CLOSESETTLEMENTWINDOWRESPONSE']._serialized_end=1933
+  _globals['_CREATESETTLEMENTREQUEST']._serialized_start=1935
+  _globals['_CREATESETTLEMENTREQUEST']._serialized_end=2045
+  _globals['_SETTLEMENT']._serialized_start=2048
+  _globals['_SETTLEMENT']._serialized_end=2336
+  _globals['_SETTLEMENTENTRY']._serialized_start=2339
+  _globals['_SETTLEMENTENTRY']._serialized_end=2549
+  _globals['_GETSETTLEMENTREQUEST']._serialized_start=2551
+  _globals['_GETSETTLEMENTREQUEST']._serialized_end=2596
+  _globals['_RECORDPARTICIPANTSETTLEDREQUEST']._serialized_start=2598
+  _globals['_RECORDPARTICIPANTSETTLEDREQUEST']._serialized_end=2696
+  _globals['_RECONCILEREQUEST']._serialized_start=2698
+  _globals['_RECONCILEREQUEST']._serialized_end=2736
+  _globals['_RECONCILERESPONSE']._serialized_start=2739
+  _globals['_RECONCILERESPONSE']._serialized_end=2943
+  _globals['_RECONCILIATIONFINDING']._serialized_start=2946
+  _globals['_RECONCILIATIONFINDING']._serialized_end=3121
+  _globals['_CLEARING']._serialized_start=3481
+  _globals['_CLEARING']._serialized_end=4463
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from corebank.v1 import clearing_pb2 as corebank_dot_v1_dot_clearing__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,8 +27,24 @@ if _version_not_supported:
 
 
 class ClearingStub:
-    """Settlement between the bank and outside clearing houses. Declared now so that
-    stubs and reflection carry the name; its methods arrive with the clearing issue.
+    """Clearing and settlement between the institutions (participants) corebank hosts.
+
+    Every account belongs to one participant (OpenAccountRequest.participant_id). A transfer
+    between accounts of different participants moves the payer's position (what it owes, net,
+    per currency) up and the payee's down, atomically with the transfer, and is refused with
+    FAILED_PRECONDITION / NET_DEBIT_CAP_EXCEEDED (recorded REJECTED) if the payer's position
+    would pass its net debit cap. Transfers that touch a settlement account are settlement
+    itself and move no position.
+
+    A transfer joins the settlement window that is open when it posts (a transfer between
+    shards: when its debit is confirmed), so a closed window never changes again and can be
+    settled at once. Windows go WINDOW_OPEN -> WINDOW_CLOSING -> WINDOW_CLOSED -> WINDOW_PENDING_SETTLEMENT ->
+    WINDOW_SETTLED; exactly one is WINDOW_OPEN. CLOSING lasts while every shard moves on to the next window (a few
+    milliseconds; a close interrupted by a crash or an unreachable shard stays CLOSING until a
+    retry of the close, or the coordinators, finish it).
+
+    Roles: admin registers participants, sets caps and records settlements; admin and operator
+    close windows and create settlements; admin, operator and service read. Customers: none.
     """
 
     def __init__(self, channel):
@@ -36,16 +53,227 @@ class ClearingStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.RegisterParticipant = channel.unary_unary(
+                '/corebank.v1.Clearing/RegisterParticipant',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.RegisterParticipantRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Participant.FromString,
+                _registered_method=True)
+        self.GetParticipant = channel.unary_unary(
+                '/corebank.v1.Clearing/GetParticipant',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.GetParticipantRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Participant.FromString,
+                _registered_method=True)
+        self.SetNetDebitCap = channel.unary_unary(
+                '/corebank.v1.Clearing/SetNetDebitCap',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.SetNetDebitCapRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Position.FromString,
+                _registered_method=True)
+        self.GetPosition = channel.unary_unary(
+                '/corebank.v1.Clearing/GetPosition',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.GetPositionRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Position.FromString,
+                _registered_method=True)
+        self.GetSettlementWindow = channel.unary_unary(
+                '/corebank.v1.Clearing/GetSettlementWindow',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.GetSettlementWindowRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.SettlementWindow.FromString,
+                _registered_method=True)
+        self.ListSettlementWindows = channel.unary_unary(
+                '/corebank.v1.Clearing/ListSettlementWindows',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.ListSettlementWindowsRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.ListSettlementWindowsResponse.FromString,
+                _registered_method=True)
+        self.CloseSettlementWindow = channel.unary_unary(
+                '/corebank.v1.Clearing/CloseSettlementWindow',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.CloseSettlementWindowRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.CloseSettlementWindowResponse.FromString,
+                _registered_method=True)
+        self.CreateSettlement = channel.unary_unary(
+                '/corebank.v1.Clearing/CreateSettlement',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.CreateSettlementRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Settlement.FromString,
+                _registered_method=True)
+        self.GetSettlement = channel.unary_unary(
+                '/corebank.v1.Clearing/GetSettlement',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.GetSettlementRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Settlement.FromString,
+                _registered_method=True)
+        self.RecordParticipantSettled = channel.unary_unary(
+                '/corebank.v1.Clearing/RecordParticipantSettled',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.RecordParticipantSettledRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.Settlement.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/corebank.v1.Clearing/Reconcile',
+                request_serializer=corebank_dot_v1_dot_clearing__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=corebank_dot_v1_dot_clearing__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
 
 
 class ClearingServicer:
-    """Settlement between the bank and outside clearing houses. Declared now so that
-    stubs and reflection carry the name; its methods arrive with the clearing issue.
+    """Clearing and settlement between the institutions (participants) corebank hosts.
+
+    Every account belongs to one participant (OpenAccountRequest.participant_id). A transfer
+    between accounts of different participants moves the payer's position (what it owes, net,
+    per currency) up and the payee's down, atomically with the transfer, and is refused with
+    FAILED_PRECONDITION / NET_DEBIT_CAP_EXCEEDED (recorded REJECTED) if the payer's position
+    would pass its net debit cap. Transfers that touch a settlement account are settlement
+    itself and move no position.
+
+    A transfer joins the settlement window that is open when it posts (a transfer between
+    shards: when its debit is confirmed), so a closed window never changes again and can be
+    settled at once. Windows go WINDOW_OPEN -> WINDOW_CLOSING -> WINDOW_CLOSED -> WINDOW_PENDING_SETTLEMENT ->
+    WINDOW_SETTLED; exactly one is WINDOW_OPEN. CLOSING lasts while every shard moves on to the next window (a few
+    milliseconds; a close interrupted by a crash or an unreachable shard stays CLOSING until a
+    retry of the close, or the coordinators, finish it).
+
+    Roles: admin registers participants, sets caps and records settlements; admin and operator
+    close windows and create settlements; admin, operator and service read. Customers: none.
     """
+
+    def RegisterParticipant(self, request, context):
+        """Idempotent by request_id: a retry with the same fields returns the participant; another
+        request_id naming an existing participant_id fails ALREADY_EXISTS / PARTICIPANT_EXISTS.
+        Opens the participant's settlement account per currency (SYSTEM kind).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetParticipant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetNetDebitCap(self, request, context):
+        """Sets the participant's net debit cap in one of its currencies (idempotent: a value, not a
+        change). A cap below the current position refuses new debits until the position falls.
+        Until a cap is set a currency has none (net_debit_cap_set = false): positions are unbounded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPosition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettlementWindow(self, request, context):
+        """window_id 0: the open window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSettlementWindows(self, request, context):
+        """Newest first, paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSettlementWindow(self, request, context):
+        """Closes the open window and opens the next one. Idempotent by request_id: a retry returns
+        the same pair (and finishes the close if it was interrupted). Never waits for transfers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSettlement(self, request, context):
+        """Settles one or more CLOSED windows (they become PENDING_SETTLEMENT). Idempotent by
+        request_id. Entries per participant and currency; their net amounts sum to zero.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettlement(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordParticipantSettled(self, request, context):
+        """Moves the participant's settlement account by its entry (against the settlement bank's
+        account of the currency) and takes the settled windows out of its position. Idempotent:
+        a retry after a crash at any step completes it. When every entry is settled, the
+        settlement and its windows become SETTLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reconcile(self, request, context):
+        """Proves, from the databases, that positions equal their windows' transfers, windows' totals
+        equal their transfers, settlements equal their windows' nets and settlement accounts match
+        what was recorded. Reads snapshots: never blocks transfers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_ClearingServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'RegisterParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterParticipant,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.RegisterParticipantRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Participant.SerializeToString,
+            ),
+            'GetParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetParticipant,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.GetParticipantRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Participant.SerializeToString,
+            ),
+            'SetNetDebitCap': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNetDebitCap,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.SetNetDebitCapRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Position.SerializeToString,
+            ),
+            'GetPosition': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPosition,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.GetPositionRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Position.SerializeToString,
+            ),
+            'GetSettlementWindow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlementWindow,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.GetSettlementWindowRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.SettlementWindow.SerializeToString,
+            ),
+            'ListSettlementWindows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSettlementWindows,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.ListSettlementWindowsRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.ListSettlementWindowsResponse.SerializeToString,
+            ),
+            'CloseSettlementWindow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSettlementWindow,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.CloseSettlementWindowRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.CloseSettlementWindowResponse.SerializeToString,
+            ),
+            'CreateSettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSettlement,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.CreateSettlementRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Settlement.SerializeToString,
+            ),
+            'GetSettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlement,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.GetSettlementRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Settlement.SerializeToString,
+            ),
+            'RecordParticipantSettled': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordParticipantSettled,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.RecordParticipantSettledRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.Settlement.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=corebank_dot_v1_dot_clearing__pb2.ReconcileRequest.FromString,
+                    response_serializer=corebank_dot_v1_dot_clearing__pb2.ReconcileResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'corebank.v1.Clearing', rpc_method_handlers)
@@ -55,6 +283,319 @@ def add_ClearingServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Clearing:
-    """Settlement between the bank and outside clearing houses. Declared now so that
-    stubs and reflection carry the name; its methods arrive with the clearing issue.
+    """Clearing and settlement between the institutions (participants) corebank hosts.
+
+    Every account belongs to one participant (OpenAccountRequest.participant_id). A transfer
+    between accounts of different participants moves the payer's position (what it owes, net,
+    per currency) up and the payee's down, atomically with the transfer, and is refused with
+    FAILED_PRECONDITION / NET_DEBIT_CAP_EXCEEDED (recorded REJECTED) if the payer's position
+    would pass its net debit cap. Transfers that touch a settlement account are settlement
+    itself and move no position.
+
+    A transfer joins the settlement window that is open when it posts (a transfer between
+    shards: when its debit is confirmed), so a closed window never changes again and can be
+    settled at once. Windows go WINDOW_OPEN -> WINDOW_CLOSING -> WINDOW_CLOSED -> WINDOW_PENDING_SETTLEMENT ->
+    WINDOW_SETTLED; exactly one is WINDOW_OPEN. CLOSING lasts while every shard moves on to the next window (a few
+    milliseconds; a close interrupted by a crash or an unreachable shard stays CLOSING until a
+    retry of the close, or the coordinators, finish it).
+
+    Roles: admin registers participants, sets caps and records settlements; admin and operator
+    close windows and create settlements; admin, operator and service read. Customers: none.
     """
+
+    @staticmethod
+    def RegisterParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/RegisterParticipant',
+            corebank_dot_v1_dot_clearing__pb2.RegisterParticipantRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Participant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/GetParticipant',
+            corebank_dot_v1_dot_clearing__pb2.GetParticipantRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Participant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNetDebitCap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/SetNetDebitCap',
+            corebank_dot_v1_dot_clearing__pb2.SetNetDebitCapRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Position.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPosition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/GetPosition',
+            corebank_dot_v1_dot_clearing__pb2.GetPositionRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Position.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlementWindow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/GetSettlementWindow',
+            corebank_dot_v1_dot_clearing__pb2.GetSettlementWindowRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.SettlementWindow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSettlementWindows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/ListSettlementWindows',
+            corebank_dot_v1_dot_clearing__pb2.ListSettlementWindowsRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.ListSettlementWindowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSettlementWindow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/CloseSettlementWindow',
+            corebank_dot_v1_dot_clearing__pb2.CloseSettlementWindowRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.CloseSettlementWindowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/CreateSettlement',
+            corebank_dot_v1_dot_clearing__pb2.CreateSettlementRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Settlement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/GetSettlement',
+            corebank_dot_v1_dot_clearing__pb2.GetSettlementRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Settlement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordParticipantSettled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/RecordParticipantSettled',
+            corebank_dot_v1_dot_clearing__pb2.RecordParticipantSettledRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.Settlement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corebank.v1.Clearing/Reconcile',
+            corebank_dot_v1_dot_clearing__pb2.ReconcileRequest.SerializeToString,
+            corebank_dot_v1_dot_clearing__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

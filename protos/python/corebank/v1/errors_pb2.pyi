@@ -27,8 +27,13 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MALFORMED_REQUEST: _ClassVar[ErrorReason]
     ACCOUNT_NOT_FOUND: _ClassVar[ErrorReason]
     TRANSFER_NOT_FOUND: _ClassVar[ErrorReason]
+    PARTICIPANT_NOT_FOUND: _ClassVar[ErrorReason]
+    SETTLEMENT_WINDOW_NOT_FOUND: _ClassVar[ErrorReason]
+    SETTLEMENT_NOT_FOUND: _ClassVar[ErrorReason]
+    SETTLEMENT_ENTRY_NOT_FOUND: _ClassVar[ErrorReason]
     IDEMPOTENCY_CONFLICT: _ClassVar[ErrorReason]
     TRANSFER_EXISTS: _ClassVar[ErrorReason]
+    PARTICIPANT_EXISTS: _ClassVar[ErrorReason]
     INSUFFICIENT_FUNDS: _ClassVar[ErrorReason]
     ACCOUNT_FROZEN: _ClassVar[ErrorReason]
     ACCOUNT_DEBIT_BLOCKED: _ClassVar[ErrorReason]
@@ -43,6 +48,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_VOIDED: _ClassVar[ErrorReason]
     LINKED_TRANSFER_FAILED: _ClassVar[ErrorReason]
     LINKED_CHAIN_SPANS_SHARDS: _ClassVar[ErrorReason]
+    NET_DEBIT_CAP_EXCEEDED: _ClassVar[ErrorReason]
+    PARTICIPANT_CURRENCY_NOT_ENABLED: _ClassVar[ErrorReason]
+    SETTLEMENT_WINDOW_NOT_CLOSED: _ClassVar[ErrorReason]
+    SETTLEMENT_WINDOW_ALREADY_SETTLED: _ClassVar[ErrorReason]
     OVERLOADED: _ClassVar[ErrorReason]
     RATE_LIMITED: _ClassVar[ErrorReason]
     SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
@@ -73,8 +82,13 @@ DUPLICATE_TRANSFER_ID: ErrorReason
 MALFORMED_REQUEST: ErrorReason
 ACCOUNT_NOT_FOUND: ErrorReason
 TRANSFER_NOT_FOUND: ErrorReason
+PARTICIPANT_NOT_FOUND: ErrorReason
+SETTLEMENT_WINDOW_NOT_FOUND: ErrorReason
+SETTLEMENT_NOT_FOUND: ErrorReason
+SETTLEMENT_ENTRY_NOT_FOUND: ErrorReason
 IDEMPOTENCY_CONFLICT: ErrorReason
 TRANSFER_EXISTS: ErrorReason
+PARTICIPANT_EXISTS: ErrorReason
 INSUFFICIENT_FUNDS: ErrorReason
 ACCOUNT_FROZEN: ErrorReason
 ACCOUNT_DEBIT_BLOCKED: ErrorReason
@@ -89,6 +103,10 @@ ACCOUNT_HAS_PENDING: ErrorReason
 TRANSFER_VOIDED: ErrorReason
 LINKED_TRANSFER_FAILED: ErrorReason
 LINKED_CHAIN_SPANS_SHARDS: ErrorReason
+NET_DEBIT_CAP_EXCEEDED: ErrorReason
+PARTICIPANT_CURRENCY_NOT_ENABLED: ErrorReason
+SETTLEMENT_WINDOW_NOT_CLOSED: ErrorReason
+SETTLEMENT_WINDOW_ALREADY_SETTLED: ErrorReason
 OVERLOADED: ErrorReason
 RATE_LIMITED: ErrorReason
 SHARD_UNAVAILABLE: ErrorReason
