@@ -60,6 +60,15 @@ def test_the_other_shards_keep_serving_while_one_is_down(cluster, cluster_contro
             ledger.transfer(payer.account_id, stranded.account_id, 400, transfer_id=stranded_id, timeout=2.0)
         assert raised.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
     assert ledger.transfer(payer.account_id, payee.account_id, 50, transfer_id=registered_down).status == transfers_pb2.POSTED
+    try:
+        ledger.payments.GetTransfer(payments_pb2.GetTransferRequest(transfer_id=stranded_id), timeout=CALL_TIMEOUT_SECONDS)
+    except grpc.RpcError as error:
+        # Refused before anything was recorded: the service could not learn the payee account's
+        # participant (its shard was down and the account not in this worker's cache), and a
+        # transfer between shards never begins without knowing whether it is cleared. Its retry
+        # with the same id, now, posts it.
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        ledger.transfer(payer.account_id, stranded.account_id, 400, transfer_id=stranded_id)
     final = wait_until_final(ledger, stranded_id)
     # Back in time it posts; past the pending timeout it is voided. Either way, all or nothing.
     assert final.status in (transfers_pb2.POSTED, transfers_pb2.VOIDED)

@@ -26,6 +26,7 @@ import grpc
 import pytest
 import yaml
 
+from tests.fixtures.clearing import ClearingClient, run_token
 from tests.deploy import promql
 
 pytestmark = pytest.mark.cluster
@@ -36,6 +37,7 @@ RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
 CONSOLES_DIR = REPO / "deploy" / "prometheus" / "consoles"
 README = REPO / "README.md"
 
+CAP_MINOR = 1_000_000
 # The load: a few hundred transfers on and between shards, some refused.
 SAME_SHARD_TRANSFERS = 120
 CROSS_SHARD_TRANSFERS = 120
@@ -74,13 +76,18 @@ def rate_interval(prometheus) -> str:
 
 
 @pytest.fixture(scope="module")
-def loaded(ledger, shard_map, prometheus) -> None:
+def loaded(ledger, shard_map, prometheus, grpc_channel) -> None:
     """Run the load, then wait until Prometheus has scraped its counters.
 
     Prometheus must have scraped the counters before the load too: a counter it first sees
     already past the load has no increase, and every rate and ratio reads 0 or NaN."""
     before = f"min(count_over_time(up{{job=~'corebank_grpc|corebank_coordinator'}}[1m])) >= {SCRAPES_BEFORE_LOAD}"
     assert settle(lambda: [] if prometheus.query(before) else ["corebank's processes are not scraped yet"]) == []
+    # A capped participant, so that the clearing figures (position, cap, threshold) have series.
+    clearing_client = ClearingClient(grpc_channel, ledger)
+    participant_id = f"dash-{run_token()}"
+    clearing_client.register(participant_id, ["USD"])
+    clearing_client.set_cap(participant_id, "USD", CAP_MINOR)
     shards = [shard.name for shard in shard_map.shards]
     payers = [ledger.funded(PAYER_FUNDS_MINOR, shard) for shard in shards]
     payees = [ledger.open(shard=shard) for shard in shards]
