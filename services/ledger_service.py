@@ -428,30 +428,33 @@ class LedgerService:
         participant's whole position would pass the cap (NET_DEBIT_CAP_EXCEEDED, recorded)."""
         outcomes = list(items)
         for attempt in range(CAP_REBALANCES_MAX):
-            waiting = [index for index, outcome in enumerate(outcomes) if needs_of(outcome) is not None]
+            waiting: dict[int, tuple[str, str, int]] = {}  # index -> (participant, currency, need)
+            for index, answer in enumerate(outcomes):
+                need = needs_of(answer)
+                if need is not None:
+                    waiting[index] = need
             if not waiting:
                 break
             needs: dict[tuple[str, str], int] = {}
-            for index in waiting:
-                participant_id, currency, need_minor = needs_of(outcomes[index])
+            for participant_id, currency, need_minor in waiting.values():
                 needs[participant_id, currency] = needs.get((participant_id, currency), 0) + need_minor
             rebalanced = dict(zip(needs, await asyncio.gather(
                 *(self._rebalance(*key, shard_name, need, deadline) for key, need in needs.items())
             )))
-            final = {index for index in waiting if attempt == CAP_REBALANCES_MAX - 1 or not rebalanced[needs_of(outcomes[index])[:2]][0]}
-            caps = {index: rebalanced[needs_of(outcomes[index])[:2]][1] for index in waiting}
-            for index, outcome in zip(waiting, await attempt_again(waiting, final)):
-                outcomes[index] = outcome
-                refusal = _cap_refusal(outcome)
-                if refusal is not None and caps[index] is not None:
-                    refusal.metadata["net_debit_cap_minor"] = str(caps[index])
+            final = {index for index, need in waiting.items() if attempt == CAP_REBALANCES_MAX - 1 or not rebalanced[need[:2]][0]}
+            again = list(waiting)
+            for index, answer in zip(again, await attempt_again(again, final)):
+                outcomes[index] = answer
+                refusal, cap = _cap_refusal(answer), rebalanced[waiting[index][:2]][1]
+                if refusal is not None and cap is not None:
+                    refusal.metadata["net_debit_cap_minor"] = str(cap)
         return outcomes
 
     async def _post_same_shard(self, shard_name: str, chains: list[list[TransferRequest]], deadline: float) -> list[list[Outcome]]:
         """Post chains on their shard, with the rebalance-and-retry loop (_with_headroom) for those
         whose payer's share of its cap lacked headroom (nothing of them was recorded)."""
         outcomes = await self.committer(shard_name).submit(chains, deadline)
-        if all(getattr(chain_outcomes[0], "needs_headroom", None) is None for chain_outcomes in outcomes):
+        if all(chain_outcomes[0].needs_headroom is None for chain_outcomes in outcomes):
             return outcomes
 
         async def post_again(indexes: list[int], final: set[int]) -> list[list[Outcome]]:
@@ -761,8 +764,8 @@ class LedgerService:
                 outcomes = await self._with_headroom(shard_name, [all_begun[i] for i in indexes], needs_of, begin_again, deadline)
             except errors.LedgerError as error:
                 outcomes = [error] * len(indexes)
-            for index, outcome in zip(indexes, outcomes):
-                all_begun[index] = outcome
+            for index, begun in zip(indexes, outcomes):
+                all_begun[index] = begun
 
         await asyncio.gather(*(on_shard(shard_name, indexes) for shard_name, indexes in by_shard.items()))
         return all_begun

@@ -72,7 +72,7 @@ def read_clearing(shards: list[tuple[str, str]], home_shard: str, statement_time
                     count, age = connection.execute(PENDING_SETTLEMENTS).fetchone()
                     pending = (int(count), float(age))
                 connection.execute("COMMIT")
-        except psycopg.Error as error:
+        except psycopg.Error as error:  # any database error here means this shard cannot be read, as in the audit
             raise audit.ShardUnreadable(name, error) from error
     open_window_id = windows[0]
     # While a close runs (CLOSING), shards are on either window by design: only count strays otherwise.

@@ -5,7 +5,6 @@ cached and batched per shard. (Against the real cluster: test_authorization_api.
 from __future__ import annotations
 
 import asyncio
-import types
 
 import pytest
 
@@ -18,6 +17,7 @@ from services.ledger.limits import TierLimits
 from services.ledger.rate_limits import RateLimit, RateLimits
 from services.ledger.transfers import Transfer, TransferRequest, TransferStatus
 from services.ledger_service import LedgerService
+from services.storage.batch_posting import Outcome
 from sharding.router import ShardRouter
 from sharding.shard_map import Shard, ShardMap
 
@@ -63,7 +63,7 @@ class FakeCommitter:
 
     async def submit(self, chains, deadline):
         self.posted += [request.transfer_id for chain in chains for request in chain]
-        return [[types.SimpleNamespace(transfer=_posted(request), fresh_refusal=None) for request in chain] for chain in chains]
+        return [[Outcome(_posted(request)) for request in chain] for chain in chains]
 
 
 def _posted(request: TransferRequest) -> Transfer:
