@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import grpc
+import psycopg
 import pytest
 
 from corebank.v1 import transfers_pb2
@@ -33,14 +34,20 @@ def operator(cluster: dict, *arguments: str) -> subprocess.CompletedProcess:
 def test_list_answers_with_the_shards_that_answer_and_names_the_frozen_one(cluster, cluster_control, ledger, shard_map):
     debit_shard, frozen = shard_map.shards[0].name, shard_map.shards[-1].name
     payer, stranded = ledger.funded(5_000, debit_shard), ledger.open(shard=frozen)
-    # Its record lives on the debit shard (up); its credit waits for the frozen shard: in doubt.
+    # Its record lives on the debit shard (up); its credit waits for the payee's row, held by another
+    # session, then for the frozen shard: in doubt. (Frozen before the call, the payee's participant
+    # could not be learned and the transfer would be refused before anything is recorded.)
     transfer_id = ledger.unique_id_on("stranded", debit_shard)
-    with faults.shard_frozen(cluster_control, frozen, seconds_max=FREEZE_SECONDS_MAX):
+    frozen_dsn = next(shard.dsn for shard in shard_map.shards if shard.name == frozen)
+    with psycopg.connect(frozen_dsn) as blocker:
+        blocker.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", [stranded.account_id])
         with pytest.raises(grpc.RpcError) as raised:
             ledger.transfer(payer.account_id, stranded.account_id, 400, transfer_id=transfer_id, timeout=STRANDED_CALL_TIMEOUT_SECONDS)
         assert raised.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
-        as_text = operator(cluster, "list")
-        as_json = operator(cluster, "list", "--json")
+        with faults.shard_frozen(cluster_control, frozen, seconds_max=FREEZE_SECONDS_MAX):
+            as_text = operator(cluster, "list")
+            as_json = operator(cluster, "list", "--json")
+        blocker.rollback()
     for answer in (as_text, as_json):
         assert answer.returncode == EXIT_SHARD_UNREACHABLE, answer.stderr
         assert "Traceback" not in answer.stderr
