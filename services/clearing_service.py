@@ -83,7 +83,9 @@ class Position:
 
     @property
     def headroom_minor(self) -> int:
-        return 0 if self.net_debit_cap_minor is None else self.net_debit_cap_minor - self.position_minor
+        """cap - position; a participant owed more than int64 less its cap may owe as much as
+        int64 holds (the contract's field), not more."""
+        return 0 if self.net_debit_cap_minor is None else min(self.net_debit_cap_minor - self.position_minor, money.INT64_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,25 @@ def decode_windows_page_token(token: str, state: int) -> int:
     if listing != WINDOWS_LISTING or issued_state != state or type(before) is not int or not 0 < before <= WINDOW_ID_BEFORE_FIRST_PAGE:
         raise errors.InvalidPageToken("page_token was issued for another listing")
     return before
+
+
+def within_int64(value: int, what: str, **metadata: object) -> int:
+    """The contract's amounts are int64 (clearing.proto), and so are the registry's columns; each
+    shard keeps its own counters within int64, but a sum over shards (a position, a window's
+    totals) or over windows (a settlement's) may pass it. Such a sum is refused BALANCE_OVERFLOW,
+    a typed answer, instead of failing as an internal fault while the answer is built or stored."""
+    if not -money.INT64_MAX - 1 <= value <= money.INT64_MAX:
+        raise errors.BalanceOverflow(f"{what} is {value}: it leaves the int64 range of the Clearing contract", **metadata)
+    return value
+
+
+def totals_within_int64(totals: list[ParticipantTotal], what: str) -> list[ParticipantTotal]:
+    """Every participant's summed debits, credits and net in int64 (within_int64)."""
+    for total in totals:
+        for name, value in (("debits", total.debits_minor), ("credits", total.credits_minor), ("net", total.net_minor)):
+            within_int64(value, f"{what}: the {name} of {total.participant_id} in {total.currency}",
+                         participant_id=total.participant_id, currency=total.currency)
+    return totals
 
 
 def check_settleable(window_ids: list[int], windows: dict[int, Window]) -> None:
@@ -309,11 +330,12 @@ class ClearingService:
         )
         shares = list(shares.values()) if isinstance(shares, dict) else list(shares)
         window_totals = clearing.summed_totals(in_window)
+        metadata = {"participant_id": participant_id, "currency": currency}
         return Position(
             participant_id, currency,
-            position_minor=sum(share.exposure_minor for share in shares),
-            reserved_minor=sum(share.reserved_minor for share in shares),
-            window_position_minor=sum(total.net_minor for total in window_totals),
+            position_minor=within_int64(sum(share.exposure_minor for share in shares), "the position", **metadata),
+            reserved_minor=within_int64(sum(share.reserved_minor for share in shares), "the reserved amount", **metadata),
+            window_position_minor=within_int64(sum(total.net_minor for total in window_totals), "the open window's position", **metadata),
             window_id=open_window.window_id,
             net_debit_cap_minor=row.net_debit_cap_minor,
             threshold_percent=row.threshold_percent,
@@ -328,6 +350,7 @@ class ClearingService:
         if window is None:
             raise _window_not_found(window_id)
         totals = clearing.summed_totals(await self.store.window_totals([window.window_id], _left(deadline)))
+        totals_within_int64(totals, f"window {window.window_id}")
         return WindowView(window, tuple(totals), sum(total.transfer_count for total in totals))
 
     async def list_settlement_windows(
@@ -405,7 +428,7 @@ class ClearingService:
             return _same_settlement(request_id, existing, window_ids, model)
         check_settleable(window_ids, await self.store.get_windows(window_ids, _left(deadline)))
         # The windows are CLOSED: their totals never change again, on any shard.
-        totals = clearing.summed_totals(await self.store.window_totals(window_ids, _left(deadline)))
+        totals = totals_within_int64(clearing.summed_totals(await self.store.window_totals(window_ids, _left(deadline))), f"windows {window_ids}")
         unbalanced = clearing.nets_balance(totals)
         if unbalanced:
             log.error("windows %s: nets do not sum to zero: %s", window_ids, unbalanced)

@@ -34,7 +34,7 @@ import dataclasses
 import enum
 import re
 
-from services.ledger import errors
+from services.ledger import errors, money
 
 # The hosting bank's own participant: accounts opened without a participant_id belong to it.
 HOSTING_PARTICIPANT_ID = "corebank"
@@ -181,7 +181,10 @@ def rebalanced_allotments(shares: dict[str, PositionShare], cap_minor: int | Non
         base[largest] += spare
         return base
     each, remainder = divmod(spare, len(names))
-    return {shard: base[shard] + each + (1 if index < remainder else 0) for index, shard in enumerate(names)}
+    # A shard's allotment is a bigint: where the split would pass int64 (a participant owed nearly
+    # int64 on other shards makes the spare that large), it is cut to int64. That only lowers the
+    # sum below the cap, never past it, and the shard's exposure is kept within int64 anyway.
+    return {shard: min(base[shard] + each + (1 if index < remainder else 0), money.INT64_MAX) for index, shard in enumerate(names)}
 
 
 def commit_phases(old: dict[str, int | None], new: dict[str, int | None], home: str) -> list[list[str]]:
