@@ -26,8 +26,24 @@ Port plan from the port base B (every port on 127.0.0.1):
     B+10+i      metrics of gRPC worker i        (i < GRPC_WORKERS_MAX = 10)
     B+20+i      metrics of coordinator i        (i < COORDINATORS_MAX = 10)
     B+30+i      postgres_exporter of shard i    (i < SHARD_COUNT_MAX = 64)
-    B+100+i     PostgreSQL shard i
+    B+100+i     PostgreSQL shard i          (TOPOLOGY=ha: its member m0)
 so a cluster spans B..B+163 at most (the tests' clusters sit 200 apart).
+TOPOLOGY=ha (deploy/patroni.py) adds, for shard i < SHARD_COUNT_MAX and etcd member k < 3:
+    B+1, B+2    etcd-0's client and peer ports (as above)
+    B+6, B+7    etcd-1's client and peer ports
+    B+8, B+9    etcd-2's client and peer ports
+    B+164+i     PostgreSQL of shard i's member m1
+    B+228+i     PostgreSQL of shard i's member m2
+    B+292+i     Patroni REST API of shard i's member m0
+    B+356+i     Patroni REST API of shard i's member m1
+    B+420+i     Patroni REST API of shard i's member m2
+so an HA cluster spans B..B+483 at most (within the 500 ports a helper or test cluster owns).
+
+Topology (TOPOLOGY=single|ha, fixed at the first `up` like the shard count): "single" (the
+default, for development) runs one PostgreSQL per shard and one etcd; "ha" runs each shard as a
+Patroni-managed primary with two synchronous-capable streaming replicas, and three etcd members.
+Services and coordinators reach each shard's primary through one libpq multi-host DSN over its
+members (target_session_attrs=read-write) and the etcd members as one comma-separated list.
 
 Coordinators (`python -m services.coordinator`, the recovery of cross-shard
 transfers) start after the gRPC workers, and only once services/coordinator
@@ -74,13 +90,14 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from deploy import monitoring, processes, supervisor
+from deploy import monitoring, patroni, processes, supervisor
 from deploy.coordinator import Coordinator
-from deploy.etcd import Etcd
+from deploy.etcd import Etcd, EtcdMember
 from deploy.grpc_worker import PROBE_CERTIFICATE, GrpcWorker
 from services.auth import auth_dir
 from services.ledger.clearing import CLEARING_HOME_KEY, HOSTING_PARTICIPANT_ID
 from deploy import postgres
+from deploy.patroni import HaShard, PatroniMember
 from deploy.postgres import PostgresShard
 from deploy.supervisor import RestartPolicy, Supervisor
 from services.storage.roles import DatabaseRole
@@ -104,6 +121,13 @@ METRICS_PORT_OFFSET = 10
 COORDINATOR_METRICS_PORT_OFFSET = 20
 POSTGRES_EXPORTER_PORT_OFFSET = 30
 POSTGRES_PORT_OFFSET = 100
+# TOPOLOGY=ha (see the port plan in the module's docstring).
+HA_ETCD_PORT_OFFSETS = ((ETCD_CLIENT_PORT_OFFSET, ETCD_PEER_PORT_OFFSET), (6, 7), (8, 9))
+HA_POSTGRES_PORT_OFFSET = POSTGRES_PORT_OFFSET  # member m's: + m * SHARD_COUNT_MAX + i
+HA_PATRONI_REST_PORT_OFFSET = 292  # member m's: + m * SHARD_COUNT_MAX + i
+TOPOLOGY_SINGLE = "single"
+TOPOLOGY_HA = "ha"
+TOPOLOGIES = (TOPOLOGY_SINGLE, TOPOLOGY_HA)
 # Each range of the port plan must stay below the next one.
 GRPC_WORKERS_MAX = COORDINATOR_METRICS_PORT_OFFSET - METRICS_PORT_OFFSET
 COORDINATORS_MAX = POSTGRES_EXPORTER_PORT_OFFSET - COORDINATOR_METRICS_PORT_OFFSET
@@ -111,6 +135,9 @@ COORDINATOR_MODULE = "services.coordinator"
 SHARD_COUNT_MAX = 64
 assert POSTGRES_EXPORTER_PORT_OFFSET + SHARD_COUNT_MAX <= POSTGRES_PORT_OFFSET, "exporters' ports reach the shards'"
 assert SUPERVISOR_METRICS_PORT_OFFSET < METRICS_PORT_OFFSET, "the supervisor's port reaches the workers'"
+assert all(SUPERVISOR_METRICS_PORT_OFFSET < port < METRICS_PORT_OFFSET for pair in HA_ETCD_PORT_OFFSETS[1:] for port in pair)
+assert HA_POSTGRES_PORT_OFFSET + patroni.MEMBERS_PER_SHARD * SHARD_COUNT_MAX <= HA_PATRONI_REST_PORT_OFFSET, "members' ports overlap"
+HA_PORT_SPAN = HA_PATRONI_REST_PORT_OFFSET + patroni.MEMBERS_PER_SHARD * SHARD_COUNT_MAX
 PORT_MAX = 65535
 
 # An `up` may wait on initdb, etcd and worker start; a second `up` waits for it.
@@ -131,6 +158,7 @@ LOCK_FILE = ".lock"
 ROLE_GRPC = "grpc"
 ROLE_ETCD = "etcd"
 ROLE_POSTGRES = "postgres"
+ROLE_PATRONI = "patroni"  # TOPOLOGY=ha: a PostgreSQL member and its Patroni
 ROLE_COORDINATOR = "coordinator"
 ROLE_POSTGRES_EXPORTER = "postgres-exporter"
 ROLE_PROMETHEUS = "prometheus"
@@ -178,8 +206,13 @@ class Settings:
     # Whether the supervisor (deploy/supervisor.py) restarts dead processes; it watches them either
     # way. Kept, like the counts, for later `up`s.
     supervised: bool = False
+    topology: str = TOPOLOGY_SINGLE
 
     def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, not {self.topology!r}")
+        if self.topology == TOPOLOGY_HA and not 1024 <= self.port_base <= PORT_MAX - HA_PORT_SPAN:
+            raise ValueError(f"port base {self.port_base} leaves the HA port plan outside 1024..{PORT_MAX}")
         if not 1 <= self.shard_count <= SHARD_COUNT_MAX:
             raise ValueError(f"shard count must be 1..{SHARD_COUNT_MAX}, not {self.shard_count}")
         if not 1 <= self.grpc_workers <= GRPC_WORKERS_MAX:
@@ -202,6 +235,7 @@ class Settings:
             # Absent from state folders made before the coordinators existed.
             coordinators=int(data.get("coordinators", DEFAULT_COORDINATORS)),
             supervised=bool(data.get("supervised", False)),
+            topology=str(data.get("topology", TOPOLOGY_SINGLE)),
         )
 
     def save(self, path: pathlib.Path) -> None:
@@ -236,6 +270,7 @@ def choose_settings(
     grpc_workers: int | None,
     coordinators: int | None = None,
     supervised: bool | None = None,
+    topology: str | None = None,
 ) -> Settings:
     """Stored settings win for shards and ports: they are baked into the data
     (PostgreSQL configs, the shard map in etcd). gRPC workers and coordinators
@@ -249,7 +284,13 @@ def choose_settings(
             grpc_workers=grpc_workers or DEFAULT_GRPC_WORKERS,
             coordinators=DEFAULT_COORDINATORS if coordinators is None else coordinators,
             supervised=bool(supervised),
+            topology=topology or TOPOLOGY_SINGLE,
         )
+    if topology is not None and topology != stored.topology:
+        log.warning(
+            "warning: the cluster's topology is %s; ignoring TOPOLOGY=%s (run `make clean` to start over with it)",
+            stored.topology, topology,
+        )  # fmt: skip
     if shard_count is not None and shard_count != stored.shard_count:
         log.warning(
             "warning: the cluster has %d shards; ignoring SHARDS=%d (run `make clean` to start over with %d)",
@@ -285,10 +326,11 @@ class Cluster:
         coordinators: int | None = None,
         supervised: bool | None = None,
         restart_policy: RestartPolicy = RestartPolicy(),
+        topology: str | None = None,
     ) -> None:
         self.state_dir = pathlib.Path(state_dir).absolute()
         stored = Settings.load(self.settings_path)
-        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers, coordinators, supervised)
+        self.settings = choose_settings(stored, shard_count, port_base, grpc_workers, coordinators, supervised, topology)
         self.restart_policy = restart_policy
         self._lock_depth = 0
         self._lock_file: int | None = None
@@ -323,7 +365,14 @@ class Cluster:
         return f"127.0.0.1:{self.settings.port_base + GRPC_PORT_OFFSET}"
 
     @property
-    def shards(self) -> list[PostgresShard]:
+    def is_ha(self) -> bool:
+        return self.settings.topology == TOPOLOGY_HA
+
+    @property
+    def shards(self) -> list[PostgresShard] | list[HaShard]:
+        """The shards: one PostgreSQL each, or (TOPOLOGY=ha) Patroni members each."""
+        if self.is_ha:
+            return self.ha_shards
         return [
             PostgresShard(
                 name=f"shard-{index}",
@@ -333,6 +382,66 @@ class Cluster:
             )
             for index in range(self.settings.shard_count)
         ]
+
+    def patroni_member(self, shard_index: int, member_index: int) -> PatroniMember:
+        name = f"shard-{shard_index}-m{member_index}"
+        offset = member_index * SHARD_COUNT_MAX + shard_index
+        return PatroniMember(
+            name=name,
+            scope=f"shard-{shard_index}",
+            member_dir=self.state_dir / "shards" / name,
+            pg_port=self.settings.port_base + HA_POSTGRES_PORT_OFFSET + offset,
+            rest_port=self.settings.port_base + HA_PATRONI_REST_PORT_OFFSET + offset,
+            etcd_endpoints=tuple(self.etcd_endpoints),
+            secrets_dir=postgres.secrets_dir(self.state_dir),
+            log_path=self.logs_dir / f"{name}.log",
+            pid_path=self.run_dir / f"{name}.pid",
+        )
+
+    @property
+    def ha_shards(self) -> list[HaShard]:
+        return [
+            HaShard(
+                name=f"shard-{index}",
+                members=tuple(self.patroni_member(index, member) for member in range(patroni.MEMBERS_PER_SHARD)),
+                secrets_dir=postgres.secrets_dir(self.state_dir),
+            )
+            for index in range(self.settings.shard_count)
+        ]
+
+    @property
+    def patroni_members(self) -> list[PatroniMember]:
+        return [member for shard in self.ha_shards for member in shard.members] if self.is_ha else []
+
+    @property
+    def etcd_members(self) -> list[Etcd] | list[EtcdMember]:
+        """The single topology's one etcd, or the HA topology's three members."""
+        if not self.is_ha:
+            return [self.etcd]
+        base = self.settings.port_base
+        names = [f"etcd-{index}" for index in range(len(HA_ETCD_PORT_OFFSETS))]
+        initial = tuple((name, f"http://{postgres.HOST}:{base + peer}") for name, (_, peer) in zip(names, HA_ETCD_PORT_OFFSETS))
+        return [
+            EtcdMember(
+                name=name,
+                data_dir=self.state_dir / "etcd" / name,
+                log_path=self.logs_dir / f"{name}.log",
+                pid_path=self.run_dir / f"{name}.pid",
+                client_port=base + client,
+                peer_port=base + peer,
+                initial_cluster=initial,
+            )
+            for name, (client, peer) in zip(names, HA_ETCD_PORT_OFFSETS)
+        ]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [member.endpoint for member in self.etcd_members]
+
+    @property
+    def etcd_endpoints_argument(self) -> str:
+        """What the services' --etcd takes: every member, comma-separated."""
+        return ",".join(self.etcd_endpoints)
 
     @property
     def etcd(self) -> Etcd:
@@ -349,7 +458,7 @@ class Cluster:
             index=index,
             grpc_port=self.settings.port_base + GRPC_PORT_OFFSET,
             metrics_port=self.settings.port_base + METRICS_PORT_OFFSET + index,
-            etcd_endpoint=self.etcd.endpoint,
+            etcd_endpoint=self.etcd_endpoints_argument,
             log_path=self.logs_dir / f"grpc-{index}.log",
             pid_path=self.run_dir / f"grpc-{index}.pid",
             auth_dir=self.auth_dir,
@@ -363,7 +472,7 @@ class Cluster:
         return Coordinator(
             index=index,
             metrics_port=self.settings.port_base + COORDINATOR_METRICS_PORT_OFFSET + index,
-            etcd_endpoint=self.etcd.endpoint,
+            etcd_endpoint=self.etcd_endpoints_argument,
             log_path=self.logs_dir / f"coordinator-{index}.log",
             pid_path=self.run_dir / f"coordinator-{index}.pid",
             audit_passfile=postgres.passfile_path(postgres.secrets_dir(self.state_dir), DatabaseRole.AUDITOR),
@@ -376,7 +485,7 @@ class Cluster:
             return []
         return [self.coordinator(index) for index in range(self.settings.coordinators)]
 
-    def postgres_exporter(self, shard: PostgresShard, index: int) -> monitoring.PostgresExporter:
+    def postgres_exporter(self, shard: PostgresShard | HaShard, index: int) -> monitoring.PostgresExporter:
         return monitoring.PostgresExporter(
             shard_name=shard.name,
             shard_port=shard.port,
@@ -426,7 +535,7 @@ class Cluster:
         return [
             *(target(monitoring.JOB_GRPC, w.metrics_endpoint, {"process": w.name}) for w in self.grpc_workers),
             *(target(monitoring.JOB_COORDINATOR, c.metrics_endpoint, {"process": c.name}) for c in self.coordinators),
-            target(monitoring.JOB_ETCD, self.etcd.endpoint, {"process": self.etcd.name}),
+            *(target(monitoring.JOB_ETCD, e.endpoint, {"process": e.name}) for e in self.etcd_members),
             *(
                 target(monitoring.JOB_POSTGRES, e.endpoint, {"process": e.shard_name, "shard": e.shard_name})
                 for e in self.postgres_exporters
@@ -456,8 +565,14 @@ class Cluster:
     def components(self) -> list[tuple[str, Component]]:
         """(role, component) in start order: shards, etcd, gRPC workers, coordinators, the
         supervisor, the monitoring."""
-        found: list[tuple[str, Component]] = [(ROLE_POSTGRES, shard) for shard in self.shards]
-        found.append((ROLE_ETCD, self.etcd))
+        found: list[tuple[str, Component]]
+        if self.is_ha:
+            # etcd first: Patroni finds its shard's primary there.
+            found = [(ROLE_ETCD, member) for member in self.etcd_members]
+            found += [(ROLE_PATRONI, member) for member in self.patroni_members]
+        else:
+            found = [(ROLE_POSTGRES, shard) for shard in self.shards]
+            found.append((ROLE_ETCD, self.etcd))
         found += [(ROLE_GRPC, worker) for worker in self.grpc_workers]
         found += [(ROLE_COORDINATOR, coordinator) for coordinator in self.coordinators]
         found.append((ROLE_SUPERVISOR, self.supervisor))
@@ -487,10 +602,14 @@ class Cluster:
             ledger = supervisor.RestartLedger(self.run_dir)
             ledger.reset_limits()
             ledger.save()
-            # initdb and the first start take seconds each; run the shards side by side.
-            with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.shard_count) as executor:
-                list(executor.map(self._up_shard, self.shards))
-            self._start_etcd()
+            if self.is_ha:
+                self._start_etcd()
+                self._up_ha_shards()
+            else:
+                # initdb and the first start take seconds each; run the shards side by side.
+                with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.shard_count) as executor:
+                    list(executor.map(self._up_shard, self.shards))
+                self._start_etcd()
             self._bootstrap_shard_map()
             self._ensure_identities()
             for worker in self._surplus_grpc_workers():
@@ -551,6 +670,26 @@ class Cluster:
             "admin_token": tokens.mint(self.auth_dir, Role.ADMIN, ADMIN_SUBJECT, tokens.TOKEN_TTL_SECONDS_MAX),
         }
 
+    def _up_ha_shards(self) -> None:
+        """Every Patroni member at once (the members of a shard elect their primary together), then
+        per shard: the roles and schema on its primary, and replicas streaming, one synchronous."""
+        for member in self.patroni_members:
+            self._spawn_patroni_member(member)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.shard_count) as executor:
+            list(executor.map(self._up_ha_shard, self.ha_shards))
+
+    def _up_ha_shard(self, shard: HaShard) -> None:
+        shard.ensure_database()
+        for member in shard.members:
+            member.wait_healthy()
+        shard.wait_replicated()
+
+    def _spawn_patroni_member(self, member: PatroniMember) -> None:
+        if member.is_running():
+            return
+        self._check_ports_free(member.name, [member.pg_port, member.rest_port])
+        member.start()
+
     def _up_shard(self, shard: PostgresShard) -> None:
         shard.init()
         if not shard.is_running():
@@ -572,10 +711,26 @@ class Cluster:
             )
 
     def _start_etcd(self) -> None:
+        if self.is_ha:
+            # All members before waiting on any: a member is healthy only once a quorum runs.
+            for member in self.etcd_members:
+                if not member.is_running():
+                    self._check_ports_free(member.name, [member.client_port, member.peer_port])
+                    member.spawn()
+            for member in self.etcd_members:
+                member.wait_healthy()
+            return
         etcd = self.etcd
         if not etcd.is_running():
             self._check_ports_free(etcd.name, [etcd.client_port, etcd.peer_port])
         etcd.start()
+
+    def healthy_etcd_endpoint(self) -> str:
+        """The first etcd member that answers its health check (deploy's own calls to etcd)."""
+        for member in self.etcd_members:
+            if member.is_healthy():
+                return member.endpoint
+        return self.etcd_endpoints[0]
 
     def _spawn_grpc_worker(self, worker: GrpcWorker) -> None:
         if worker.is_running():
@@ -605,7 +760,7 @@ class Cluster:
         proposed = ShardMap.evenly([Shard(shard.name, shard.dsn) for shard in self.shards])
 
         async def run() -> ShardMap:
-            client = etcd_client(self.etcd.endpoint)
+            client = etcd_client(self.healthy_etcd_endpoint())
             try:
                 current = await asyncio.wait_for(bootstrap(client, proposed), SHARD_MAP_BOOTSTRAP_TIMEOUT_SECONDS)
                 if postgres.only_passfiles_added(current.shards, proposed.shards):
@@ -639,6 +794,15 @@ class Cluster:
             self.alertmanager.stop()
             for exporter in self.postgres_exporters:
                 exporter.stop()
+            if self.is_ha:
+                # Replicas before primaries, so that no member takes over from one being stopped.
+                members = self.patroni_members
+                primaries = {member.name for member in members if member.role() == patroni.ROLE_PRIMARY}
+                for member in sorted(members, key=lambda member: member.name in primaries):
+                    member.stop()
+                for member in self.etcd_members:
+                    member.stop()
+                return
             self.etcd.stop()
             for shard in self.shards:
                 shard.stop()
@@ -695,8 +859,11 @@ class Cluster:
         workers = self.grpc_workers
         coordinators = self.coordinators
         return {
+            "topology": self.settings.topology,
             "grpc_endpoint": self.grpc_endpoint,
-            "etcd_endpoint": self.etcd.endpoint,
+            # The first member; "etcd_endpoints" lists them all (one in the single topology).
+            "etcd_endpoint": self.etcd_endpoints[0],
+            "etcd_endpoints": self.etcd_endpoints,
             # Every corebank process that serves metrics: gRPC workers, then coordinators.
             "metrics_endpoints": [process.metrics_endpoint for process in [*workers, *coordinators]],
             "prometheus_url": self.prometheus.url,
@@ -707,13 +874,18 @@ class Cluster:
                     # Each role's own DSN (services/storage/roles.py); "dsn" is the service role's.
                     # Passwords stay in the passfiles the DSNs name; the superuser only on the socket.
                     "owner_dsn": s.owner_dsn, "auditor_dsn": s.auditor_dsn, "superuser_dsn": s.superuser_dsn(),
+                    "members": self._members_description(s),
                 }
                 for s in shards
             ],
             "processes": [
                 *({"name": w.name, "role": ROLE_GRPC, "pid": w.pid(), "metrics": w.metrics_endpoint} for w in workers),
-                {"name": self.etcd.name, "role": ROLE_ETCD, "pid": self.etcd.pid()},
-                *({"name": s.name, "role": ROLE_POSTGRES, "pid": s.pid()} for s in shards),
+                *({"name": e.name, "role": ROLE_ETCD, "pid": e.pid()} for e in self.etcd_members),
+                *(
+                    ({"name": m.name, "role": ROLE_PATRONI, "pid": m.pid(), "shard": m.scope} for m in self.patroni_members)
+                    if self.is_ha
+                    else ({"name": s.name, "role": ROLE_POSTGRES, "pid": s.pid()} for s in shards)
+                ),
                 *(
                     {"name": c.name, "role": ROLE_COORDINATOR, "pid": c.pid(), "metrics": c.metrics_endpoint}
                     for c in coordinators
@@ -734,6 +906,28 @@ class Cluster:
             "hosting_participant_id": HOSTING_PARTICIPANT_ID,
             "clearing_home_shard": self.clearing_home_shard(),
         }
+
+    def _members_description(self, shard: PostgresShard | HaShard) -> list[dict]:
+        """cluster.json's "members" of a shard: the shard itself in the single topology; in the HA
+        one each member's own DSN (the service role's, to that member alone), Patroni's pid, its
+        role now ("primary" or "replica", None when its Patroni does not answer) and REST API."""
+        if isinstance(shard, PostgresShard):
+            return [{"name": shard.name, "dsn": shard.dsn, "pid": shard.pid(), "role": patroni.ROLE_PRIMARY, "port": shard.port}]
+        return [
+            {
+                "name": member.name,
+                "dsn": postgres.dsn(member.pg_port, passfile=postgres.passfile_path(shard.secrets_dir, DatabaseRole.SERVICE)),
+                "pid": member.pid(),
+                "postmaster_pid": member.postmaster_pid(),
+                "role": member.role(),
+                "host": member.host,
+                "port": member.pg_port,
+                "rest_url": member.rest_url,
+                "data_dir": str(member.data_dir),
+                "superuser_dsn": member.superuser_dsn(),
+            }
+            for member in shard.members
+        ]
 
     def clearing_home_shard(self) -> str:
         """The shard the clearing registry lives on, by the map `up` proposes for these shards (a
@@ -759,6 +953,11 @@ class Cluster:
                 self._up_shard(component)
             elif isinstance(component, Etcd):
                 self._start_etcd()
+            elif isinstance(component, EtcdMember):
+                component.start()
+            elif isinstance(component, PatroniMember):
+                self._spawn_patroni_member(component)
+                component.wait_healthy()
             elif isinstance(component, Coordinator):
                 self._spawn_coordinator(component)
                 component.wait_healthy()
@@ -777,7 +976,8 @@ class Cluster:
             component.stop()
 
     def kill(self, name: str, signal_number: int = signal.SIGKILL) -> None:
-        """Signal one process (default SIGKILL: a crash); for a shard, its postmaster. A
+        """Signal one process (default SIGKILL: a crash); for a shard, its postmaster; for an HA
+        member, its Patroni's and its postmaster's whole process groups. A
         signal that may end it holds it down like `stop`: fault injection heals its own
         faults (`start(name)`). SIGSTOP and SIGCONT pause and resume; nothing to hold."""
         component = self.component(name)
@@ -849,6 +1049,26 @@ def print_status(statuses: list[ProcessStatus]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+def print_replication(cluster: Cluster) -> None:
+    """TOPOLOGY=ha: per shard, its primary, its replicas (sync or not, streaming or not) and how
+    far behind each is, from Patroni's /cluster."""
+    rows = [("SHARD", "MEMBER", "ROLE", "STATE", "TIMELINE", "LAG")]
+    for shard in cluster.ha_shards:
+        members = shard.topology()
+        if not members:
+            rows.append((shard.name, "-", "-", "no Patroni answers", "-", "-"))
+        for member in members:
+            lag = member.get("lag", "")
+            rows.append((
+                shard.name, str(member.get("name", "?")), str(member.get("role", "?")), str(member.get("state", "?")),
+                str(member.get("timeline", "-")), "-" if lag in ("", None) else f"{lag} bytes" if isinstance(lag, int) else str(lag),
+            ))  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
 def print_monitoring_urls(prometheus_url: str, alertmanager_url: str, states: dict[str, str] | None = None) -> None:
     """With `states` (name -> state), a URL whose process is not healthy says so: it does not answer."""
     states = states or {}
@@ -880,6 +1100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"env GRPC_WORKERS; default {DEFAULT_GRPC_WORKERS}")  # fmt: skip
     parser.add_argument("--coordinators", type=int, default=env_int("COORDINATORS"),
                         help=f"env COORDINATORS; default {DEFAULT_COORDINATORS}")  # fmt: skip
+    parser.add_argument("--topology", choices=TOPOLOGIES, default=os.environ.get("TOPOLOGY") or None,
+                        help=f"env TOPOLOGY; default {TOPOLOGY_SINGLE}; only used on first start")  # fmt: skip
     parser.add_argument("--no-restarts", action="store_true",
                         help="up: the supervisor only watches, it restarts nothing (kept for later `up`s until one without this flag)")  # fmt: skip
     return parser.parse_args(argv)
@@ -891,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = Cluster(
             args.state_dir, shard_count=args.shards, port_base=args.port_base, grpc_workers=args.grpc_workers,
-            coordinators=args.coordinators,
+            coordinators=args.coordinators, topology=args.topology,
             # `make up` has the supervisor restart; the other commands leave the setting as it is.
             supervised=(not args.no_restarts) if args.command == "up" else None,
         )  # fmt: skip
@@ -902,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             description = cluster.up()
             print(f"gRPC      {description['grpc_endpoint']}")
-            print(f"etcd      {description['etcd_endpoint']}")
+            print(f"etcd      {','.join(description['etcd_endpoints'])}")
             print(f"metrics   {' '.join(description['metrics_endpoints'])}")
             for shard in description["shards"]:
                 print(f"{shard['name']:<9} {shard['dsn']}")
@@ -915,6 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             statuses = cluster.status()
             print_status(statuses)
+            if cluster.is_ha:
+                print_replication(cluster)
             print_monitoring_urls(cluster.prometheus.url, cluster.alertmanager.url, {s.name: s.state for s in statuses})
             if all(s.state == DOWN for s in statuses):
                 print(f"the cluster in {cluster.state_dir} is down, on purpose (`make down`); `make up` starts it")

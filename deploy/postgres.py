@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import psycopg
@@ -203,6 +203,44 @@ def ensure_password(secrets_folder: pathlib.Path, role: DatabaseRole) -> str:
         return _password_in(path, role)
 
 
+def ensure_database(secrets_folder: pathlib.Path, superuser_dsn_for: Callable[[str], str], owner_dsn: str) -> None:
+    """Roles with their passwords and rights, the database, the schema; idempotent. `superuser_dsn_for(dbname)`
+    reaches the server as the superuser (a single shard, or an HA shard's primary: deploy/patroni.py)."""
+    # Imported here: deploy must stay importable (status, down) even when
+    # services/ is broken mid-edit.
+    from services.storage.schema import apply_schema
+
+    passwords = {role: ensure_password(secrets_folder, role) for role in DatabaseRole}
+    with psycopg.connect(superuser_dsn_for("postgres"), autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+        for role, password in passwords.items():
+            if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone() is None:
+                connection.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+            # Hashed here (SCRAM), so the password itself never reaches the server nor its log.
+            verifier = connection.pgconn.encrypt_password(password.encode(), role.encode(), PASSWORD_ALGORITHM).decode()
+            connection.execute(
+                sql.SQL(
+                    "ALTER ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}"
+                ).format(sql.Identifier(role), sql.Literal(verifier))
+            )
+        # A second line under the auditor's SELECT-only grants.
+        connection.execute(
+            sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(DatabaseRole.AUDITOR))
+        )
+        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DATABASE_NAME]).fetchone() is None:
+            connection.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DATABASE_NAME), sql.Identifier(DatabaseRole.OWNER))
+            )
+    with psycopg.connect(superuser_dsn_for(DATABASE_NAME), autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+        # Whatever the service or auditor owns goes to the owner: in a cluster made when one
+        # role owned everything, the database and every table (a no-op ever after).
+        connection.execute(
+            sql.SQL("REASSIGN OWNED BY {}, {} TO {}").format(
+                sql.Identifier(DatabaseRole.SERVICE), sql.Identifier(DatabaseRole.AUDITOR), sql.Identifier(DatabaseRole.OWNER)
+            )
+        )
+    apply_schema(owner_dsn)
+
+
 @dataclasses.dataclass(frozen=True)
 class PostgresShard:
     name: str
@@ -372,39 +410,7 @@ class PostgresShard:
 
     def ensure_database(self) -> None:
         """Roles with their passwords and rights, the database, the schema; idempotent."""
-        # Imported here: deploy must stay importable (status, down) even when
-        # services/ is broken mid-edit.
-        from services.storage.schema import apply_schema
-
-        passwords = {role: ensure_password(self.secrets_dir, role) for role in DatabaseRole}
-        with psycopg.connect(self.superuser_dsn(), autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-            for role, password in passwords.items():
-                if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone() is None:
-                    connection.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
-                # Hashed here (SCRAM), so the password itself never reaches the server nor its log.
-                verifier = connection.pgconn.encrypt_password(password.encode(), role.encode(), PASSWORD_ALGORITHM).decode()
-                connection.execute(
-                    sql.SQL(
-                        "ALTER ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}"
-                    ).format(sql.Identifier(role), sql.Literal(verifier))
-                )
-            # A second line under the auditor's SELECT-only grants.
-            connection.execute(
-                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(DatabaseRole.AUDITOR))
-            )
-            if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DATABASE_NAME]).fetchone() is None:
-                connection.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DATABASE_NAME), sql.Identifier(DatabaseRole.OWNER))
-                )
-        with psycopg.connect(self.superuser_dsn(DATABASE_NAME), autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-            # Whatever the service or auditor owns goes to the owner: in a cluster made when one
-            # role owned everything, the database and every table (a no-op ever after).
-            connection.execute(
-                sql.SQL("REASSIGN OWNED BY {}, {} TO {}").format(
-                    sql.Identifier(DatabaseRole.SERVICE), sql.Identifier(DatabaseRole.AUDITOR), sql.Identifier(DatabaseRole.OWNER)
-                )
-            )
-        apply_schema(self.owner_dsn)
+        ensure_database(self.secrets_dir, self.superuser_dsn, self.owner_dsn)
 
     def stop(self) -> None:
         if not self.is_running():

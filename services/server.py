@@ -62,6 +62,9 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 CONCURRENT_RPCS_MAX = 2_000
 # CreateTransfers of 5000 transfers is about 1 MB; leave room.
 MESSAGE_BYTES_MAX = 16 * 1024 * 1024
+# Calls at once on the plaintext health port (--health-listen): the kubelet's probes and a few
+# Watch streams; past it, RESOURCE_EXHAUSTED, so nothing there can grow without bound.
+HEALTH_CONCURRENT_RPCS_MAX = 16
 
 SERVICES = (
     accounts_pb2.DESCRIPTOR.services_by_name["Accounts"],
@@ -125,10 +128,25 @@ def initialise_metrics(limits: TierLimits) -> None:
     )
 
 
+async def start_health_server(listen: str, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """grpc.health.v1 alone, in plaintext, on its own port (--health-listen).
+
+    Kubernetes' grpc probes speak no TLS, and the main port asks every client for a certificate,
+    so the kubelet could never probe it (deploy/k8s/). This port serves the same health servicer
+    (SERVING, or NOT_SERVING from the start of a graceful shutdown) and nothing else: no
+    corebank.v1 service, no reflection. It shares its port with nobody.
+    """
+    server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_CONCURRENT_RPCS_MAX, options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(listen)
+    await server.start()
+    return server
+
+
 async def serve(
     listen: str, metrics_listen: str, etcd_endpoint: str, limits: TierLimits, process_name: str,
     rate_limits: RateLimits, auth_dir: pathlib.Path, certificate_name: str | None, plaintext_baseline: bool = False,
-    audit_logged: bool = True,
+    audit_logged: bool = True, health_listen: str | None = None,
 ) -> None:
     """Serve over mTLS with tokens; as the benchmark baseline, over plaintext loopback with tokens."""
     if plaintext_baseline:
@@ -178,6 +196,7 @@ async def serve(
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_server = await start_health_server(health_listen, health_servicer) if health_listen else None
     settle_heap()
     log.info("serving on %s (metrics on %s)", listen, metrics_listen)
 
@@ -190,6 +209,8 @@ async def serve(
     log.info("stopping")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
+    if health_server is not None:
+        await health_server.stop(None)
     await ledger.drain()
     if audit_logged:
         await audit_log.close()
@@ -200,12 +221,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", required=True, help="gRPC address, HOST:PORT")
     parser.add_argument("--metrics-listen", required=True, help="Prometheus /metrics address, HOST:PORT")
-    parser.add_argument("--etcd", required=True, help="etcd client endpoint, HOST:PORT")
+    parser.add_argument("--etcd", required=True, help="etcd client endpoints, HOST:PORT[,HOST:PORT...] (every member of the etcd cluster)")
     parser.add_argument("--process-name", default="grpc", help="name in logs")
     parser.add_argument("--log-file", type=pathlib.Path, help="JSON log, rotated by size (default: standard error)")
     parser.add_argument("--limits", type=pathlib.Path, help="tier limits JSON (default: the built-in table)")
     parser.add_argument("--auth-dir", type=pathlib.Path, required=True, help="the cluster's auth folder: CA, certificates, token keys")
     parser.add_argument("--certificate", help="this process's certificate name under AUTH_DIR/certs")
+    parser.add_argument(
+        "--health-listen",
+        help="plaintext HOST:PORT serving grpc.health.v1 only, for Kubernetes' grpc probes (the kubelet speaks no TLS)",
+    )
     parser.add_argument(
         "--plaintext-benchmark-baseline", action="store_true",
         help="no TLS (tokens still required), on loopback only: the baseline loadtest.security_cost measures TLS against",
@@ -226,7 +251,7 @@ def main() -> None:
     run(serve(
         arguments.listen, arguments.metrics_listen, arguments.etcd, TierLimits.load(arguments.limits), arguments.process_name,
         configured_rate_limits(), arguments.auth_dir, arguments.certificate, arguments.plaintext_benchmark_baseline,
-        not arguments.without_audit_log,
+        not arguments.without_audit_log, arguments.health_listen,
     ))
 
 

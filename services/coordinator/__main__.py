@@ -89,7 +89,7 @@ def audited_shards(shard_map: ShardMap, audit_passfile: pathlib.Path | None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics-listen", required=True, help="Prometheus /metrics address, HOST:PORT")
-    parser.add_argument("--etcd", required=True, help="etcd client endpoint, HOST:PORT")
+    parser.add_argument("--etcd", required=True, help="etcd client endpoints, HOST:PORT[,HOST:PORT...] (every member of the etcd cluster)")
     parser.add_argument("--process-name", default="coordinator", help="name in logs and lease owners")
     parser.add_argument("--log-file", type=pathlib.Path, help="JSON log, rotated by size (default: standard error)")
     parser.add_argument("--limits", help="tier limits JSON (default: the built-in table)")

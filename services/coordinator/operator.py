@@ -49,6 +49,7 @@ from services.ledger import errors
 from services.ledger.access import Role
 from services.ledger.limits import TierLimits
 from services.storage.tcc_store import TccRecord
+from sharding import etcd_shard_map
 
 IN_DOUBT_LISTED_MAX = 1000
 RETRY_SECONDS_MAX = 60.0
@@ -146,7 +147,7 @@ def print_list(in_doubt: InDoubt, as_json_document: bool) -> int:
 
 async def run(arguments: argparse.Namespace) -> int:
     cluster = json.loads(pathlib.Path(arguments.cluster).read_text())
-    shards = await ShardConnections.open(cluster["etcd_endpoint"])
+    shards = await ShardConnections.open(etcd_shard_map.endpoints_of(cluster))
     tcc = wiring.tcc_for_shard(shards.router)
     shard_names = wiring.shard_names(shards.router)()
     try:

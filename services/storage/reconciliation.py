@@ -803,9 +803,10 @@ def home_shard_of(description: dict) -> str:
     publishes for these shards (evenly, in order)."""
     from sharding.shard_map import Shard, ShardMap
 
-    endpoint = description.get("etcd_endpoint")
-    if endpoint:
+    if description.get("etcd_endpoint") or description.get("etcd_endpoints"):
         from sharding import etcd_shard_map
+
+        endpoint = etcd_shard_map.endpoints_of(description)
 
         async def load() -> ShardMap | None:
             client = etcd_shard_map.etcd_client(endpoint)

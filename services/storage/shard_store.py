@@ -146,6 +146,12 @@ TRANSIENT_SQLSTATES = frozenset({
     "53400",  # configuration_limit_exceeded
 })
 QUERY_CANCELED_SQLSTATE = "57014"  # statement_timeout: our own deadline passed
+# A write met a server that takes none: a primary demoted to a standby (in recovery) or made
+# read-only (default_transaction_read_only) by a failover. The transaction is rolled back
+# whole; the same operation succeeds on the new primary, which a new connection finds (the
+# shard's DSN lists every member with target_session_attrs=read-write). The connections the
+# pool opened to the old primary are all of the same kind: the pool is drained (Session.run).
+READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction
 
 
 # Another process may store one of an operation's keys between its read and its write
@@ -173,12 +179,16 @@ def is_stale_prepared_statement(error: psycopg.Error) -> bool:
     )
 
 
+def server_is_read_only(error: psycopg.Error) -> bool:
+    return error.sqlstate == READ_ONLY_SQLSTATE
+
+
 def database_error_is_transient(error: psycopg.Error) -> bool:
     """Whether the same operation may succeed when sent again (see TRANSIENT_SQLSTATES)."""
     sqlstate = error.sqlstate or ""
     return (
         (isinstance(error, psycopg.OperationalError) and not sqlstate) or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
-        or sqlstate in TRANSIENT_SQLSTATES or is_stale_prepared_statement(error)
+        or sqlstate in TRANSIENT_SQLSTATES or is_stale_prepared_statement(error) or server_is_read_only(error)
     )
 
 
@@ -375,6 +385,27 @@ class ShardStore:
         return None
 
 
+# PostgreSQL's warning when a COMMIT waiting for its synchronous standby is cancelled (here: by
+# statement_timeout, our deadline): the transaction "has already committed locally, but might not
+# have been replicated to the standby", and the COMMIT answers success. On a primary cut off from
+# its replicas (TOPOLOGY=ha) such a commit is lost when another member takes over, so it must not
+# be acknowledged: the batch fails as a passed deadline whose outcome is unknown (retry with the
+# same ids: the retry finds the transfer, or makes it on the new primary).
+SYNC_REPLICATION_CANCELLED_PREFIX = "canceling wait for synchronous replication"
+
+
+class UnreplicatedCommit(psycopg.errors.QueryCanceled):
+    """A commit acknowledged by the primary alone, its wait for a synchronous standby cancelled."""
+
+
+def _watch_replication_warnings(connection: psycopg.AsyncConnection) -> None:
+    def on_notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+        if (diagnostic.message_primary or "").startswith(SYNC_REPLICATION_CANCELLED_PREFIX):
+            connection._corebank_unreplicated = True  # type: ignore[attr-defined]
+
+    connection.add_notice_handler(on_notice)
+
+
 def session_cursor(connection: psycopg.AsyncConnection) -> psycopg.AsyncClientCursor:
     """The one client-side cursor of a pooled connection, made when the connection is first lent.
 
@@ -391,6 +422,7 @@ def session_cursor(connection: psycopg.AsyncConnection) -> psycopg.AsyncClientCu
         cursor = psycopg.AsyncClientCursor(connection)
         cursor.adapters.register_dumper(list, FastListDumper)
         connection._corebank_session_cursor = cursor  # type: ignore[attr-defined]
+        _watch_replication_warnings(connection)
     return cursor
 
 
@@ -443,13 +475,25 @@ class Session:
                     raise
                 await self.release()
                 await self.connect()
-            except psycopg.Error as error:  # every database error passes on; this only looks for a stale statement
+            except psycopg.Error as error:  # every database error passes on; this only looks for a stale statement or server
                 if is_stale_prepared_statement(error):
                     # Closed, so that the pool replaces it with a connection that prepares afresh.
                     await self.connection.close()
+                elif server_is_read_only(error):
+                    # Not sent again here: the new primary may not be there yet. This call fails as
+                    # an outage (retry with the same ids); the next one gets a connection the pool
+                    # makes afresh, to whichever member is read-write by then.
+                    log.warning("%s: the server took no write (%s); dropping the pool's connections", self.pool.name, error.sqlstate)
+                    await self.connection.close()
+                    await self.pool.drain()
                 raise
         self.batches_sent += 1
         metrics.for_shard(self.pool.name).round_trips.inc()  # pools are named after their shards
+        if getattr(self.connection, "_corebank_unreplicated", False):
+            # Closed: the pool makes a new connection, to whichever member is the primary then.
+            log.warning("%s: a commit's wait for its synchronous standby was cancelled; its outcome is unknown", self.pool.name)
+            await self.connection.close()
+            raise UnreplicatedCommit("the commit was not confirmed by a synchronous standby; its outcome is unknown")
         row_sets = []
         while True:
             # The result status, not cursor.description (which builds column objects every time).

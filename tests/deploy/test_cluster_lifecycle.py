@@ -36,7 +36,7 @@ COMMAND_TIMEOUT_SECONDS = 120
 
 CLUSTER_JSON_KEYS = {
     "grpc_endpoint", "etcd_endpoint", "metrics_endpoints", "prometheus_url", "alertmanager_url", "shards", "processes",
-    "state_dir", "auth", "hosting_participant_id", "clearing_home_shard",
+    "state_dir", "auth", "hosting_participant_id", "clearing_home_shard", "topology", "etcd_endpoints",
 }  # fmt: skip
 # The monitoring `up` starts beside the services (deploy/monitoring.py), and the supervisor, which
 # only watches in this unsupervised cluster: all healthy in a healthy cluster.
@@ -45,7 +45,7 @@ MONITORING_ROLES = {
     "alertmanager": "alertmanager", "prometheus": "prometheus", "supervisor": "supervisor",
 }  # fmt: skip
 MONITORING_HEALTHY = {name: HEALTHY for name in MONITORING_ROLES}
-SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir", "owner_dsn", "auditor_dsn", "superuser_dsn"}
+SHARD_KEYS = {"name", "dsn", "pid", "port", "data_dir", "owner_dsn", "auditor_dsn", "superuser_dsn", "members"}
 
 
 @pytest.fixture(scope="module")
