@@ -1,6 +1,6 @@
 # corebank: local cluster, tests and benchmark.
 #
-#   make up        start (or repair) the local cluster, its Prometheus, Alertmanager and supervisor; endpoints and URLs in the state folder's cluster.json
+#   make up        start (or repair) the local cluster (TOPOLOGY=ha: each shard a Patroni primary and two synchronous-capable replicas, three etcd members), its Prometheus, Alertmanager and supervisor; endpoints and URLs in the state folder's cluster.json
 #   make status    one line per process (healthy, unhealthy, stopped, dead, or down on purpose; uptime, restarts) and the Prometheus and Alertmanager URLs; exits non-zero unless all is healthy
 #   make down      stop everything (the supervisor first), keep the data
 #   make clean     down, then delete the state folder
@@ -9,14 +9,16 @@
 #   make reconcile  prove clearing from the databases: window totals, positions, settlements, settlement accounts (WINDOWS="3 4" checks those windows in detail; JSON=1 for --json); exit 0 consistent, 1 findings, 2 a shard unreadable
 #   make security  bandit over the code (fails on medium severity or worse) and pip-audit over the installed packages
 #   make bench     up, then pgbench's baseline against corebank's figures, issue 8's goals and the cost of a transfer, then clearing's costs (the position check per transfer; the window close at 100k and 1M transfers), then bench-scaling, then the capacity model (python -m loadtest.capacity; JSON under the state folder's reports/)
+#   make bench-ha  transfers/s of a single-instance and of an HA cluster (synchronous replication) in turn, then the HA failover: kill -> first acknowledged transfer, and acknowledged transfers lost (HA_BENCH_SECONDS=10)
 #   make bench-scaling  the uniform-pairs rows and their costs on clusters of 1, 2 and 3 shards of its own, started and removed in turn (SCALING_SECONDS=10)
 #   make loadtest  a locust scenario against the running cluster, then its verdict: thresholds and invariants (SCENARIO=flash-sale|everyday|batch|remittance USERS=200 DURATION=60s WORKERS=2 make loadtest)
 #   make chaos     the bank test under faults, long form, on a cluster of its own (MINUTES=5 SEED=42 make chaos)
+#   make hosts     the bank test on several hosts (network namespaces, Patroni shards, 3 etcd members) under a primary's kill and partitions, figures per scenario; needs root (HOSTS_MINUTES=1 per scenario, SHARDS=1, SEED)
 #   make sim       the coordinator's deterministic simulation, no cluster needed (SEEDS=100000 make sim; SEED=42 make sim replays one with its trace)
 #   make hostile   the hostile-client suite, long form, on a cluster of its own (HOSTILE_EXAMPLES=500 SEED=7 make hostile)
 #   make protos    regenerate protos/python after editing protos/
 #
-# SHARDS, COREBANK_STATE_DIR, COREBANK_PORT_BASE, GRPC_WORKERS and COORDINATORS pass through the
+# SHARDS, COREBANK_STATE_DIR, COREBANK_PORT_BASE, TOPOLOGY (single | ha), GRPC_WORKERS and COORDINATORS pass through the
 # environment to `python -m deploy.cluster` (see deploy/cluster.py).
 # make chaos takes MINUTES (default 5), SEED (default random, printed: replay a failure with it),
 # CROSS_SHARD_SHARE (default 0.5), CLIENTS, FAULTS (comma-separated kinds) and
@@ -35,7 +37,7 @@ PG_BIN_DIR := /usr/lib/postgresql/15/bin
 MONITORING_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter
 MONITORING_TOOLS := prometheus promtool prometheus-alertmanager prometheus-postgres-exporter
 
-.PHONY: help venv deps browser-deps up down status clean test rules security protos bench bench-scaling chaos loadtest sim hostile reconcile
+.PHONY: help venv deps browser-deps up down status clean test rules security protos bench bench-ha bench-scaling chaos loadtest sim hostile reconcile hosts
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -68,6 +70,10 @@ deps:
 	    echo "not found:$$missing (make up runs the cluster's own Prometheus and Alertmanager): install them with 'sudo apt-get install $(MONITORING_PACKAGES)'" >&2; \
 	    exit 1; \
 	  fi; \
+	fi
+	@if [ "$(TOPOLOGY)" = ha ] && ! command -v patroni >/dev/null; then \
+	  echo "TOPOLOGY=ha runs each shard under Patroni: install it with 'sudo apt-get install patroni'" >&2; \
+	  exit 1; \
 	fi
 	@if [ ! -x $(PG_BIN_DIR)/pg_ctl ] && ! { command -v pg_config >/dev/null && [ -x "$$(pg_config --bindir)/pg_ctl" ]; }; then \
 	  echo "PostgreSQL 15 not found in $(PG_BIN_DIR) nor via pg_config: install it with 'sudo apt-get install postgresql-15'" >&2; \
@@ -157,6 +163,12 @@ SCALING_SECONDS ?= 10
 bench-scaling: deps venv
 	$(PYTHON) -m loadtest.scaling --seconds $(SCALING_SECONDS)
 
+# Its two clusters take ports from 7600 in turn (--port-base); see loadtest/ha_bench.py.
+HA_BENCH_SECONDS ?= 10
+
+bench-ha: deps venv
+	$(PYTHON) -m loadtest.ha_bench --seconds $(HA_BENCH_SECONDS)
+
 # SCENARIO (flash-sale | everyday | batch | remittance), USERS, RATE, DURATION, WORKERS (locust workers under
 # one master; 0: one process), MAX_FAILURE_RATIO (0.01), MAX_P99_MS (500 ms, the latency SLO;
 # batch 5000) and the scenarios' own settings (CROSS_SHARD_SHARE, BATCH_SIZE, ACCOUNTS, the
@@ -173,6 +185,12 @@ CROSS_SHARD_SHARE ?= 0.5
 chaos: deps venv
 	$(PYTHON) -m tests.chaos.bank --minutes $(MINUTES) --cross-shard-share $(CROSS_SHARD_SHARE) \
 	  $(if $(SEED),--seed $(SEED)) $(if $(CLIENTS),--clients $(CLIENTS)) $(if $(FAULTS),--faults $(FAULTS))
+
+# tests/hosts/partitions.py: each scenario (kill-primary, partition-primary, partition-etcd) for
+# HOSTS_MINUTES (default 1), SHARDS (default 1), SEED; prints ops, ok/fail/unknown, the time to the
+# first success after each fault, lost and applied-twice transfers (0), writable members at once.
+hosts: deps venv
+	$(PYTHON) -m tests.hosts.partitions --minutes $(or $(HOSTS_MINUTES),1) --shards $(or $(SHARDS),1) $(if $(SEED),--seed $(SEED))
 
 # The real TransferDriver and Recovery over in-memory shards on a virtual clock, with crashes,
 # transient and permanent failures, delays and zombies drawn from each seed

@@ -21,7 +21,9 @@ What a member's patroni.yml says, and why (PatroniMember.config(), a pure functi
   down (with two, strict mode would stop writes the moment any replica fails).
 - pg_rewind off; a former primary whose timeline diverged is removed and cloned again
   (pg_basebackup) when it comes back: simpler than pg_rewind's superuser-over-TCP, and with
-  synchronous replication it never held an acknowledged commit the new primary lacks.
+  synchronous replication it never held an acknowledged commit the new primary lacks. Patroni
+  asks the new primary about timelines as the `rewinder` role (REWIND_USER), since the superuser
+  may not connect over TCP.
 - pg_hba: the same rules as a single shard's (deploy/postgres.py: superuser only on the unix
   socket, every other role with its SCRAM password), for every member's address, plus the
   replication role between members.
@@ -69,6 +71,11 @@ MAX_REPLICATION_SLOTS = 10
 WAL_KEEP_SIZE = "256MB"
 REPLICATION_USER = "replicator"
 REPLICATION_SECRET_FILE = "replication.secret"
+# The role a former primary uses to ask the new one about timelines (Patroni creates it with
+# pg_rewind's grants): the superuser may not connect over TCP (pg_hba), so without it a former
+# primary whose timeline diverged (commits it kept locally while cut off) could never be re-cloned.
+REWIND_USER = "rewinder"
+REWIND_SECRET_FILE = "rewind.secret"
 PATRONI_BINARY = "patroni"
 SETPRIV_BINARY = "setpriv"
 REST_TIMEOUT_SECONDS = 2
@@ -92,15 +99,23 @@ def patroni_binary() -> str:
     return found
 
 
-def replication_password(secrets_dir: pathlib.Path) -> str:
-    """The replication role's password, made with `secrets` at the first HA `up` (0600 file)."""
+def _patroni_role_password(secrets_dir: pathlib.Path, secret_file: str) -> str:
+    """A role of Patroni's own: its password, made with `secrets` at the first HA `up` (0600 file)."""
     from services.auth.pki import write_private
 
     secrets_dir.mkdir(mode=postgres.SECRETS_DIR_MODE, parents=True, exist_ok=True)
-    path = secrets_dir / REPLICATION_SECRET_FILE
+    path = secrets_dir / secret_file
     if not path.exists():
         write_private(path, secrets.token_urlsafe(postgres.PASSWORD_BYTES).encode())
     return path.read_text().strip()
+
+
+def replication_password(secrets_dir: pathlib.Path) -> str:
+    return _patroni_role_password(secrets_dir, REPLICATION_SECRET_FILE)
+
+
+def rewind_password(secrets_dir: pathlib.Path) -> str:
+    return _patroni_role_password(secrets_dir, REWIND_SECRET_FILE)
 
 
 def access_rules(addresses: Sequence[str]) -> list[str]:
@@ -162,7 +177,7 @@ class PatroniMember:
     def rest_url(self) -> str:
         return f"http://{self.host}:{self.rest_port}"
 
-    def config(self, replication_password: str) -> dict:
+    def config(self, replication_password: str, rewind_password: str) -> dict:
         """patroni.yml's content (see the module's docstring for the choices)."""
         return {
             "scope": self.scope,
@@ -207,6 +222,7 @@ class PatroniMember:
                 "authentication": {
                     "superuser": {"username": postgres.POSTGRES_USER},
                     "replication": {"username": REPLICATION_USER, "password": replication_password},
+                    "rewind": {"username": REWIND_USER, "password": rewind_password},
                 },
                 "parameters": {
                     "unix_socket_directories": str(self.member_dir),
@@ -231,7 +247,7 @@ class PatroniMember:
         postgres.give_to_postgres_user(self.member_dir)
         scratch = self.config_path.with_name(self.config_path.name + ".tmp")
         # JSON is YAML: Patroni reads it, and deploy needs no YAML library at run time.
-        scratch.write_text(json.dumps(self.config(replication_password(self.secrets_dir)), indent=2))
+        scratch.write_text(json.dumps(self.config(replication_password(self.secrets_dir), rewind_password(self.secrets_dir)), indent=2))
         scratch.chmod(CONFIG_FILE_MODE)
         postgres.give_to_postgres_user(scratch)
         scratch.replace(self.config_path)

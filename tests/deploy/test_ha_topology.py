@@ -62,12 +62,12 @@ def ha_cluster() -> Iterator[Cluster]:
 def test_config_is_synchronous_and_strict(tmp_path) -> None:
     """The choices deploy/patroni.py's docstring states, in the config it writes."""
     member = Cluster(tmp_path, port_base=HA_PORT_BASE, topology=TOPOLOGY_HA).patroni_member(0, 1)
-    dcs = member.config("secret")["bootstrap"]["dcs"]
+    dcs = member.config("secret", "rewind-secret")["bootstrap"]["dcs"]
     assert dcs["ttl"] == patroni.TTL_SECONDS == 20
     assert dcs["synchronous_mode"] is True and dcs["synchronous_mode_strict"] is True
     assert dcs["synchronous_node_count"] == 1
     assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= dcs["ttl"]
-    hba = member.config("secret")["postgresql"]["pg_hba"]
+    hba = member.config("secret", "rewind-secret")["postgresql"]["pg_hba"]
     assert "host replication replicator 127.0.0.1/32 scram-sha-256" in hba
     assert "host all postgres 127.0.0.1/32 reject" in hba
 
