@@ -27,6 +27,15 @@ def etcd_binary() -> str:
     return found
 
 
+def answers_healthy(endpoint: str) -> bool:
+    """etcd's /health says true: the member is up and a leader is elected."""
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:  # nosec B310 # a literal http:// URL to a cluster endpoint
+            return json.loads(response.read()).get("health") == "true"
+    except (OSError, ValueError):
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Etcd(processes.PidFileProcess):
     data_dir: pathlib.Path
@@ -45,11 +54,7 @@ class Etcd(processes.PidFileProcess):
         return [str(self.data_dir)]
 
     def is_healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:  # nosec B310 # a literal http:// URL to a cluster endpoint
-                return json.loads(response.read()).get("health") == "true"
-        except (OSError, ValueError):
-            return False
+        return answers_healthy(self.endpoint)
 
     def start(self) -> None:
         if not self.is_running():
@@ -105,11 +110,7 @@ class EtcdMember(processes.PidFileProcess):
 
     def is_healthy(self) -> bool:
         """Answers /health with a leader elected (a quorum of members is up)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:  # nosec B310 # a literal http:// URL to a cluster endpoint
-                return json.loads(response.read()).get("health") == "true"
-        except (OSError, ValueError):
-            return False
+        return answers_healthy(self.endpoint)
 
     def argv(self) -> list[str]:
         client_url = f"http://{self.endpoint}"

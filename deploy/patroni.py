@@ -355,7 +355,7 @@ class PatroniMember:
 
 
 @dataclasses.dataclass(frozen=True)
-class HaShard:
+class HaShard(postgres.RoleDsns):
     """A shard of the HA topology: what deploy/cluster.py reads of a shard, over all its members."""
 
     name: str
@@ -378,18 +378,6 @@ class HaShard:
             target_session_attrs=attrs,
             connect_timeout=postgres.CONNECT_TIMEOUT_SECONDS,
         )
-
-    @property
-    def dsn(self) -> str:
-        return self.role_dsn(DatabaseRole.SERVICE)
-
-    @property
-    def owner_dsn(self) -> str:
-        return self.role_dsn(DatabaseRole.OWNER)
-
-    @property
-    def auditor_dsn(self) -> str:
-        return self.role_dsn(DatabaseRole.AUDITOR)
 
     def superuser_dsn(self, dbname: str = "postgres") -> str:
         """The superuser on the primary, through the members' unix sockets."""

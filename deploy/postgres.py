@@ -241,20 +241,12 @@ def ensure_database(secrets_folder: pathlib.Path, superuser_dsn_for: Callable[[s
     apply_schema(owner_dsn)
 
 
-@dataclasses.dataclass(frozen=True)
-class PostgresShard:
-    name: str
-    shard_dir: pathlib.Path  # absolute; holds data/, the log and the unix socket
-    port: int
-    secrets_dir: pathlib.Path  # absolute; the roles' passfiles (secrets_dir(state folder))
+class RoleDsns:
+    """A shard's DSN per database role, from its own `role_dsn` (a single instance's, or one
+    multi-host DSN over an HA shard's members)."""
 
-    @property
-    def data_dir(self) -> pathlib.Path:
-        return self.shard_dir / "data"
-
-    @property
-    def log_path(self) -> pathlib.Path:
-        return self.shard_dir / "postgres.log"
+    def role_dsn(self, role: DatabaseRole) -> str:
+        raise NotImplementedError
 
     @property
     def dsn(self) -> str:
@@ -268,6 +260,22 @@ class PostgresShard:
     @property
     def auditor_dsn(self) -> str:
         return self.role_dsn(DatabaseRole.AUDITOR)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostgresShard(RoleDsns):
+    name: str
+    shard_dir: pathlib.Path  # absolute; holds data/, the log and the unix socket
+    port: int
+    secrets_dir: pathlib.Path  # absolute; the roles' passfiles (secrets_dir(state folder))
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        return self.shard_dir / "data"
+
+    @property
+    def log_path(self) -> pathlib.Path:
+        return self.shard_dir / "postgres.log"
 
     def role_dsn(self, role: DatabaseRole) -> str:
         return dsn(self.port, user=role, passfile=passfile_path(self.secrets_dir, role))

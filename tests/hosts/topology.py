@@ -30,7 +30,7 @@ import urllib.request
 
 import psycopg
 
-from deploy import patroni, postgres, processes
+from deploy import etcd, patroni, postgres, processes
 from deploy.grpc_worker import PROBE_CERTIFICATE, grpc_is_serving, metrics_answer
 from sharding import etcd_shard_map
 from sharding.shard_map import Shard, ShardMap
@@ -222,12 +222,7 @@ class HostsCluster:
         self.network.popen(host, self.etcd_argv(host), self.logs_dir / f"{host}.log")
 
     def etcd_member_healthy(self, host: str) -> bool:
-        url = f"http://{self.address(host)}:{ETCD_CLIENT_PORT}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=ETCD_HEALTH_TIMEOUT_SECONDS) as response:  # nosec B310 # a literal http:// URL to a test host
-                return json.loads(response.read()).get("health") == "true"
-        except (OSError, ValueError):
-            return False
+        return etcd.answers_healthy(f"{self.address(host)}:{ETCD_CLIENT_PORT}")
 
     def etcd_healthy(self) -> bool:
         return all(self.etcd_member_healthy(host) for host in self.etcd_hosts)
@@ -306,16 +301,16 @@ class HostsCluster:
 
     def start_services(self) -> None:
         """One gRPC worker and one coordinator, as deploy/grpc_worker.py and deploy/coordinator.py start them."""
-        etcd = etcd_shard_map.ENDPOINT_SEPARATOR.join(self.etcd_endpoints)
+        etcd_list = etcd_shard_map.ENDPOINT_SEPARATOR.join(self.etcd_endpoints)
         python = [sys.executable, "-m"]
         env = processes.python_environment()
         self.network.popen(SERVICE_HOST, [
             *python, "services.server", "--listen", self.grpc_endpoint, "--metrics-listen", self.grpc_metrics_endpoint,
-            "--etcd", etcd, "--process-name", GRPC_NAME, "--auth-dir", str(self.auth_dir), "--certificate", GRPC_NAME,
+            "--etcd", etcd_list, "--process-name", GRPC_NAME, "--auth-dir", str(self.auth_dir), "--certificate", GRPC_NAME,
             "--log-file", str(self.logs_dir / f"{GRPC_NAME}.log"),
         ], self.logs_dir / f"{GRPC_NAME}.stderr.log", env=env)  # fmt: skip
         self.network.popen(COORDINATOR_HOST, [
-            *python, "services.coordinator", "--metrics-listen", self.coordinator_metrics_endpoint, "--etcd", etcd,
+            *python, "services.coordinator", "--metrics-listen", self.coordinator_metrics_endpoint, "--etcd", etcd_list,
             "--process-name", COORDINATOR_NAME,
             "--audit-passfile", str(postgres.passfile_path(self.secrets_dir, DatabaseRole.AUDITOR)),
             "--log-file", str(self.logs_dir / f"{COORDINATOR_NAME}.log"),

@@ -16,11 +16,11 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from deploy import etcd
 from deploy.etcd import etcd_binary
 from sharding import etcd_shard_map
 from sharding.shard_map import Shard, ShardMap
@@ -32,7 +32,6 @@ DEFAULT_PORT_BASE = 22100
 # Above the session cluster's ports (deploy/cluster.py uses the first hundred or so of a base).
 ETCD_PORT_OFFSET = 400
 START_TIMEOUT_SECONDS = 60
-HEALTH_TIMEOUT_SECONDS = 2
 STOP_TIMEOUT_SECONDS = 10
 # How long the watch may take to hear of a new version: a watch on a stopped member is found
 # dead only by gRPC keepalive (etcd_shard_map.ETCD_KEEPALIVE_*), then made again elsewhere.
@@ -73,11 +72,7 @@ class Member:
         log_file.close()
 
     def is_healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:  # nosec B310
-                return b'"true"' in response.read()
-        except OSError:
-            return False
+        return etcd.answers_healthy(self.endpoint)
 
     def signal(self, signal_number: int) -> None:
         assert self.process is not None and self.process.poll() is None, f"{self.name} is not running"
